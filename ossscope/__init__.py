@@ -1,1 +1,13 @@
+"""ossscope: an interactive interpretability lab for OpenAI's gpt-oss models."""
 
+from __future__ import annotations
+
+import os as _os
+
+# In a source checkout that was not pip-installed (the GPU machine, say), kernels/ and widgets/ sit beside
+# this package rather than inside it; let `ossscope.kernels` and `ossscope.widgets` resolve there too.
+_repo_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_repo_root, "pyproject.toml")):
+    __path__.append(_repo_root)  # noqa: F821 - __path__ is defined for packages
+
+__version__ = "0.1.0"
