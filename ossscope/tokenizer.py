@@ -218,14 +218,14 @@ class Tokenizer:
     def for_model(cls, model: Any) -> Tokenizer:
         """The tokenizer of a loaded model, from `model.vocab_map` (None, a list, or the vocab_map.json dict).
 
-        With a plain list the unknown id comes from `model.vocab_unknown_id`.
+        With a plain list the unknown id comes from `model.unknown_id`.
         """
         vocab_map = getattr(model, "vocab_map", None)
         if vocab_map is None:
             return cls.o200k()
         if isinstance(vocab_map, dict):
             return cls(vocab_map["o200k_ids"], vocab_map.get("unknown_id"))
-        return cls(list(vocab_map), getattr(model, "vocab_unknown_id", None))
+        return cls(list(vocab_map), getattr(model, "unknown_id", None))
 
     @classmethod
     def from_vocab_map(cls, path: str | Path) -> Tokenizer:

@@ -103,7 +103,7 @@ class Trace:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Trace":
+    def load(cls, path: str | Path) -> Trace:
         """Load a trace written by `save`. Raises ValueError naming the file if it is not one."""
         path = Path(path)
         if not path.is_file():
@@ -111,7 +111,7 @@ class Trace:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - not a dict
         except Exception as exc:  # safetensors raises its own error types for damaged files
             raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
         if "trace" not in meta:
