@@ -11,3 +11,19 @@ if _os.path.isfile(_os.path.join(_repo_root, "pyproject.toml")):
     __path__.append(_repo_root)  # noqa: F821 - __path__ is defined for packages
 
 __version__ = "0.1.0"
+
+from .config import PRESETS, GptOssConfig  # noqa: E402
+from .loading import CheckpointError, load, random_model, write_checkpoint  # noqa: E402
+from .model import Model  # noqa: E402
+from .trace import ToolCall, Trace  # noqa: E402
+
+
+def load_ipython_extension(ipython) -> None:
+    """`%load_ext ossscope`: register the %oss / %%oss magics."""
+    from .magics import load_ipython_extension as register
+
+    register(ipython)
+
+
+__all__ = ["load", "random_model", "write_checkpoint", "Model", "GptOssConfig", "PRESETS", "CheckpointError",
+           "Trace", "ToolCall", "__version__"]

@@ -43,6 +43,9 @@ def yarn_inv_freq(config: GptOssConfig) -> tuple[torch.Tensor, float]:
     concentration = 0.1 * math.log(factor) + 1.0
     low = d_half * math.log(original / (config.rope_ntk_beta * 2 * math.pi)) / math.log(base)
     high = d_half * math.log(original / (config.rope_ntk_alpha * 2 * math.pi)) / math.log(base)
+    # transformers clamps the band to [0, head_dim - 1]; for the released shapes (band 8.1..17.4 of 32) this is
+    # a no-op, and keeping it makes small test configs match the reference too.
+    low, high = max(low, 0.0), min(high, config.head_dim - 1.0)
     if low == high:
         high += 0.001  # as the reference does, to avoid a division by zero
     ramp = ((torch.arange(d_half, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
