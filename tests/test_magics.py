@@ -1,0 +1,236 @@
+"""%oss / %%oss in a real IPython shell: every subcommand, and the one-line errors for a user's mistakes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ossscope
+from ossscope import tokenizer as tk
+
+# IPython is imported inside the fixtures (as pyinstrument's magic tests do): a shell created at import time
+# outlives the test session's output capture.
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny random checkpoint with a compact vocabulary that holds the harmony special tokens, so chat
+    prompts map to real model ids."""
+    model = ossscope.random_model("tiny", seed=1)
+    V = model.config.vocab_size
+    specials = list(range(tk.START_OF_TEXT, tk.START_OF_TEXT + 21))  # <|startoftext|> .. <|call|> and a few more
+    model.vocab_map = list(range(V - len(specials))) + specials
+    model.unknown_id = 0
+    return ossscope.write_checkpoint(model, tmp_path_factory.mktemp("tiny") / "tiny-ckpt")
+
+
+@pytest.fixture(scope="module")
+def session_ip():
+    from IPython.testing.globalipapp import start_ipython
+
+    return start_ipython()
+
+
+@pytest.fixture
+def ip(session_ip):
+    session_ip.run_line_magic("load_ext", "ossscope")
+    yield session_ip
+    session_ip.run_line_magic("reset", "-f")
+
+
+def run(ip, source: str):
+    """Run a cell as a user would; return (stdout, stderr, display outputs, ExecutionResult)."""
+    from IPython.utils.capture import capture_output
+
+    with capture_output() as captured:
+        result = ip.run_cell(source)
+    return captured.stdout, captured.stderr, captured.outputs, result
+
+
+def assert_one_line_error(ip, source: str, *expected: str) -> str:
+    """The cell fails with a single `UsageError: ...` line naming the problem, and no traceback."""
+    out, err, _, result = run(ip, source)
+    text = (out + err).strip()
+    assert not result.success
+    assert "Traceback" not in text and "File \"" not in text, text
+    assert text.startswith("UsageError: "), text
+    assert len(text.splitlines()) == 1, text
+    for fragment in expected:
+        assert fragment in text, (fragment, text)
+    return text
+
+
+@pytest.fixture
+def loaded(ip, checkpoint):
+    _, err, _, result = run(ip, f"%oss load {checkpoint}")
+    assert result.success, err
+    return ip
+
+
+# -- load ---------------------------------------------------------------------------------------------------
+
+
+def test_load_binds_the_model_and_reports_it(ip, checkpoint):
+    out, err, _, result = run(ip, f"%oss load {checkpoint} --dtype float32 --device cpu")
+    assert result.success, err
+    model = ip.user_ns["oss_model"]
+    assert isinstance(model, ossscope.Model)
+    assert model.dtype == torch.float32 and model.device.type == "cpu"
+    assert "loaded tiny-ckpt as `oss_model`: 4 layers, 8 experts (top-2)" in out
+    # The loaded weights are the checkpoint's: same logits as loading it directly.
+    ids = torch.randint(0, model.config.vocab_size, (1, 7))
+    torch.testing.assert_close(model(ids), ossscope.load(checkpoint, progress=False)(ids))
+
+
+def test_load_dtype_flag(ip, checkpoint):
+    _, err, _, result = run(ip, f"%oss load {checkpoint} --dtype bfloat16")
+    assert result.success, err
+    assert ip.user_ns["oss_model"].dtype == torch.bfloat16
+
+
+def test_load_errors_are_one_line(ip, checkpoint, tmp_path):
+    assert_one_line_error(ip, f"%oss load {tmp_path / 'nowhere'}", "%oss load:", "does not exist")
+    assert_one_line_error(ip, f"%oss load {tmp_path}", "no config.json")
+    assert_one_line_error(ip, f"%oss load {checkpoint} --dtype int8", "unknown dtype 'int8'")
+    assert_one_line_error(ip, f"%oss load {checkpoint} --device nonsense", "--device 'nonsense' is not a device")
+    if not torch.cuda.is_available():
+        assert_one_line_error(ip, f"%oss load {checkpoint} --device cuda", "no CUDA GPU")
+    assert_one_line_error(ip, f"%oss load {checkpoint} --colour red", "unrecognized arguments: --colour red")
+    assert "oss_model" not in ip.user_ns
+
+
+def test_load_of_a_damaged_checkpoint_names_the_file(ip, checkpoint, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((checkpoint / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes((checkpoint / "model.safetensors").read_bytes()[:1000])
+    assert_one_line_error(ip, f"%oss load {broken}", "model.safetensors")
+
+
+# -- general usage --------------------------------------------------------------------------------------------
+
+
+def test_bare_oss_and_help_list_every_subcommand(ip):
+    for source in ("%oss", "%oss help"):
+        out, err, _, result = run(ip, source)
+        assert result.success and not err
+        for sub in ("%oss load", "%%oss chat", "%oss ablate", "%oss steer", "%oss trace", "%oss export", "%oss help"):
+            assert sub in out, (sub, out)
+    out, _, _, _ = run(ip, "%oss help ablate")
+    assert "--mode {reroute,zero}" in out and "--clear" in out
+    out, _, _, _ = run(ip, "%oss chat --help")
+    assert "--max-new-tokens" in out and "--tools" in out
+
+
+def test_user_mistakes_are_one_line(ip):
+    assert_one_line_error(ip, "%oss bogus", "unknown subcommand 'bogus'")
+    assert_one_line_error(ip, "%oss lod nano", "did you mean 'load'?")
+    assert_one_line_error(ip, "%oss help bogus", "no subcommand 'bogus'")
+    assert_one_line_error(ip, "%oss ablate 1:2", "no model loaded", "%oss load")
+    assert_one_line_error(ip, "%oss steer", "no model loaded")
+    assert_one_line_error(ip, "%%oss chat\nhello", "no model loaded")
+    assert_one_line_error(ip, "%oss trace", "no trace yet")
+    assert_one_line_error(ip, "%oss export out.html", "no trace yet")
+    assert_one_line_error(ip, '%oss load "unclosed', "cannot split the line")
+    assert_one_line_error(ip, "%%oss ablate 1:2\nsome body", "takes no cell body")
+    ip.user_ns["oss_model"] = "not a model"
+    assert_one_line_error(ip, "%oss ablate", "holds a str, not an ossscope model")
+
+
+# -- ablate -------------------------------------------------------------------------------------------------
+
+
+def test_ablate_sets_lists_and_clears(loaded):
+    ip = loaded
+    model = ip.user_ns["oss_model"]
+    out, _, _, result = run(ip, "%oss ablate")
+    assert result.success and out.strip() == "no experts ablated"
+
+    out, err, _, result = run(ip, "%oss ablate 3:5,7 1:0 3:2 --mode zero")
+    assert result.success, err
+    assert model.active_ablation == {"mode": "zero", "experts": {1: [0], 3: [2, 5, 7]}}
+    assert "layer 1: expert 0; layer 3: experts 2, 5, 7" in out and "(zero)" in out
+    out, _, _, _ = run(ip, "%oss ablate")
+    assert "layer 3: experts 2, 5, 7" in out
+
+    # A new ablation replaces the old one (the default mode reroutes).
+    run(ip, "%oss ablate 2:4")
+    assert model.active_ablation == {"mode": "reroute", "experts": {2: [4]}}
+    out, _, _, _ = run(ip, "%oss ablate --clear")
+    assert model.active_ablation == {} and out.strip() == "no experts ablated"
+
+
+def test_ablation_changes_what_the_model_computes(loaded):
+    """The magic's ablation is the model's: logits with it equal logits under model.ablate(...)."""
+    ip = loaded
+    model = ip.user_ns["oss_model"]
+    ids = torch.randint(0, model.config.vocab_size, (1, 9))
+    clean = model(ids)
+    with model.ablate({0: [1, 2], 3: [0]}, mode="reroute"):
+        reference = model(ids)
+    run(ip, "%oss ablate 0:1,2 3:0")
+    torch.testing.assert_close(model(ids), reference)
+    assert not torch.allclose(model(ids), clean)
+    run(ip, "%oss ablate --clear")
+    torch.testing.assert_close(model(ids), clean)
+
+
+def test_ablate_errors_are_one_line(loaded):
+    ip = loaded
+    assert_one_line_error(ip, "%oss ablate 3", "cannot read '3'", "LAYER:EXPERT")
+    assert_one_line_error(ip, "%oss ablate 3:x", "cannot read '3:x'")
+    assert_one_line_error(ip, "%oss ablate 3:5,", "cannot read '3:5,'")
+    assert_one_line_error(ip, "%oss ablate 9:1", "layer 9 is out of range", "0..3")
+    assert_one_line_error(ip, "%oss ablate 1:8", "expert 8 (layer 1) is out of range", "0..7")
+    assert_one_line_error(ip, "%oss ablate 1:2 --mode cut", "invalid choice: 'cut'")
+    assert_one_line_error(ip, "%oss ablate 1:2 --clear", "--clear takes no L:E specs")
+    assert ip.user_ns["oss_model"].active_ablation == {}  # nothing half-applied
+
+
+# -- steer --------------------------------------------------------------------------------------------------
+
+
+def test_steer_adds_the_named_vector_and_clears(loaded):
+    ip = loaded
+    model = ip.user_ns["oss_model"]
+    D = model.config.hidden_size
+    ip.user_ns["direction"] = torch.randn(D)
+    ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    clean = model(ids)
+
+    out, err, _, result = run(ip, "%oss steer 2 direction --scale -3")
+    assert result.success, err
+    assert "layer 2" in out
+    torch.testing.assert_close(model.active_steering[2], -3 * ip.user_ns["direction"])
+    # Same logits as adding the vector by hand with a hook after block 2.
+    model.clear_steering()
+    shift = [("blocks.2.hook_resid_post", lambda x, hook: x - 3 * ip.user_ns["direction"])]
+    with model.hooks(shift):
+        reference = model(ids)
+    run(ip, "%oss steer 2 direction --scale -3")
+    torch.testing.assert_close(model(ids), reference)
+
+    out, _, _, _ = run(ip, "%oss steer")
+    assert "layer 2" in out
+    out, _, _, _ = run(ip, "%oss steer --clear")
+    assert model.active_steering == {} and out.strip() == "no steering"
+    torch.testing.assert_close(model(ids), clean)
+
+    run(ip, "%oss steer 1 direction")
+    run(ip, "%oss steer 3 direction")
+    run(ip, "%oss steer --clear 1")
+    assert sorted(model.active_steering) == [3]
+
+
+def test_steer_errors_are_one_line(loaded):
+    ip = loaded
+    ip.user_ns["short"] = torch.randn(3)
+    ip.user_ns["words"] = "hello"
+    assert_one_line_error(ip, "%oss steer 1 missing_vector", "no variable named 'missing_vector'")
+    assert_one_line_error(ip, "%oss steer 1 short", "must have shape (64,)")
+    assert_one_line_error(ip, "%oss steer 1 words", "words")
+    assert_one_line_error(ip, "%oss steer 1", "name the vector too")
+    assert_one_line_error(ip, "%oss steer 7 short", "layer 7 is out of range")
+    assert_one_line_error(ip, "%oss steer --clear 9", "layer 9 is out of range")
+    assert_one_line_error(ip, "%oss steer one short", "invalid int value: 'one'")
+    assert ip.user_ns["oss_model"].active_steering == {}
