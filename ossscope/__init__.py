@@ -8,14 +8,14 @@ import os as _os
 # this package rather than inside it; let `ossscope.kernels` and `ossscope.widgets` resolve there too.
 _repo_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if _os.path.isfile(_os.path.join(_repo_root, "pyproject.toml")):
-    __path__.append(_repo_root)  # noqa: F821 - __path__ is defined for packages
+    __path__.append(_repo_root)
 
 __version__ = "0.1.0"
 
-from .config import PRESETS, GptOssConfig  # noqa: E402
-from .loading import CheckpointError, load, random_model, write_checkpoint  # noqa: E402
-from .model import Model  # noqa: E402
-from .trace import ToolCall, Trace  # noqa: E402
+from .config import PRESETS, GptOssConfig
+from .loading import CheckpointError, load, random_model, write_checkpoint
+from .model import Model
+from .trace import ToolCall, Trace
 
 
 def load_ipython_extension(ipython) -> None:
@@ -25,5 +25,15 @@ def load_ipython_extension(ipython) -> None:
     register(ipython)
 
 
-__all__ = ["load", "random_model", "write_checkpoint", "Model", "GptOssConfig", "PRESETS", "CheckpointError",
-           "Trace", "ToolCall", "__version__"]
+__all__ = [
+    "PRESETS",
+    "CheckpointError",
+    "GptOssConfig",
+    "Model",
+    "ToolCall",
+    "Trace",
+    "__version__",
+    "load",
+    "random_model",
+    "write_checkpoint",
+]

@@ -67,7 +67,7 @@ class GptOssConfig:
     def kv_width(self) -> int:
         return self.num_key_value_heads * self.head_dim
 
-    def replace(self, **changes: Any) -> "GptOssConfig":
+    def replace(self, **changes: Any) -> GptOssConfig:
         return dataclasses.replace(self, **changes)
 
     # -- the two config.json dialects --------------------------------------------------------------------
@@ -137,7 +137,7 @@ class GptOssConfig:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], source: str = "config.json") -> "GptOssConfig":
+    def from_json(cls, data: dict[str, Any], source: str = "config.json") -> GptOssConfig:
         """Read either dialect. Unknown keys are ignored; a contradiction or a bad value raises ValueError."""
         if data.get("model_type") == "gpt_oss" or "num_local_experts" in data:
             return cls._from_hf(data, source)
@@ -149,12 +149,12 @@ class GptOssConfig:
         )
 
     @classmethod
-    def _from_original(cls, d: dict[str, Any], source: str) -> "GptOssConfig":
+    def _from_original(cls, d: dict[str, Any], source: str) -> GptOssConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls._build({k: v for k, v in d.items() if k in fields}, source)
 
     @classmethod
-    def _from_hf(cls, d: dict[str, Any], source: str) -> "GptOssConfig":
+    def _from_hf(cls, d: dict[str, Any], source: str) -> GptOssConfig:
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         values: dict[str, Any] = {
             "num_hidden_layers": d.get("num_hidden_layers"),
@@ -191,7 +191,7 @@ class GptOssConfig:
         return config
 
     @classmethod
-    def _build(cls, values: dict[str, Any], source: str) -> "GptOssConfig":
+    def _build(cls, values: dict[str, Any], source: str) -> GptOssConfig:
         types = {f.name: f.type for f in dataclasses.fields(cls)}
         clean = {}
         for key, value in values.items():
@@ -207,7 +207,7 @@ class GptOssConfig:
             raise ValueError(f"{source}: {exc}") from None
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "GptOssConfig":
+    def from_file(cls, path: str | Path) -> GptOssConfig:
         path = Path(path)
         try:
             data = json.loads(path.read_text())

@@ -14,13 +14,11 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Union
-
 import torch
 from torch import nn
 
-HookFn = Callable[[torch.Tensor, "HookPoint"], Union[torch.Tensor, None]]
-NameFilter = Union[str, Iterable[str], Callable[[str], bool], None]
+HookFn = Callable[[torch.Tensor, "HookPoint"], torch.Tensor | None]
+NameFilter = str | Iterable[str] | Callable[[str], bool] | None
 
 
 class HookPoint(nn.Module):
@@ -101,7 +99,7 @@ class HookedModule(nn.Module):
         raise KeyError(f"unknown hook name {name!r}.{hint}")
 
     @contextmanager
-    def hooks(self, fwd_hooks: Iterable[tuple[str | Callable[[str], bool], HookFn]]) -> Iterator["HookedModule"]:
+    def hooks(self, fwd_hooks: Iterable[tuple[str | Callable[[str], bool], HookFn]]) -> Iterator[HookedModule]:
         """Attach hooks for the duration of a `with` block.
 
         fwd_hooks: pairs (name or predicate on names, fn); fn(tensor, hook) may return a replacement tensor.

@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -44,7 +45,8 @@ class Slot:
 
 def _model_tensors(c: GptOssConfig, layer: int) -> dict[str, tuple[tuple[int, ...], str]]:
     """The model's state for one layer: short name -> (shape, kind)."""
-    E, D, I, G_D, G_I = c.num_experts, c.hidden_size, c.intermediate_size, c.hidden_size // 32, c.intermediate_size // 32
+    E, D, I = c.num_experts, c.hidden_size, c.intermediate_size
+    G_D, G_I = D // 32, I // 32  # MXFP4 blocks along each input dimension
     return {
         "attn.norm.scale": ((D,), "float"),
         "attn.qkv.weight": ((c.q_width + 2 * c.kv_width, D), "float"),
@@ -355,7 +357,8 @@ def _check_tensor(name: str, tensor: torch.Tensor, slot: Slot, file: Path) -> No
             "(the config contradicts the tensors, or the file is from another model)"
         )
     if slot.kind == "uint8" and tensor.dtype != torch.uint8:
-        raise CheckpointError(f"{file.name}: tensor {name} has dtype {tensor.dtype}, expected torch.uint8 (packed MXFP4)")
+        raise CheckpointError(
+            f"{file.name}: tensor {name} has dtype {tensor.dtype}, expected torch.uint8 (packed MXFP4)")
     if slot.kind == "float" and not tensor.dtype.is_floating_point:
         raise CheckpointError(f"{file.name}: tensor {name} has dtype {tensor.dtype}, expected a floating-point dtype")
 
@@ -454,5 +457,6 @@ def _write_shards(tensors: dict[str, torch.Tensor], path: Path, max_bytes: int) 
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(path / file), metadata={"format": "pt"})
         weight_map.update({name: file for name in shard})
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 

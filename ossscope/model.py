@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import ops
@@ -273,7 +272,8 @@ class Model(HookedModule):
         cfg, clean = self.config, {}
         for layer, experts in experts_by_layer.items():
             if not isinstance(layer, int) or not 0 <= layer < cfg.num_hidden_layers:
-                raise ValueError(f"layer {layer!r} is out of range: the model has layers 0..{cfg.num_hidden_layers - 1}")
+                raise ValueError(
+                    f"layer {layer!r} is out of range: the model has layers 0..{cfg.num_hidden_layers - 1}")
             experts = [experts] if isinstance(experts, int) else list(experts)
             for expert in experts:
                 if not isinstance(expert, int) or not 0 <= expert < cfg.num_experts:
@@ -306,7 +306,7 @@ class Model(HookedModule):
         self.active_ablation = {}
 
     @contextmanager
-    def ablate(self, experts_by_layer: Mapping[int, Sequence[int]], mode: str = "reroute") -> Iterator["Model"]:
+    def ablate(self, experts_by_layer: Mapping[int, Sequence[int]], mode: str = "reroute") -> Iterator[Model]:
         """Ablate experts inside a `with` block; the previous ablation state comes back on exit."""
         previous = dict(self.active_ablation)
         self.set_ablation(experts_by_layer, mode)
@@ -320,10 +320,12 @@ class Model(HookedModule):
     def set_steering(self, layer: int, vector: torch.Tensor, scale: float = 1.0) -> None:
         """Add `scale * vector` [D] to the residual stream after block `layer` on every token, until cleared."""
         if not 0 <= layer < self.config.num_hidden_layers:
-            raise ValueError(f"layer {layer} is out of range: the model has layers 0..{self.config.num_hidden_layers - 1}")
+            raise ValueError(
+                f"layer {layer} is out of range: the model has layers 0..{self.config.num_hidden_layers - 1}")
         vector = torch.as_tensor(vector)
         if vector.shape != (self.config.hidden_size,):
-            raise ValueError(f"a steering vector must have shape ({self.config.hidden_size},), got {tuple(vector.shape)}")
+            raise ValueError(
+                f"a steering vector must have shape ({self.config.hidden_size},), got {tuple(vector.shape)}")
         self.blocks[layer].steering_vector = (scale * vector.to(self.device, torch.float32)).to(self.dtype)
 
     def clear_steering(self, layer: int | None = None) -> None:
@@ -359,5 +361,6 @@ class Model(HookedModule):
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"name={self.name!r}, layers={c.num_hidden_layers}, experts={c.num_experts} (top-{c.experts_per_token}), "
+        return (f"name={self.name!r}, layers={c.num_hidden_layers}, "
+                f"experts={c.num_experts} (top-{c.experts_per_token}), "
                 f"d_model={c.hidden_size}, vocab={c.vocab_size}, dtype={self.dtype}, device={self.device}")

@@ -35,7 +35,7 @@ def hf_twin(model: Model, dtype: torch.dtype = torch.float32) -> GptOssForCausal
     hf.model.norm.weight.copy_(model.ln_final.scale)
     hf.lm_head.weight.copy_(model.unembed.weight)
     q, kv = c.q_width, c.kv_width
-    for ours, theirs in zip(model.blocks, hf.model.layers):
+    for ours, theirs in zip(model.blocks, hf.model.layers, strict=True):
         attn, mlp = ours.attn, ours.mlp
         theirs.input_layernorm.weight.copy_(attn.norm.scale)
         theirs.post_attention_layernorm.weight.copy_(mlp.norm.scale)
