@@ -1,1 +1,23 @@
-def hello(): return "k"
+"""ossscope.kernels: Triton kernels for gpt-oss, each checked against a torch twin.
+
+| kernel (public wrapper)          | torch twin                                   |
+| -------------------------------- | -------------------------------------------- |
+| `route`                          | `routing.route_reference` (ops.route + zero) |
+| `moe_experts`                    | `ossscope.ops.moe_experts`                   |
+| `dequantize`                     | `ossscope.mxfp4.dequantize`                  |
+| `attention` / `_prefill` / `_decode` | `ossscope.ops.attention`                 |
+| `rms_norm`, `add_rms_norm`       | `ossscope.ops.rms_norm`, `norm.add_rms_norm_reference` |
+| `qkv_rope`                       | `ossscope.ops.apply_rope`                    |
+
+Importing this package imports Triton; `ossscope` itself never imports it, so CPU-only installs without
+Triton keep working. The wrappers validate their inputs and raise ValueError naming the problem.
+"""
+
+from .attention import attention, attention_decode, attention_prefill
+from .moe import dequantize, group_by_expert, moe_experts
+from .norm import add_rms_norm, rms_norm
+from .rope import qkv_rope
+from .routing import route
+
+__all__ = ["attention", "attention_decode", "attention_prefill", "moe_experts", "dequantize", "group_by_expert",
+           "route", "rms_norm", "add_rms_norm", "qkv_rope"]

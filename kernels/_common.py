@@ -1,0 +1,81 @@
+"""Pieces the kernels share: MXFP4 decoding in registers, the dot product, and input checks.
+
+Decoding E2M1 (sign, 2 exponent bits, 1 mantissa bit) costs a few integer operations: the 3 magnitude bits,
+shifted to the top of an fp16's exponent and mantissa fields, make an fp16 equal to the E2M1 value times
+2**-14 (the subnormal 0.5 included), which widens exactly to fp32. The block's E8M0 scale then multiplies as
+an fp32 power of two built from its exponent bits, with the 2**14 folded in.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def e2m1_to_f32(nibble):
+    """int32 tile of E2M1 codes (0..15) -> fp32 tile of their values times 2**-14 (exact)."""
+    bits = ((nibble & 7) << 9) | ((nibble & 8) << 12)  # magnitude into fp16 exponent/mantissa, sign to bit 15
+    return bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def e8m0_factor(scale):
+    """uint8 tile of E8M0 scale codes -> fp32 2**(scale - 127) * 2**14, the factor for `e2m1_to_f32` values.
+
+    Exact for codes up to 240 (2**113); real checkpoints stay far below (their scales sit around 2**-7).
+    """
+    return ((scale.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def dot(a, b, acc, IEEE: tl.constexpr):
+    """acc += a @ b; fp32 operands multiply exactly (no tf32) when IEEE is set."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise a ValueError naming the problem unless `condition` holds."""
+    if not condition:
+        raise ValueError(message)
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    check(t.dtype in (torch.bfloat16, torch.float16, torch.float32),
+          f"{name} must be bfloat16, float16 or float32, got {t.dtype}")
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    check(len(set(devices.values())) <= 1,
+          "tensors must be on one device, got " + ", ".join(f"{n} on {d}" for n, d in devices.items()))
+
+
+def check_mxfp4(name: str, blocks: torch.Tensor, scales: torch.Tensor, experts: int, rows: int, K: int) -> None:
+    """Packed expert weights [E, rows, K/32, 16] uint8 with scales [E, rows, K/32] uint8, blocks contiguous."""
+    check(blocks.dtype == torch.uint8 and scales.dtype == torch.uint8,
+          f"{name} blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")
+    want_b, want_s = (experts, rows, K // 32, 16), (experts, rows, K // 32)
+    check(tuple(blocks.shape) == want_b and tuple(scales.shape) == want_s,
+          f"{name} must be blocks {want_b} and scales {want_s}, got {tuple(blocks.shape)} and "
+          f"{tuple(scales.shape)}")
+    check(blocks.stride(-1) == 1 and blocks.stride(-2) == 16 and blocks.stride(-3) == K // 2,
+          f"{name} blocks must be contiguous within each row (call .contiguous())")
+    check(scales.stride(-1) == 1, f"{name} scales must be contiguous along the blocks")
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_runnable(t: torch.Tensor) -> None:
+    check(t.is_cuda or interpreting(),
+          f"the Triton kernels need CUDA tensors (got {t.device}); on CPU use the torch reference in "
+          "ossscope.ops, or set TRITON_INTERPRET=1 before importing triton to run them in the interpreter")
