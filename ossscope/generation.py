@@ -82,9 +82,7 @@ def sample_next(
     smallest set of tokens whose probability reaches `top_p` (the most likely token is always kept).
     """
     if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(
-            f"need temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}"
-        )
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}")
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, V]
@@ -110,7 +108,8 @@ class TokenEvent:
     channel: str  # "analysis", "commentary", "final" or "" (headers and special tokens)
     tokens: list[int]  # this step's token for every sequence of the batch (model ids)
     record: dict[str, torch.Tensor] = field(default_factory=dict)
-    finished: bool = False  # every sequence has stopped (this was the last step)
+    finished: bool = False  # generation is over (this was the last token)
+    tool_call: Any = None  # chat: the ToolCall this <|call|> token made (already run), else None
 
 
 @dataclass
@@ -174,9 +173,7 @@ class Decoder:
         # Without a seed, draw one (from torch's global generator) and keep it, so every run can be replayed.
         self.seed = int(seed) if seed is not None else int(torch.randint(0, 2**62, ()).item())
         self.generator = torch.Generator(device=model.device).manual_seed(self.seed)
-        self.stop_tokens = set(
-            self.tokenizer.stop_ids if stop_tokens is None else (int(t) for t in stop_tokens)
-        )
+        self.stop_tokens = set(self.tokenizer.stop_ids if stop_tokens is None else (int(t) for t in stop_tokens))
         # Extra hooks to keep: names, or a predicate on names; unknown names fail now, with suggestions.
         self.capture = list(dict.fromkeys(model.resolve_hook_names(capture))) if capture else []
         router_names = router_hook_names(self.num_layers)
@@ -335,13 +332,11 @@ def generate(
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     B, T = ids.shape
     limit = model.config.max_context
-    if T >= limit:
+    if limit <= T:
         raise ContextLimitError(f"the prompt has {T} tokens; the model's context limit is {limit}")
     # Label channels as harmony does when the prompt ends by opening an assistant turn.
     tail = model.tokenizer.to_o200k(ids[0, -2:].tolist())
-    opens_turn = (
-        len(tail) == 2 and tail[0] == tk.START and model.tokenizer.decode_o200k(tail[1:]) == "assistant"
-    )
+    opens_turn = len(tail) == 2 and tail[0] == tk.START and model.tokenizer.decode_o200k(tail[1:]) == "assistant"
     decoder = Decoder(
         model,
         role="assistant" if opens_turn else None,

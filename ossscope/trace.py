@@ -59,6 +59,18 @@ class Trace:
     prompt_token_texts: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    def context_tokens(self) -> tuple[list[int], list[int]]:
+        """The whole sequence the model read, in order: prompt, generated tokens, and the tool answers fed
+        between turns (from metadata["tool_inserts"]). Returns (o200k ids, position of each generated token)."""
+        inserts = {int(item["after"]): list(item["tokens"]) for item in self.metadata.get("tool_inserts", [])}
+        sequence = list(self.prompt_tokens)
+        positions = []
+        for t, token in enumerate(self.tokens):
+            positions.append(len(sequence))
+            sequence.append(int(token))
+            sequence += inserts.get(t, [])
+        return sequence, positions
+
     # -- views -------------------------------------------------------------------------------------------
     def show(self, **kwargs: Any) -> Any:
         """Display the interactive views of this trace in a notebook (see ossscope.widgets)."""

@@ -171,7 +171,7 @@ def test_parser_agrees_with_openai_harmony_on_well_formed_output(text):
     reference = enc().parse_messages_from_completion_tokens(tokens, Role.ASSISTANT)
     assert errors == []
     assert len(messages) == len(reference)
-    for ours, ref in zip(messages, reference):
+    for ours, ref in zip(messages, reference, strict=True):
         assert ours["role"] == ref.author.role.value
         assert ours["channel"] == ref.channel
         assert ours["recipient"] == ref.recipient
@@ -233,7 +233,7 @@ def test_parser_never_raises_on_random_tokens():
         for role in ("assistant", None):
             messages, labels, _ = harmony.parse_completion(tokens, role=role)
             assert len(labels) == len(tokens)
-            assert all(label == "" for t, label in zip(tokens, labels) if t >= tk.START_OF_TEXT)
+            assert all(label == "" for t, label in zip(tokens, labels, strict=True) if t >= tk.START_OF_TEXT)
             for m in messages:
                 s, e = m["content_range"]
                 assert m["token_range"][0] <= s <= e <= m["token_range"][1] <= len(tokens)

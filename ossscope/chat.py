@@ -1,0 +1,358 @@
+"""`model.chat(...)`: a harmony conversation with the tool loop, recorded token by token into a `Trace`.
+
+One chat is one KV cache. The prompt is rendered and prefilled; the model generates until it ends its turn.
+If it ended with `<|call|>` to `functions.NAME`, we parse the JSON arguments, call the Python function, feed
+the tool's answer (`<|start|>functions.NAME to=assistant<|channel|>commentary<|message|>...<|end|>`) and
+`<|start|>assistant`, and let it continue, until a final answer (`<|return|>`), the token budget, the tool-call
+budget or the context runs out. Everything the model produces is kept, malformed or not: problems land in
+`Trace.parse_errors` and in each `ToolCall.error` (which is also what the model is told), never in an exception.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from ossscope import harmony
+from ossscope import tokenizer as tk
+from ossscope.cache import ContextLimitError
+from ossscope.generation import Decoder, StepFn, TokenEvent
+from ossscope.trace import ToolCall, Trace
+
+TOOL_RESERVE = 4096  # cache room kept for tool answers beyond the prompt and the generation budget
+
+
+class ChatStream:
+    """Iterator of `TokenEvent`s (o200k_harmony ids) from `chat(..., stream=True)`.
+
+    `.trace` is the Trace of everything so far: complete after the last event, partial if the consumer stops
+    early (a Stop button), in which case its metadata says stop_reason "interrupted".
+    """
+
+    def __init__(self, run: _ChatRun):
+        self._run = run
+        self._events = run.events()
+
+    def __iter__(self) -> ChatStream:
+        return self
+
+    def __next__(self) -> TokenEvent:
+        return next(self._events)
+
+    def close(self) -> None:
+        """Stop generating (the trace keeps what was made)."""
+        self._events.close()
+
+    @property
+    def trace(self) -> Trace:
+        return self._run.trace()
+
+
+def chat(
+    model: Any,
+    messages_or_text: str | Sequence[Any],
+    reasoning: str = "medium",
+    developer: str | None = None,
+    tools: Iterable[Any] | None = None,
+    max_new_tokens: int = 1024,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stream: bool = False,
+    capture: Sequence[str] | Callable[[str], bool] = (),
+    on_token: Callable[[TokenEvent], None] | None = None,
+    response_format: dict[str, Any] | None = None,
+    max_tool_calls: int = 8,
+    model_identity: str | None = None,
+    date: str | None = None,
+    step_fn: StepFn | None = None,
+) -> Trace | ChatStream:
+    """Talk to the model in harmony and return the Trace of what it generated and did inside.
+
+    messages_or_text: a user message, or a list of messages (dicts with role/content[/channel/recipient/name],
+        e.g. a previous `trace.messages` plus a new user turn).
+    reasoning: "low" | "medium" | "high", written into the system message.
+    developer: developer instructions. tools: Python functions the model may call (schema from the signature,
+        type hints and docstring). response_format: {"name", "schema"} for structured output.
+    max_new_tokens: budget of generated tokens for the whole chat (all turns of the tool loop).
+    temperature 0 is greedy; the default 1.0 / top_p 1.0 is gpt-oss's recommended sampling. seed: drawn and
+        recorded in trace.metadata when None, so any chat can be replayed.
+    capture: extra hook names (or a predicate) to record per generated token, into trace.captured.
+    stream: return a ChatStream of token events instead (its .trace holds the Trace); on_token(event) is
+        called for every token either way.
+    """
+    run = _ChatRun(
+        model, messages_or_text, reasoning, developer, tools, max_new_tokens, temperature, top_p, seed, capture,
+        on_token, response_format, max_tool_calls, model_identity, date, step_fn,
+    )  # fmt: skip
+    if stream:
+        return ChatStream(run)
+    for _ in run.events():
+        pass
+    return run.trace()
+
+
+class _ChatRun:
+    """The state of one chat: the decoder, the turns, the tool calls; builds the Trace at any moment."""
+
+    def __init__(
+        self, model, messages_or_text, reasoning, developer, tools, max_new_tokens, temperature, top_p, seed,
+        capture, on_token, response_format, max_tool_calls, model_identity, date, step_fn,
+    ):  # fmt: skip
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        self.model = model
+        self.tokenizer = model.tokenizer
+        if self.tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(
+                f"the model has {model.config.vocab_size} token ids but its tokenizer needs "
+                f"{self.tokenizer.vocab_size}: a model with a small vocabulary needs a vocab_map (vocab_map.json) "
+                "to speak harmony"
+            )
+        self.reasoning = str(reasoning).lower()
+        self.tools = {tool.name: tool for tool in harmony.as_tools(tools)}
+        self.max_new_tokens = max_new_tokens
+        self.max_tool_calls = max_tool_calls
+        self.on_token = on_token
+        self.inputs = _input_messages(messages_or_text, developer)
+        self.prompt = harmony.render_prompt(
+            messages_or_text, reasoning, developer, list(self.tools.values()), response_format, model_identity, date
+        )
+        self.prompt_ids = self.tokenizer.to_model(self.prompt)
+        limit = model.config.max_context
+        if len(self.prompt) >= limit:
+            raise ContextLimitError(f"the prompt has {len(self.prompt)} tokens; the model's context limit is {limit}")
+        reserve = TOOL_RESERVE if self.tools else 512  # a model may call a tool it was not given: room to say so
+        self.decoder = Decoder(
+            model,
+            batch_size=1,
+            max_len=min(limit, len(self.prompt) + max_new_tokens + reserve),
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            capture=capture,
+            step_fn=step_fn,
+        )
+        self.turn_starts = [0]  # index into the generated tokens where each assistant turn starts
+        self.tool_calls: list[ToolCall] = []
+        self.inserts: list[dict[str, Any]] = []  # tool answers fed to the model: after which token, which tokens
+        self.stop_reason = "interrupted"
+        self.problems: list[str] = []  # not parse problems of the text: the tool loop's own (budget, context)
+        self.metadata_extra = {"response_format": response_format, "developer": developer}
+        self.elapsed = 0.0
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def events(self) -> Iterator[TokenEvent]:
+        started = time.perf_counter()
+        decoder = self.decoder
+        try:
+            decoder.feed([self.prompt_ids])
+            while True:
+                if len(decoder.tokens[0]) >= self.max_new_tokens:
+                    self.stop_reason = "length"
+                    return
+                if decoder.room < 1:
+                    self.stop_reason = "context"
+                    self.problems.append("the context is full")
+                    return
+                model_id = decoder.step()[0]
+                index = len(decoder.tokens[0]) - 1
+                token = self.tokenizer.to_o200k([model_id])[0]
+                call = None
+                if decoder.done[0]:
+                    call = self._end_of_turn(token, index)
+                event = TokenEvent(
+                    step=index,
+                    token=token,
+                    text=self.tokenizer.token_texts_o200k([token])[0],
+                    channel=decoder.channels[0][index],
+                    tokens=[model_id],
+                    record=decoder.router_row(len(decoder.rows) - 1, 0),
+                    finished=self.stop_reason != "interrupted",
+                    tool_call=call,
+                )
+                if self.on_token is not None:
+                    self.on_token(event)
+                yield event
+                if event.finished:
+                    return
+        finally:
+            self.elapsed += time.perf_counter() - started
+
+    def _end_of_turn(self, token: int, index: int) -> ToolCall | None:
+        """The model stopped (<|return|> or <|call|>): finish, or run the tool and open the next turn."""
+        if token != tk.CALL:
+            self.stop_reason = "return"
+            return None
+        parser = self.decoder.parsers[0]
+        message = parser.messages[-1] if parser.messages else None
+        if message is None or message["token_range"][1] != index + 1:
+            self.problems.append(f"token {index}: <|call|> ends no message; nothing to call")
+            self.stop_reason = "call_without_message"
+            return None
+        if len(self.tool_calls) >= self.max_tool_calls:
+            self.problems.append(f"token {index}: more than {self.max_tool_calls} tool calls; stopped")
+            self.stop_reason = "tool_limit"
+            return None
+        call = self._run_tool(message, index)
+        self.tool_calls.append(call)
+        answer = call.result if call.error is None else json.dumps({"error": call.error})
+        recipient = message["recipient"] or f"functions.{call.name}"
+        tokens = harmony.render_tool_result(recipient, answer)
+        if len(tokens) > self.decoder.room - 1:
+            self.problems.append(f"token {index}: the answer of {recipient} ({len(tokens)} tokens) does not fit")
+            self.stop_reason = "context"
+            return call
+        self.decoder.feed([self.tokenizer.to_model(tokens)])
+        self.inserts.append({"after": index, "tokens": tokens, "recipient": recipient})
+        self.decoder.start_turn("assistant")
+        self.decoder.done[0] = False
+        self.turn_starts.append(index + 1)
+        return call
+
+    def _run_tool(self, message: dict[str, Any], index: int) -> ToolCall:
+        """Call the Python function named by the message; every failure becomes `error` (told to the model)."""
+        recipient = message["recipient"] or ""
+        namespace, _, name = recipient.partition(".")
+        call = ToolCall(name=name or recipient, arguments=message["content"], token_index=index)
+        if not recipient:
+            call.error = "the call names no recipient (expected to=functions.NAME)"
+            return call
+        tool = self.tools.get(name) if namespace == "functions" else None
+        if tool is None:
+            available = ", ".join(f"functions.{n}" for n in self.tools) or "none"
+            call.error = f"unknown tool {recipient!r}; available tools: {available}"
+            return call
+        text = message["content"].strip()
+        try:
+            args = json.loads(text) if text else {}
+        except json.JSONDecodeError as exc:
+            call.error = f"arguments are not valid JSON ({exc.msg} at character {exc.pos}): {text[:200]!r}"
+            return call
+        problems = harmony.check_arguments(tool.parameters, args)
+        if problems:
+            call.error = "bad arguments: " + "; ".join(problems)
+            return call
+        call.parsed_arguments = args
+        if tool.fn is None:
+            call.error = f"{recipient} has no Python function behind it"
+            return call
+        try:
+            result = tool.fn(**args)
+        except Exception as exc:  # noqa: BLE001 - whatever the tool raises is reported to the model, not raised
+            call.error = f"{type(exc).__name__}: {exc}"
+            return call
+        call.result = result if isinstance(result, str) else json.dumps(result, default=str)
+        return call
+
+    # -- the record -------------------------------------------------------------------------------------
+    def trace(self) -> Trace:
+        decoder = self.decoder
+        model_ids = list(decoder.tokens[0])
+        tokens = self.tokenizer.to_o200k(model_ids)
+        messages = [dict(m, source="prompt", token_range=None) for m in self.inputs]
+        errors: list[str] = []
+        bounds = [*self.turn_starts, len(tokens)]
+        for turn, (start, end) in enumerate(itertools.pairwise(bounds)):
+            parser = harmony.HarmonyStreamParser(role="assistant", offset=start)
+            parser.feed_all(tokens[start:end])
+            messages += [dict(m, source="model") for m in parser.finish()]
+            errors += parser.errors
+            if turn < len(self.inserts):
+                insert = self.inserts[turn]
+                call = self.tool_calls[turn]
+                content = call.result if call.error is None else json.dumps({"error": call.error})
+                messages.append({"role": "tool", "name": insert["recipient"], "channel": "commentary",
+                                 "recipient": "assistant", "content": content, "source": "tool",
+                                 "token_range": None, "after": insert["after"]})  # fmt: skip
+        produced = [m for m in messages if m["source"] == "model"]
+        analysis = "\n\n".join(m["content"] for m in produced if m["channel"] == "analysis")
+        final = "\n\n".join(m["content"] for m in produced if m["channel"] == "final")
+        router, captured = decoder.records()
+        T = len(tokens)
+        return Trace(
+            prompt_tokens=list(self.prompt),
+            tokens=tokens,
+            channels=list(decoder.channels[0][:T]),
+            token_texts=self.tokenizer.token_texts_o200k(tokens),
+            messages=messages,
+            analysis=analysis,
+            final=final,
+            tool_calls=list(self.tool_calls),
+            router_indices=router["router_indices"][0],
+            router_weights=router["router_weights"][0],
+            sink=router["sink"][0],
+            captured={name: value[0] for name, value in captured.items()},
+            reasoning=self.reasoning,
+            parse_errors=errors + self.problems,
+            prompt_token_texts=self.tokenizer.token_texts_o200k(self.prompt),
+            metadata=self._metadata(T),
+        )
+
+    def _metadata(self, T: int) -> dict[str, Any]:
+        model, config, decoder = self.model, self.model.config, self.decoder
+        steering = getattr(model, "active_steering", {}) or {}
+        unknown = 0
+        if self.tokenizer.is_compact:
+            unknown = sum(1 for t in self.prompt if not self.tokenizer.in_vocab(t))
+        return {
+            "model": getattr(model, "name", type(model).__name__),
+            "num_layers": config.num_hidden_layers,
+            "num_experts": config.num_experts,
+            "experts_per_token": config.experts_per_token,
+            "num_heads": config.num_attention_heads,
+            "vocab_size": config.vocab_size,
+            "sliding_layers": [config.is_sliding(layer) for layer in range(config.num_hidden_layers)],
+            "sliding_window": config.sliding_window,
+            "device": str(getattr(model, "device", "")),
+            "dtype": str(getattr(model, "dtype", "")).removeprefix("torch."),
+            "reasoning": self.reasoning,
+            "sampling": {
+                "temperature": decoder.temperature,
+                "top_p": decoder.top_p,
+                "seed": decoder.seed,
+                "max_new_tokens": self.max_new_tokens,
+            },
+            "ablation": _jsonable(getattr(model, "active_ablation", {}) or {}),
+            "steering": {str(layer): float(torch.linalg.vector_norm(v.float())) for layer, v in steering.items()},
+            "tools": list(self.tools),
+            "response_format": self.metadata_extra["response_format"],
+            "developer": self.metadata_extra["developer"],
+            "stop_reason": self.stop_reason,
+            "tool_inserts": [{"after": i["after"], "tokens": list(i["tokens"])} for i in self.inserts],
+            "prompt_tokens_outside_vocab": unknown,
+            "elapsed_s": round(self.elapsed, 4),
+            "tokens_per_s": round(T / self.elapsed, 2) if self.elapsed > 0 else None,
+            "ossscope_version": _version(),
+        }
+
+
+def _input_messages(messages_or_text: str | Sequence[Any], developer: str | None) -> list[dict[str, Any]]:
+    """The conversation as given (before generation), as plain dicts for Trace.messages."""
+    items = [{"role": "user", "content": messages_or_text}] if isinstance(messages_or_text, str) else messages_or_text
+    out = [{"role": "developer", "content": developer}] if developer else []
+    for item in items:
+        if isinstance(item, dict):
+            clean = {key: item.get(key) for key in ("role", "channel", "recipient", "content_type", "name")}
+            clean["content"] = harmony._text_of(item.get("content", ""))
+            out.append({key: value for key, value in clean.items() if value is not None})
+        else:  # an openai-harmony Message
+            data = item.to_dict()
+            text = "".join(part.get("text", "") for part in data.get("content", []) if isinstance(part, dict))
+            out.append({"role": data.get("role"), "content": text, "channel": data.get("channel")})
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _version() -> str:
+    from ossscope import __version__
+
+    return __version__
