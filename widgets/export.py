@@ -1,0 +1,90 @@
+"""One self-contained, interactive HTML file for one or more Traces: viewer script, styles and data inline,
+nothing fetched when it opens, no kernel needed."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ossscope.trace import Trace
+
+from .payload import dumps_for_html, trace_payload
+
+
+def static_text(name: str) -> str:
+    """A file shipped in widgets/static/ (package data), as text."""
+    return resources.files("ossscope.widgets").joinpath("static", name).read_text(encoding="utf-8")
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src 'unsafe-inline'; \
+style-src 'unsafe-inline'; img-src data:">
+<title>{title}</title>
+<style>
+body {{ margin: 16px; background: #eef1f4; }}
+{css}
+</style>
+</head>
+<body>
+<div id="ossscope-root"></div>
+<script type="application/json" id="ossscope-data">{data}</script>
+<script>
+{js}
+</script>
+<script>
+(function () {{
+  var payloads = JSON.parse(document.getElementById("ossscope-data").textContent);
+  window.OSSScope.mount(document.getElementById("ossscope-root"), payloads, {{}});
+}})();
+</script>
+</body>
+</html>
+"""
+
+
+def render_html(payloads: Sequence[dict[str, Any]], title: str = "ossscope trace") -> str:
+    """The page for payloads from `trace_payload` (several runs get a run selector).
+
+    Script-safety: the data goes through `dumps_for_html` and the title through html.escape; the viewer puts
+    text into the page with textContent only, and the Content-Security-Policy forbids any fetch.
+    """
+    # The script and style are our own files; a stray closing tag in them would still end the element.
+    js, css = static_text("scope.js"), static_text("scope.css")
+    for name, text, tag in (("scope.js", js, "</script"), ("scope.css", css, "</style")):
+        if tag in text.lower():
+            raise ValueError(f"widgets/static/{name} contains '{tag}', which would end its inline element")
+    return _PAGE.format(title=html.escape(title), css=css, js=js, data=dumps_for_html(list(payloads)))
+
+
+def export_trace_html(
+    trace: Trace | Sequence[Trace],
+    path: str | Path,
+    *,
+    title: str | None = None,
+    titles: Sequence[str] | None = None,
+    **payload_kwargs: Any,
+) -> Path:
+    """Write `trace` (or several traces, e.g. a Lab's run history) as one interactive HTML file; returns the path.
+
+    The file opens offline in any browser: token hover/click panels, layer, head, channel and metric choices,
+    the router map, sinks, and attention and logit lens where the trace captured them.
+    """
+    traces = [trace] if isinstance(trace, Trace) else list(trace)
+    if not traces:
+        raise ValueError("export_trace_html needs at least one trace")
+    names = list(titles) if titles is not None else [None] * len(traces)
+    if len(names) != len(traces):
+        raise ValueError(f"got {len(names)} titles for {len(traces)} traces")
+    payloads = [trace_payload(t, title=name, **payload_kwargs) for t, name in zip(traces, names, strict=True)]
+    page_title = title or payloads[0]["title"]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_html(payloads, title=page_title), encoding="utf-8")
+    return path
