@@ -1,0 +1,200 @@
+"""model.chat: the rendered prompt, the tool loop (with a scripted model calling real Python functions, malformed
+calls included), the per-token record across tool answers, streaming with early stop, and malformed output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import ossscope
+from ossscope import tokenizer as tk
+from ossscope.chat import chat
+from ossscope.config import PRESETS
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny random model with the full o200k_harmony vocabulary (so it reads and writes harmony directly)."""
+    return ossscope.random_model(PRESETS["tiny"].replace(vocab_size=201_088), seed=2, device="cpu")
+
+
+class ScriptedModel:
+    """A real model whose next-token choice is forced to follow a script (o200k text), so the tool loop can be
+    driven exactly. Everything else (cache, hooks, records) is the wrapped model's own.
+
+    Each sampled token is fed straight back; when the fed token is the one we forced, the script advances.
+    Multi-token feeds (the prompt, tool answers) do not advance it.
+    """
+
+    def __init__(self, inner, script: str):
+        self._inner = inner
+        self.script = tk.Tokenizer.o200k().encode(script)
+        self.position = 0
+        self.forced: int | None = None
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def __call__(self, input_ids, cache=None):
+        logits = self._inner(input_ids, cache=cache)
+        if input_ids.shape[1] == 1 and self.forced is not None and int(input_ids[0, 0]) == self.forced:
+            self.position += 1
+        token = self.script[min(self.position, len(self.script) - 1)]
+        logits[:, -1] = -1e4
+        logits[:, -1, token] = 1e4
+        self.forced = token
+        return logits
+
+
+class Weather:
+    def __init__(self):
+        self.calls = []
+
+    def get_weather(self, city: str, days: int = 1) -> dict:
+        """Get the weather forecast.
+
+        Args:
+            city: City name.
+            days: How many days.
+        """
+        self.calls.append((city, days))
+        if city == "Atlantis":
+            raise LookupError("no such city")
+        return {"city": city, "forecast": "sunny", "days": days}
+
+
+def call(args: str, name: str = "get_weather") -> str:
+    # After the tool's answer we feed `<|start|>assistant`, so the model's next message starts at its header.
+    return f"<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>{args}<|call|>"
+
+
+def test_prompt_rendering_and_record_shapes(model):
+    trace = model.chat("What is 2+2?", reasoning="high", max_new_tokens=6, temperature=0.0)
+    prompt = tk.Tokenizer.o200k().decode_o200k(trace.prompt_tokens)
+    assert "Reasoning: high" in prompt and "<|start|>user<|message|>What is 2+2?<|end|>" in prompt
+    assert prompt.endswith("<|start|>assistant")
+    L, k, H = 4, 2, 4
+    assert len(trace.tokens) == 6 == len(trace.channels) == len(trace.token_texts)
+    assert trace.router_indices.shape == (6, L, k) and trace.router_indices.dtype == torch.int64
+    assert trace.router_weights.shape == (6, L, k) and trace.sink.shape == (6, L, H)
+    assert trace.metadata["stop_reason"] == "length" and trace.metadata["sampling"]["temperature"] == 0.0
+    assert trace.metadata["model"] == model.name and trace.reasoning == "high"
+    assert trace.messages[0] == {"role": "user", "content": "What is 2+2?", "source": "prompt", "token_range": None}
+    assert trace.parse_errors  # a random model does not write harmony; nothing raised, the problem is recorded
+
+
+def test_tool_loop_calls_the_function_and_continues(model):
+    weather = Weather()
+    script = (
+        "<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant"
+        + call('{"city": "Paris", "days": 2}')
+        + "<|channel|>final<|message|>Sunny in Paris.<|return|>"
+    )
+    scripted = ScriptedModel(model, script)
+    trace = chat(scripted, "Weather in Paris?", tools=[weather.get_weather], temperature=0.0, max_new_tokens=100)
+    assert weather.calls == [("Paris", 2)]
+    assert trace.tokens == scripted.script
+    (made,) = trace.tool_calls
+    assert made.name == "get_weather" and made.error is None
+    assert made.parsed_arguments == {"city": "Paris", "days": 2}
+    assert json.loads(made.result) == {"city": "Paris", "forecast": "sunny", "days": 2}
+    assert trace.tokens[made.token_index] == tk.CALL
+    assert trace.analysis == "Need the weather." and trace.final == "Sunny in Paris."
+    assert trace.parse_errors == [] and trace.metadata["stop_reason"] == "return"
+    roles = [(m["role"], m.get("channel"), m["source"]) for m in trace.messages]
+    assert roles == [
+        ("user", None, "prompt"),
+        ("assistant", "analysis", "model"),
+        ("assistant", "commentary", "model"),
+        ("tool", "commentary", "tool"),
+        ("assistant", "final", "model"),
+    ]
+    assert trace.messages[2]["recipient"] == "functions.get_weather"
+    labels = set(trace.channels)
+    assert labels == {"", "analysis", "commentary", "final"}
+    # The record across the tool answer: row t equals a full recomputation of the whole context at token t.
+    sequence, positions = trace.context_tokens()
+    answer = tk.Tokenizer.o200k().decode_o200k(sequence)
+    assert "<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>{" in answer
+    _, cache = model.run_with_cache(torch.tensor([sequence]), names=lambda n: "topk_indices" in n or "sink" in n)
+    for layer in range(4):
+        torch.testing.assert_close(
+            trace.router_indices[:, layer], cache[f"blocks.{layer}.mlp.hook_topk_indices"][0, positions]
+        )
+        torch.testing.assert_close(trace.sink[:, layer], cache[f"blocks.{layer}.attn.hook_sink"][0, :, positions].T)
+
+
+def test_malformed_calls_are_reported_back_not_raised(model):
+    weather = Weather()
+    script = (
+        call('{"city": 5}')  # wrong type
+        + call('{"city": "Oslo",')  # not JSON
+        + call('{"city": "Oslo"}', name="get_wether")  # unknown tool
+        + call('{"city": "Atlantis"}')  # the function raises
+        + call('{"city": "Oslo"}')  # fine
+        + "<|channel|>final<|message|>Done.<|return|>"
+    )
+    trace = chat(ScriptedModel(model, script), "Weather?", tools=[weather.get_weather], temperature=0.0)
+    errors = [c.error for c in trace.tool_calls]
+    assert "bad arguments" in errors[0] and "expected string" in errors[0]
+    assert "not valid JSON" in errors[1]
+    assert "unknown tool 'functions.get_wether'" in errors[2] and "functions.get_weather" in errors[2]
+    assert errors[3] == "LookupError: no such city"
+    assert errors[4] is None and json.loads(trace.tool_calls[4].result)["city"] == "Oslo"
+    assert weather.calls == [("Atlantis", 1), ("Oslo", 1)]  # bad calls never reach the function
+    # The model was told each error, in the tool message it read.
+    inserted = [tk.Tokenizer.o200k().decode_o200k(i["tokens"]) for i in trace.metadata["tool_inserts"]]
+    assert all('{"error": ' in text for text in inserted[:4]) and '"forecast": "sunny"' in inserted[4]
+    assert trace.final == "Done." and trace.metadata["stop_reason"] == "return"
+
+
+def test_tool_budget_and_budget_cut(model):
+    weather = Weather()
+    loop = ScriptedModel(model, call('{"city": "Rome"}') * 5)
+    trace = chat(loop, "Weather?", tools=[weather.get_weather], temperature=0.0, max_tool_calls=2)
+    assert len(weather.calls) == 2 and trace.metadata["stop_reason"] == "tool_limit"
+    assert any("more than 2 tool calls" in e for e in trace.parse_errors)
+    # A generation cut by the budget keeps its raw tokens and says what was left open.
+    cut = chat(ScriptedModel(model, "<|channel|>final<|message|>The answer is four<|return|>"), "2+2?",
+               temperature=0.0, max_new_tokens=6)  # fmt: skip
+    assert len(cut.tokens) == 6 and cut.metadata["stop_reason"] == "length"
+    assert cut.final == "The answer is" and cut.messages[-1]["complete"] is False
+    assert any("ended before the message was closed" in e for e in cut.parse_errors)
+
+
+def test_streaming_and_early_stop(model):
+    script = "<|channel|>analysis<|message|>one two three four five six<|end|>"
+    seen = []
+    stream = chat(ScriptedModel(model, script), "Count.", temperature=0.0, stream=True, on_token=seen.append)
+    events = []
+    for event in stream:
+        events.append(event)
+        if len(events) == 5:
+            break
+    stream.close()
+    trace = stream.trace
+    assert [e.token for e in events] == trace.tokens and len(seen) == 5
+    assert [e.channel for e in events] == trace.channels == ["", "", "", "analysis", "analysis"]
+    assert trace.metadata["stop_reason"] == "interrupted" and trace.router_indices.shape[0] == 5
+    assert trace.analysis == "one two" and events[3].text == "one"
+    torch.testing.assert_close(
+        events[4].record["router_indices"], trace.router_indices[4].to(events[4].record["router_indices"].device)
+    )
+
+
+def test_compact_vocabulary_model_chats_in_o200k_ids():
+    tok = tk.Tokenizer.o200k()
+    words = "<|channel|>final<|message|>Hi there<|return|> analysis commentary What is 2+2?"
+    keep = set(tok.encode(words)) | {tk.START, tk.END, tk.MESSAGE, tk.CHANNEL, tk.CALL, tk.CONSTRAIN}
+    o200k_ids = sorted(keep) + [i for i in range(100, 1000) if i not in keep][: 512 - len(keep)]
+    small = ossscope.random_model("tiny", seed=4, device="cpu")
+    small.vocab_map, small.unknown_id = o200k_ids, o200k_ids.index(100)
+    scripted = ScriptedModel(small, "")
+    scripted.script = small.tokenizer.encode("<|channel|>final<|message|>Hi there<|return|>")  # model ids
+    trace = chat(scripted, "What is 2+2?", temperature=0.0)
+    assert trace.final == "Hi there" and trace.tokens == tok.encode("<|channel|>final<|message|>Hi there<|return|>")
+    assert trace.metadata["prompt_tokens_outside_vocab"] > 0  # the system message's words are mostly unknown
+    with pytest.raises(ValueError, match="vocab_map"):
+        ossscope.random_model("tiny", seed=4, device="cpu").chat("hi")
