@@ -57,9 +57,7 @@ def _docstring_parts(fn: Callable) -> tuple[str, dict[str, str]]:
         if re.fullmatch(r"(Args|Arguments|Parameters|Params)\s*:", stripped):
             section, current = "args", None
             continue
-        if re.fullmatch(r"(Returns?|Raises|Yields|Examples?|Notes?)\s*:", stripped) or stripped.startswith(
-            ":"
-        ):
+        if re.fullmatch(r"(Returns?|Raises|Yields|Examples?|Notes?)\s*:", stripped) or stripped.startswith(":"):
             section, current = "other", None
             continue
         if section == "args":
@@ -220,9 +218,7 @@ def as_tools(tools: Iterable[Any] | None) -> list[Tool]:
         if isinstance(item, Tool):
             out.append(item)
         elif isinstance(item, dict):
-            out.append(
-                Tool(item["name"], item.get("description", ""), item.get("parameters"), item.get("fn"))
-            )
+            out.append(Tool(item["name"], item.get("description", ""), item.get("parameters"), item.get("fn")))
         elif hasattr(item, "name") and hasattr(item, "description") and not callable(item):
             out.append(Tool(item.name, item.description, getattr(item, "parameters", None)))
         elif callable(item):
@@ -263,11 +259,7 @@ def _check_value(schema: dict[str, Any], value: Any) -> list[str]:
     if "enum" in schema and value not in schema["enum"]:
         return [f"{value!r} is not one of {schema['enum']}"]
     if "anyOf" in schema:
-        return (
-            []
-            if any(not _check_value(s, value) for s in schema["anyOf"])
-            else [f"{value!r} matches no option"]
-        )
+        return [] if any(not _check_value(s, value) for s in schema["anyOf"]) else [f"{value!r} matches no option"]
     kind = schema.get("type")
     checks = {
         "string": lambda v: isinstance(v, str),
@@ -397,9 +389,7 @@ def render_prompt(
             dev = dev.with_function_tools([t.to_harmony() for t in tool_list])
         head.append(Message.from_role_and_content(Role.DEVELOPER, dev))
 
-    tokens = enc.render_conversation_for_completion(
-        Conversation.from_messages(head + conversation), Role.ASSISTANT
-    )
+    tokens = enc.render_conversation_for_completion(Conversation.from_messages(head + conversation), Role.ASSISTANT)
     if response_format:
         tokens = _add_response_format(tokens, response_format_text(response_format))
     return list(tokens)
@@ -546,9 +536,7 @@ class HarmonyStreamParser:
             if token == tk.START:
                 self._begin_header(None, i)
             elif token == tk.CHANNEL:
-                self.errors.append(
-                    f"token {i}: <|channel|> without <|start|>; read as a new assistant message"
-                )
+                self.errors.append(f"token {i}: <|channel|> without <|start|>; read as a new assistant message")
                 self._begin_header("assistant", i)
                 self._header.append(token)
             elif special:
@@ -623,9 +611,7 @@ class HarmonyStreamParser:
         return self._open.get("recipient") if self._state == "content" and self._open else None
 
 
-def parse_completion(
-    tokens: Sequence[int], role: str | None = "assistant"
-) -> tuple[list[dict], list[str], list[str]]:
+def parse_completion(tokens: Sequence[int], role: str | None = "assistant") -> tuple[list[dict], list[str], list[str]]:
     """Parse a whole completion: (messages, per-token channel labels, errors). Never raises."""
     parser = HarmonyStreamParser(role=role)
     labels = parser.feed_all(tokens)

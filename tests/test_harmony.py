@@ -47,9 +47,7 @@ def get_weather(city: str, unit: Unit = Unit.C, days: int = 1, detail: bool | No
     return f"{city}: sunny, 21 {unit.value} for {days} day(s)"
 
 
-def lookup(
-    tags: list[str], mode: Literal["any", "all"], where: Place, note: Annotated[str, "free text"] = "x"
-):
+def lookup(tags: list[str], mode: Literal["any", "all"], where: Place, note: Annotated[str, "free text"] = "x"):
     """Look things up.
 
     :param tags: Tags to match.

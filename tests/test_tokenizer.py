@@ -111,9 +111,7 @@ def test_tokenizer_for_model_reads_vocab_map():
     fake = SimpleNamespace(vocab_map={"o200k_ids": [tk.START, tk.RETURN, 1000], "unknown_id": 2})
     tok = tk.Tokenizer.for_model(fake)
     assert tok.to_model([tk.RETURN, tk.CALL]) == [1, 2]
-    assert tk.Tokenizer.for_model(SimpleNamespace(vocab_map=[tk.START, 5], unknown_id=1)).to_model(
-        [7]
-    ) == [1]
+    assert tk.Tokenizer.for_model(SimpleNamespace(vocab_map=[tk.START, 5], unknown_id=1)).to_model([7]) == [1]
     assert not tk.Tokenizer.for_model(SimpleNamespace(vocab_map=None)).is_compact
     with pytest.raises(ValueError, match="unknown_id"):
         tk.Tokenizer([1, 2, 3])
