@@ -1,0 +1,146 @@
+"""The exported HTML in real headless Chromium (Debian's /usr/bin/chromium driven by playwright), with every
+network request blocked and recorded: it renders with no script errors, a click on a token updates its panel,
+injected markup does not run, and the JavaScript metrics agree with Python's."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import ossscope.widgets as W
+import pytest
+from _widget_fixtures import EVIL, synthetic_trace
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no Chromium at {CHROMIUM}"),
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        chromium = pw.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+        )
+        yield chromium
+        chromium.close()
+
+
+class OfflinePage:
+    """A page that may load only `allowed_prefix` URLs; everything else is aborted and recorded."""
+
+    def __init__(self, browser, allowed_prefix: str, viewport=(1400, 900)):
+        self.context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]})
+        self.blocked: list[str] = []
+        self.errors: list[str] = []
+        self.context.route("**/*", self._route)
+        self.page = self.context.new_page()
+        self.page.on("pageerror", lambda exc: self.errors.append(f"pageerror: {exc}"))
+        self.page.on("console", lambda msg: msg.type == "error" and self.errors.append(f"console: {msg.text}"))
+        self.page.on("request", self._request)
+        self.allowed_prefix = allowed_prefix
+
+    def _request(self, request) -> None:
+        if not request.url.startswith(self.allowed_prefix) and not request.url.startswith("data:"):
+            self.blocked.append(request.url)
+
+    def _route(self, route) -> None:
+        if route.request.url.startswith(self.allowed_prefix):
+            route.continue_()
+        else:
+            self.blocked.append(route.request.url)
+            route.abort()
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def offline(browser):
+    pages = []
+
+    def open_file(path: Path, **kwargs) -> OfflinePage:
+        url = path.resolve().as_uri()
+        page = OfflinePage(browser, url, **kwargs)
+        pages.append(page)
+        page.page.goto(url)
+        page.page.wait_for_selector(".oss-scope .oss-tok")
+        return page
+
+    yield open_file
+    for page in pages:
+        page.close()
+
+
+def test_export_renders_offline_and_injected_markup_stays_text(offline, tmp_path):
+    trace = synthetic_trace(T=40, user_text=EVIL, evil_token=True)
+    trace.final = EVIL
+    view = offline(trace.to_html(tmp_path / "evil.html"))
+    page = view.page
+    assert page.locator(".oss-tok").count() == 40
+    assert page.evaluate("window.__pwned") is None  # the onerror handler never ran
+    assert page.locator(".oss-scope img").count() == 0
+    text = page.inner_text(".oss-convo")
+    assert '<img src=x onerror="window.__pwned=1">' in text  # shown literally instead
+    for tab in ("router", "attention", "lens", "reasoning"):
+        page.click(f".oss-tab[data-tab='{tab}']")
+        assert page.locator(f".oss-tab.active[data-tab='{tab}']").count() == 1
+    assert view.errors == [] and view.blocked == []
+
+
+def test_click_on_a_token_updates_its_panel(offline, tmp_path):
+    trace = synthetic_trace(T=30, L=4, E=8, k=2, H=4)
+    page = offline(trace.to_html(tmp_path / "t.html")).page
+    assert page.locator(".oss-panel-title[data-token]").count() == 0
+    page.click(".oss-tok[data-t='7']")
+    page.mouse.move(0, 0)  # leave the tokens: the panel shows the pinned token, not the hovered one
+    title = page.locator(".oss-panel-title[data-token]")
+    assert title.get_attribute("data-token") == "7" and "Token 7 (pinned)" in title.inner_text()
+    assert page.inner_text(".oss-token-big") == trace.token_texts[7]
+    assert page.locator(".oss-router-row").count() == 4
+    labels = page.locator(".oss-router-row").nth(2).locator(".oss-expert-label").all_inner_texts()
+    order = trace.router_weights[7, 2].argsort(descending=True).tolist()
+    assert [label.split()[0] for label in labels] == [f"E{int(trace.router_indices[7, 2, j])}" for j in order]
+    page.hover(".oss-tok[data-t='12']")  # hovering previews another token
+    assert page.locator(".oss-panel-title").get_attribute("data-token") == "12"
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "export_reasoning.png"), full_page=True)
+
+
+def test_metric_and_layer_choices_match_python(offline, tmp_path):
+    trace = synthetic_trace(T=25, L=3, E=8, k=4, H=6, seed=4)
+    page = offline(trace.to_html(tmp_path / "m.html")).page
+    for metric, layer in (("entropy", "1"), ("sink", "all"), ("expert", "2"), ("sink", "0")):
+        page.select_option("select[aria-label='Color by']", metric)
+        page.select_option("select[aria-label='Layer']", layer)
+        values = page.evaluate("window.__ossscopeViews[window.__ossscopeViews.length - 1].metricValues()")
+        expected = W.token_metric(trace, metric, None if layer == "all" else int(layer)).tolist()
+        assert values == pytest.approx(expected, abs=0.01), (metric, layer)
+    page.select_option("select[aria-label='Channel']", "final")
+    visible = page.locator(".oss-tok:not(.oss-hidden)").count()
+    assert visible == trace.channels.count("final")
+
+
+def test_a_1000_token_gpt_oss_20b_trace_opens_quickly(offline, tmp_path):
+    from test_export import gpt_oss_20b_trace
+
+    trace = gpt_oss_20b_trace()
+    path = trace.to_html(tmp_path / "20b.html")
+    started = time.perf_counter()
+    view = offline(path)
+    loaded = time.perf_counter() - started
+    page = view.page
+    page.click(".oss-tok[data-t='500']")
+    for tab in ("router", "attention"):
+        page.click(f".oss-tab[data-tab='{tab}']")
+        page.wait_for_selector(".oss-main canvas")
+    print(f"\n1,000-token gpt-oss-20b-shaped export: {path.stat().st_size / 1e6:.2f} MB, opened in {loaded:.2f} s")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "export_20b_attention.png"))
+    assert view.errors == [] and view.blocked == [] and loaded < 15
