@@ -194,15 +194,22 @@ def _check_inputs(q, k, v, sinks, q_pos, k_pos, window):
 def attention_prefill(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, q_pos: torch.Tensor,
     k_pos: torch.Tensor, window: int | None, *, block_m: int = 64, block_n: int = 64,
+    out: torch.Tensor | None = None, sink_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flash attention with sinks: q [B, Tq, H, Dh], k/v [B, Tk, Hkv, Dh] -> z [B, Tq, H, Dh], sink_mass [B, H, Tq].
 
     Positions are arbitrary (a ring-buffer cache works), but sorted positions let the kernel skip key blocks.
+    `out` [B, Tq, H, Dh] (last dimension contiguous) and `sink_out` (contiguous fp32 [B, H, Tq]) are optional
+    destinations.
     """
     B, Tq, H, Dh, Hkv = _check_inputs(q, k, v, sinks, q_pos, k_pos, window)
     Tk = k.shape[1]
-    z = torch.empty(B, Tq, H, Dh, device=q.device, dtype=q.dtype)
-    sink_mass = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
+    z = out if out is not None else torch.empty(B, Tq, H, Dh, device=q.device, dtype=q.dtype)
+    check(tuple(z.shape) == (B, Tq, H, Dh) and z.stride(-1) == 1,
+          f"out must be [{B}, {Tq}, {H}, {Dh}] with a contiguous last dimension")
+    sink_mass = sink_out if sink_out is not None else torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
+    check(tuple(sink_mass.shape) == (B, H, Tq) and sink_mass.dtype == torch.float32 and sink_mass.is_contiguous(),
+          f"sink_out must be a contiguous fp32 [{B}, {H}, {Tq}]")
     if B * Tq * H == 0:
         return z, sink_mass
     # Each key block's position range, so programs skip blocks no query of theirs can see.

@@ -75,7 +75,8 @@ def add_rms_norm(
     D = x.shape[-1]
     check(tuple(scale.shape) == (D,), f"scale must be [{D}], got {tuple(scale.shape)}")
     check(delta.shape == x.shape, f"delta {tuple(delta.shape)} must match x {tuple(x.shape)}")
-    check(extra is None or tuple(extra.shape) == (D,), f"extra must be [{D}], got {tuple(extra.shape)}")
+    if extra is not None:
+        check(tuple(extra.shape) == (D,), f"extra must be [{D}], got {tuple(extra.shape)}")
     xf, df = _rows("x", x, D), _rows("delta", delta, D)
     residual_out = residual_out if residual_out is not None else torch.empty_like(x)
     out = out if out is not None else torch.empty_like(x)

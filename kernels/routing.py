@@ -36,7 +36,7 @@ def _route_kernel(
         chosen = tl.where(kcol[None, :] == j, pick[:, None], chosen)
         values = tl.where(kcol[None, :] == j, best[:, None], values)
         logits = tl.where(cols[None, :] == pick[:, None], float("-inf"), logits)
-    top = tl.max(values, axis=1)  # the first choice's logit
+    top = tl.where(rmask, tl.max(values, axis=1), 0.0)  # the first choice's logit (rows past N: all -inf)
     p = tl.exp(values - top[:, None])  # padding columns hold -inf -> 0
     weights = p / tl.sum(p, axis=1)[:, None]
     kmask = rmask[:, None] & (kcol[None, :] < K_ACT)

@@ -1,0 +1,287 @@
+"""The fast GPU path: Triton kernels inside the model's forward, and a CUDA-graph decoder that keeps recording.
+
+- `use_kernels(model)` swaps every block's `attention_fn` / `experts_fn` for `ossscope.kernels` (hooks, ablation
+  and steering keep working: they live in the model's own forward).
+- `prefill(model, ids, cache)` runs a prompt and unembeds only its last position (a 8k prompt would otherwise
+  make 3.3 GB of logits for the 20b vocabulary).
+- `GraphDecoder(model, cache)` replays one CUDA graph per decode step. Inside the graph the kernels write the
+  router's choices and weights, each head's sink mass, optionally the attention pattern and chosen residual
+  hooks, into static buffers. Ablation masks and steering vectors are read from buffers inside the graph, so
+  changing them needs no re-capture.
+- `enable(model)` does all of it for `generate`/`chat`: kernels on, and `model.step_fn` = a `FastStep`, which
+  replays the graph for one-token steps and falls back to the (kernel) forward for anything else.
+
+Python hook functions cannot run inside a graph: one-token steps asking for hooks other than the router,
+sink and residual ones take the eager path (still on the kernels).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .cache import KVCache
+
+RESIDUAL_HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
+_RESIDUAL_NAME = re.compile(r"^blocks\.(\d+)\.(" + "|".join(RESIDUAL_HOOKS) + r")$")
+_RECORD_NAME = re.compile(r"^blocks\.(\d+)\.(mlp\.hook_topk_indices|mlp\.hook_topk_weights|attn\.hook_sink)$")
+
+
+def _kernels():
+    from ossscope import kernels  # imports triton: only when the fast path is asked for
+
+    return kernels
+
+
+def use_kernels(model: Any, enable: bool = True) -> Any:
+    """Route `model`'s attention and expert computations through the Triton kernels (or back to torch).
+
+    The model must be on a CUDA device (or Triton must run in its interpreter, TRITON_INTERPRET=1).
+    Returns the model.
+    """
+    if enable:
+        kernels = _kernels()
+        from ossscope.kernels._common import interpreting
+
+        if model.device.type != "cuda" and not interpreting():
+            raise ValueError(f"the Triton kernels need the model on a CUDA device; it is on {model.device}")
+        for block in model.blocks:
+            block.attn.attention_fn = kernels.attention
+            block.mlp.experts_fn = kernels.moe_experts
+    else:
+        for block in model.blocks:
+            block.attn.attention_fn = ops.attention
+            block.mlp.experts_fn = ops.moe_experts
+    model.kernels_enabled = enable
+    return model
+
+
+@torch.no_grad()
+def prefill(model: Any, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    """Run `input_ids` [B, T] (continuing `cache` if given) and return the last position's logits [B, V].
+
+    The same computation as `model(input_ids, cache)[:, -1]`, minus the unembedding of the other positions.
+    """
+    input_ids = model._check_input_ids(input_ids)
+    B, T = input_ids.shape
+    start = 0
+    if cache is not None:
+        cache.check_room(B, T)
+        start = cache.length
+    positions = torch.arange(start, start + T, device=input_ids.device)
+    freqs = positions.float()[:, None] * model.rope_inv_freq[None, :]
+    cos, sin = freqs.cos() * model.rope_concentration, freqs.sin() * model.rope_concentration
+    x = model.hook_embed(model.embed(input_ids))
+    for layer, block in enumerate(model.blocks):
+        x = block(x, positions, cos, sin, cache.layers[layer] if cache is not None else None)
+    logits = model.unembed(model.ln_final(x[:, -1:]))[:, 0]  # [B, V]
+    if cache is not None:
+        cache.advance(T)
+    return logits
+
+
+class GraphDecoder:
+    """One-token decode steps over `cache`, replayed from a CUDA graph, recording into static buffers.
+
+    After each `step(tokens)`:
+      router_indices [L, B, k] int64, router_weights [L, B, k] fp32 (after zero-ablation), sink [L, B, H] fp32;
+      patterns[l] [B, H, S_l] fp32 if `pattern` (over the cache slots of layer l; `cache.layers[l].pos` gives
+      each slot's position, -1 for empty); captured[name] [B, D] for residual hook names in `capture`
+      (blocks.{l}.hook_resid_pre | hook_attn_out | hook_resid_mid | hook_mlp_out | hook_resid_post).
+    These buffers (and the returned logits) are overwritten by the next step: clone what you keep.
+
+    `graph=False` runs the same step eagerly (no capture): for debugging, and for the CPU interpreter tests.
+    """
+
+    def __init__(
+        self, model: Any, cache: KVCache, *, capture: Sequence[str] = (), pattern: bool = False, graph: bool = True
+    ) -> None:
+        self.kernels = _kernels()
+        cfg = model.config
+        if cache.config != cfg:
+            raise ValueError("the cache was made for a different model config")
+        if graph and model.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device; it is on {model.device}")
+        self.model, self.cache, self.graph = model, cache, graph
+        B, L, k, H, D = cache.batch_size, cfg.num_hidden_layers, cfg.experts_per_token, cfg.num_attention_heads, \
+            cfg.hidden_size
+        dev = model.device
+        self.batch = B
+        self.tokens = torch.zeros(B, dtype=torch.long, device=dev)
+        self.position = torch.zeros(1, dtype=torch.long, device=dev)
+        self.router_indices = torch.zeros(L, B, k, dtype=torch.long, device=dev)
+        self.router_weights = torch.zeros(L, B, k, dtype=torch.float32, device=dev)
+        self.sink = torch.zeros(L, B, H, dtype=torch.float32, device=dev)
+        self.patterns = [torch.zeros(B, H, lc.slots, device=dev) for lc in cache.layers] if pattern else None
+        self.captured: dict[str, torch.Tensor] = {}
+        self._keep_at: dict[tuple[int, str], torch.Tensor] = {}
+        for name in capture:
+            match = _RESIDUAL_NAME.match(name)
+            if not match or int(match.group(1)) >= L:
+                raise ValueError(f"GraphDecoder can capture residual hooks blocks.{{0..{L - 1}}}.{{"
+                                 f"{', '.join(RESIDUAL_HOOKS)}}}; got {name!r}")
+            self.captured[name] = torch.zeros(B, D, dtype=model.dtype, device=dev)
+            self._keep_at[(int(match.group(1)), match.group(2))] = self.captured[name]
+        self.steering = torch.zeros(L, D, dtype=model.dtype, device=dev)  # graph input: one vector per layer
+        self._steering_src: list[torch.Tensor | None] = [None] * L
+        rings = {lc.slots for lc in cache.layers if lc.ring}
+        self._ring_slots = rings.pop() if rings else 1
+        self.logits: torch.Tensor | None = None
+        self._graph: torch.cuda.CUDAGraph | None = None
+        if graph:
+            self._capture()
+
+    # -- the step ------------------------------------------------------------------------------------------
+    def _keep(self, layer: int, hook: str, x: torch.Tensor) -> None:
+        buffer = self._keep_at.get((layer, hook))
+        if buffer is not None:
+            buffer.copy_(x)
+
+    def _body(self) -> torch.Tensor:
+        """One decode step from the static inputs (tokens, position) to logits [B, V]; capturable."""
+        kn, m, cfg, B = self.kernels, self.model, self.model.config, self.batch
+        H, Hkv, k, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.experts_per_token, cfg.rms_norm_eps
+        pos = self.position  # [1]
+        freqs = pos.float()[:, None] * m.rope_inv_freq[None, :]  # [1, Dh/2]
+        cos = (freqs.cos() * m.rope_concentration).contiguous()
+        sin = (freqs.sin() * m.rope_concentration).contiguous()
+        ring_slot = torch.remainder(pos, self._ring_slots)
+        x = F.embedding(self.tokens, m.embed.weight)  # [B, D]
+        h = kn.rms_norm(x, m.blocks[0].attn.norm.scale, eps)
+        for layer, block in enumerate(m.blocks):
+            attn, mlp, lc = block.attn, block.mlp, self.cache.layers[layer]
+            self._keep(layer, "hook_resid_pre", x)
+            qkv = F.linear(h, attn.qkv.weight, attn.qkv.bias)  # [B, (H + 2 Hkv) Dh]
+            q, _, _ = kn.qkv_rope(qkv.view(B, 1, -1), cos, sin, H, Hkv, k_dst=lc.k, v_dst=lc.v,
+                                  slots=ring_slot if lc.ring else pos, positions=pos, k_pos_dst=lc.pos)
+            z, _, _ = kn.attention_decode(
+                q, lc.k, lc.v, attn.sinks, pos, lc.pos, attn.window, need_pattern=self.patterns is not None,
+                sink_out=self.sink[layer], pattern_out=self.patterns[layer] if self.patterns is not None else None)
+            attn_out = F.linear(z.view(B, -1), attn.out.weight, attn.out.bias)  # [B, D]
+            self._keep(layer, "hook_attn_out", attn_out)
+            x, h = kn.add_rms_norm(x, attn_out, mlp.norm.scale, eps)
+            self._keep(layer, "hook_resid_mid", x)
+            router_logits = F.linear(h, mlp.gate.weight, mlp.gate.bias)  # [B, E]
+            indices, weights = kn.route(router_logits, k, mlp.reroute_mask, mlp.zero_mask,
+                                        out=(self.router_indices[layer], self.router_weights[layer]))
+            y = kn.moe_experts(h, indices, weights, mlp.mlp1_blocks, mlp.mlp1_scales, mlp.mlp1_bias,
+                               mlp.mlp2_blocks, mlp.mlp2_scales, mlp.mlp2_bias, cfg.swiglu_limit, cfg.swiglu_alpha)
+            self._keep(layer, "hook_mlp_out", y)
+            next_norm = m.blocks[layer + 1].attn.norm if layer + 1 < len(m.blocks) else m.ln_final
+            x, h = kn.add_rms_norm(x, y, next_norm.scale, eps, extra=self.steering[layer])
+            self._keep(layer, "hook_resid_post", x)
+        return F.linear(h, m.unembed.weight)  # [B, V]
+
+    def _slots_at(self, position: int) -> list[tuple[Any, int]]:
+        return [(lc, position % lc.slots if lc.ring else position) for lc in self.cache.layers]
+
+    def _capture(self) -> None:
+        cache = self.cache
+        cache.check_room(self.batch, 1)
+        # The warm-up step really runs and writes one cache slot per layer: put those slots back afterwards.
+        saved = [(lc, s, lc.k[:, s].clone(), lc.v[:, s].clone(), lc.pos[s].clone()) for lc, s in
+                 self._slots_at(cache.length)]
+        self.position.fill_(cache.length)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._body()  # compiles the kernels, picks cuBLAS algorithms
+        torch.cuda.current_stream().wait_stream(stream)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self.logits = self._body()
+        for lc, s, k, v, p in saved:
+            lc.k[:, s], lc.v[:, s], lc.pos[s] = k, v, p
+
+    def _sync_steering(self) -> None:
+        for layer, block in enumerate(self.model.blocks):
+            vector = block.steering_vector
+            if vector is not self._steering_src[layer]:
+                if vector is None:
+                    self.steering[layer].zero_()
+                else:
+                    self.steering[layer].copy_(vector)
+                self._steering_src[layer] = vector
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per sequence (tokens [B] or [B, 1], model ids); returns logits [B, V] (static)."""
+        tokens = torch.as_tensor(tokens, device=self.tokens.device).reshape(-1)
+        if tokens.shape[0] != self.batch:
+            raise ValueError(f"this decoder steps a batch of {self.batch}, got {tokens.shape[0]} tokens")
+        self.cache.check_room(self.batch, 1)
+        self.tokens.copy_(tokens)
+        self.position.fill_(self.cache.length)
+        self._sync_steering()
+        if self._graph is not None:
+            self._graph.replay()
+        else:
+            self.logits = self._body()
+        for lc in self.cache.layers:
+            lc.filled = min(lc.slots, lc.filled + 1)
+        self.cache.advance(1)
+        return self.logits
+
+    def kept(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The last step's tensors for hook `names` in `forward_and_capture`'s layout ([B, 1, ...]), copied."""
+        indices, weights, sink = self.router_indices.clone(), self.router_weights.clone(), self.sink.clone()
+        out = {}
+        for name in names:
+            if name in self.captured:
+                out[name] = self.captured[name].clone().unsqueeze(1)
+                continue
+            match = _RECORD_NAME.match(name)
+            if not match:
+                raise KeyError(f"{name!r} is not recorded by this GraphDecoder")
+            layer, what = int(match.group(1)), match.group(2)
+            source = {"mlp.hook_topk_indices": indices, "mlp.hook_topk_weights": weights, "attn.hook_sink": sink}
+            out[name] = source[what][layer].unsqueeze(1)
+        return out
+
+    @staticmethod
+    def supports(names: Sequence[str]) -> bool:
+        """Whether a one-token step recording `names` can run in the graph."""
+        return all(_RECORD_NAME.match(n) or _RESIDUAL_NAME.match(n) for n in names)
+
+
+class FastStep:
+    """A `step_fn` for `ossscope.generation`: graph replays for one-token steps, the kernel forward otherwise.
+
+    A GraphDecoder is captured for the cache in use (and the residual hooks asked for), and captured again
+    when either changes; hooks the graph cannot record fall back to the eager forward.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.decoder: GraphDecoder | None = None
+        self._key: tuple | None = None
+
+    def __call__(self, model: Any, input_ids: torch.Tensor, cache: KVCache, names: Sequence[str]):
+        from .generation import forward_and_capture
+
+        one_token = input_ids.shape[1] == 1 and model.device.type == "cuda"
+        hooks_in_use = any(hook.active for hook in model.hook_dict.values())
+        if one_token and not hooks_in_use and GraphDecoder.supports(names):
+            residual = tuple(n for n in names if _RESIDUAL_NAME.match(n))
+            key = (id(cache), cache.batch_size, residual)
+            if self.decoder is None or self._key != key or self.decoder.cache is not cache:
+                self.decoder = None  # free the old graph's memory first
+                self.decoder = GraphDecoder(model, cache, capture=residual)
+                self._key = key
+            logits = self.decoder.step(input_ids[:, 0])
+            return logits.float(), self.decoder.kept(names)
+        if not names and not hooks_in_use:
+            return prefill(model, input_ids, cache).float(), {}
+        return forward_and_capture(model, input_ids, cache, names)
+
+
+def enable(model: Any) -> Any:
+    """Turn the whole fast path on for `model` (kernels in its forward, graph-replayed generation steps)."""
+    use_kernels(model, True)
+    model.step_fn = FastStep(model)
+    return model

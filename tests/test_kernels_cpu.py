@@ -1,0 +1,307 @@
+"""The Triton kernels against their torch twins, on CPU through Triton's interpreter (fp32/fp16 only).
+
+Triton decides when a function is decorated whether it is compiled or interpreted (its own library
+functions too), so this module sets TRITON_INTERPRET=1 before Triton and `ossscope.kernels` are imported,
+and imports both afresh if an earlier module imported them for compilation. On a machine with a GPU these
+tests are skipped: tests/test_kernels_gpu.py checks the compiled kernels there. Every check draws fresh
+random inputs, poisons the outputs first, and uses sizes that are not multiples of the kernels' blocks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+if torch.cuda.is_available():
+    pytest.skip("a GPU is present: tests/test_kernels_gpu.py checks the compiled kernels", allow_module_level=True)
+
+os.environ["TRITON_INTERPRET"] = "1"
+for _name in [m for m in sys.modules if m.startswith(("ossscope.kernels", "triton"))]:
+    del sys.modules[_name]  # decorate Triton's library and our kernels again, now for the interpreter
+pytest.importorskip("triton")
+kernels = importlib.import_module("ossscope.kernels")
+from ossscope.kernels.norm import add_rms_norm_reference  # noqa: E402
+from ossscope.kernels.routing import route_reference  # noqa: E402
+
+import ossscope  # noqa: E402
+from ossscope import fast, mxfp4, ops  # noqa: E402
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+
+
+# -- MXFP4 ---------------------------------------------------------------------------------------------------
+
+
+def test_dequantize_matches_reference_for_every_byte_and_many_scales():
+    blocks = torch.arange(256, dtype=torch.uint8).view(16, 16)  # every pair of nibbles
+    for scale in (100, 119, 126, 127, 128, 140, 200):
+        scales = torch.full((16,), scale, dtype=torch.uint8)
+        ours = kernels.dequantize(blocks, scales, torch.float32)
+        assert torch.equal(ours, mxfp4.dequantize(blocks, scales, torch.float32)), scale
+
+
+def test_dequantize_random_tensor(gen):
+    blocks, scales = mxfp4.random_packed((3, 7), 96, generator=gen)
+    ours = kernels.dequantize(blocks, scales, torch.float32)
+    assert torch.equal(ours, mxfp4.dequantize(blocks, scales, torch.float32))
+
+
+# -- routing -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("masks", ["none", "reroute", "zero", "both"])
+def test_route_matches_twin(gen, masks):
+    N, E, k = 37, 12, 3  # N spans three blocks of 16, E is not a power of two
+    logits = torch.randn(N, E, generator=gen)
+    reroute = torch.zeros(E, dtype=torch.bool)
+    reroute[torch.randperm(E, generator=gen)[:3]] = True
+    zero = torch.zeros(E, dtype=torch.bool)
+    zero[torch.randperm(E, generator=gen)[:4]] = True
+    r = reroute if masks in ("reroute", "both") else None
+    z = zero if masks in ("zero", "both") else None
+    indices = torch.full((N, k), -7, dtype=torch.int64)
+    weights = torch.full((N, k), float("nan"))
+    kernels.route(logits, k, r, z, out=(indices, weights))
+    ref_i, ref_w = route_reference(logits, k, r, z)
+    assert torch.equal(indices, ref_i)
+    torch.testing.assert_close(weights, ref_w, rtol=1e-6, atol=1e-7)
+    if r is not None:
+        assert not reroute[indices].any()
+    if z is not None:
+        assert (weights[zero[indices]] == 0).all() and weights.sum(-1).le(1 + 1e-6).all()
+
+
+def test_route_keeps_leading_dims_and_bf16_logits(gen):
+    logits = torch.randn(2, 5, 8, generator=gen).to(torch.bfloat16)
+    indices, weights = kernels.route(logits, 2)
+    ref_i, ref_w = route_reference(logits, 2)
+    assert indices.shape == (2, 5, 2) and torch.equal(indices, ref_i)
+    torch.testing.assert_close(weights, ref_w)
+
+
+# -- experts -------------------------------------------------------------------------------------------------
+
+
+def _experts(gen, E, D, I, dtype):
+    w1 = mxfp4.quantize(torch.randn(E, 2 * I, D, generator=gen) / D**0.5)
+    w2 = mxfp4.quantize(torch.randn(E, D, I, generator=gen) / I**0.5)
+    b1 = (torch.randn(E, 2 * I, generator=gen) * 0.1).to(dtype)
+    b2 = (torch.randn(E, D, generator=gen) * 0.1).to(dtype)
+    return (*w1, b1, *w2, b2)
+
+
+SMALL_BLOCKS = {"BLOCK_M": 16, "BLOCK_I": 32, "BLOCK_D": 32, "BLOCK_B": 32, "GROUPS": 2}
+
+
+@pytest.mark.parametrize("N", [1, 3, 13])  # 1 and 3 tokens take the streaming kernels, 13 the grouped GEMMs
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_moe_experts_matches_twin(gen, N, dtype):
+    E, D, I, k = 5, 96, 160, 2  # D/2 = 48 bytes and I = 160 are not multiples of the blocks
+    packed = _experts(gen, E, D, I, dtype)
+    x = torch.randn(N, D, generator=gen).to(dtype)
+    indices, weights = route_reference(torch.randn(N, E, generator=gen), k)
+    y = torch.full((N, D), float("nan"), dtype=dtype)
+    y, expert_out = kernels.moe_experts(x, indices, weights, *packed, 7.0, 1.702, per_expert=True, out=y,
+                                        blocks=SMALL_BLOCKS)
+    ref_packed = [t.float() if t.is_floating_point() else t for t in packed]
+    ref_y, ref_out = ops.moe_experts(x.float(), indices, weights, *ref_packed, 7.0, 1.702, per_expert=True)
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    assert rel(y, ref_y) < tol and rel(expert_out, ref_out) < tol
+
+
+def test_moe_swiglu_clamps_large_activations(gen):
+    E, D, I = 3, 64, 64
+    packed = _experts(gen, E, D, I, torch.float32)
+    x = torch.randn(20, D, generator=gen) * 30  # pushes gate/linear units far past the limit of 7
+    indices, weights = route_reference(torch.randn(20, E, generator=gen), 2)
+    y = kernels.moe_experts(x, indices, weights, *packed, blocks=SMALL_BLOCKS)
+    assert rel(y, ops.moe_experts(x, indices, weights, *packed)) < 1e-5
+
+
+def test_group_by_expert_layout(gen):
+    indices = torch.randint(0, 6, (11, 3), generator=gen)
+    row_slot, block_expert = kernels.group_by_expert(indices, 6, 4)
+    flat = indices.reshape(-1)
+    assert sorted(row_slot[row_slot >= 0].tolist()) == list(range(33))  # every slot exactly once
+    rows_expert = block_expert.repeat_interleave(4)
+    valid = row_slot >= 0
+    assert torch.equal(flat[row_slot[valid].long()], rows_expert[valid].long())
+
+
+# -- attention -----------------------------------------------------------------------------------------------
+
+
+def _qkv(gen, B, Tq, Tk, H, Hkv, Dh, dtype):
+    q = torch.randn(B, Tq, H, Dh, generator=gen).to(dtype)
+    k = torch.randn(B, Tk, Hkv, Dh, generator=gen).to(dtype)
+    v = torch.randn(B, Tk, Hkv, Dh, generator=gen).to(dtype)
+    return q, k, v, torch.randn(H, generator=gen)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_attention_prefill_matches_twin(gen, window, dtype):
+    B, T, H, Hkv, Dh = 2, 37, 4, 2, 16
+    q, k, v, sinks = _qkv(gen, B, T, T, H, Hkv, Dh, dtype)
+    pos = torch.arange(T)
+    z = torch.full((B, T, H, Dh), float("nan"), dtype=dtype)
+    sink = torch.full((B, H, T), float("nan"))
+    kernels.attention_prefill(q, k, v, sinks, pos, pos, window, block_m=16, block_n=16, out=z, sink_out=sink)
+    ref_z, ref_sink, _ = ops.attention(q.float(), k.float(), v.float(), sinks, pos, pos, window)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert rel(z, ref_z) < tol
+    torch.testing.assert_close(sink, ref_sink, rtol=tol, atol=tol)
+
+
+def test_attention_prefill_continues_a_ring_cache(gen):
+    """New queries after cached keys whose positions are scrambled and partly empty (a ring buffer)."""
+    B, Tq, Tk, H, Hkv, Dh = 1, 9, 30, 4, 1, 16
+    q, k, v, sinks = _qkv(gen, B, Tq, Tk, H, Hkv, Dh, torch.float32)
+    k_pos = torch.randperm(40, generator=gen)[:Tk]
+    k_pos[::4] = -1
+    q_pos = torch.arange(31, 31 + Tq)
+    for window in (None, 12):
+        z, sink = kernels.attention_prefill(q, k, v, sinks, q_pos, k_pos, window, block_m=16, block_n=16)
+        ref_z, ref_sink, _ = ops.attention(q, k, v, sinks, q_pos, k_pos, window)
+        assert rel(z, ref_z) < 1e-5
+        torch.testing.assert_close(sink, ref_sink)
+
+
+def test_attention_row_that_sees_nothing_gives_sink_one_and_zero_output(gen):
+    q, k, v, sinks = _qkv(gen, 1, 3, 5, 2, 1, 16, torch.float32)
+    k_pos = torch.tensor([7, 8, -1, 9, 10])  # every key is in the queries' future
+    q_pos = torch.tensor([0, 1, 2])
+    z, sink = kernels.attention_prefill(q, k, v, sinks, q_pos, k_pos, None, block_m=16, block_n=16)
+    assert torch.equal(z, torch.zeros_like(z)) and torch.equal(sink, torch.ones_like(sink))
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_attention_decode_matches_twin_with_pattern(gen, window):
+    B, Tk, H, Hkv, Dh = 2, 45, 8, 2, 16
+    q, k, v, sinks = _qkv(gen, B, 1, Tk, H, Hkv, Dh, torch.float32)
+    k_pos = torch.randperm(60, generator=gen)[:Tk]
+    k_pos[::5] = -1
+    q_pos = torch.tensor([50])
+    z = torch.full((B, 1, H, Dh), float("nan"))
+    sink = torch.full((B, H), float("nan"))
+    pattern = torch.full((B, H, Tk), float("nan"))
+    _, sink_mass, pat = kernels.attention_decode(q, k, v, sinks, q_pos, k_pos, window, need_pattern=True,
+                                                 block_n=16, splits=3, out=z, sink_out=sink, pattern_out=pattern)
+    ref_z, ref_sink, ref_pat = ops.attention(q, k, v, sinks, q_pos, k_pos, window, need_pattern=True)
+    assert rel(z, ref_z) < 1e-5
+    torch.testing.assert_close(sink_mass, ref_sink)
+    torch.testing.assert_close(pat, ref_pat)
+    torch.testing.assert_close(pattern.sum(-1) + sink, torch.ones(B, H))
+
+
+def test_attention_dispatch_matches_twin(gen):
+    q, k, v, sinks = _qkv(gen, 1, 1, 20, 4, 2, 16, torch.float16)
+    pos = torch.arange(20)
+    z, sink, pattern = kernels.attention(q, k, v, sinks, pos[-1:], pos, None)
+    ref_z, ref_sink, _ = ops.attention(q.float(), k.float(), v.float(), sinks, pos[-1:], pos, None)
+    assert pattern is None and rel(z, ref_z) < 2e-3
+    torch.testing.assert_close(sink, ref_sink, rtol=1e-3, atol=1e-3)
+
+
+# -- norm and RoPE -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rms_norm_and_fused_residual_add(gen, dtype):
+    x = torch.randn(5, 3, 72, generator=gen).to(dtype)  # 72 is not a power of two
+    delta = torch.randn(5, 3, 72, generator=gen).to(dtype)
+    scale = torch.randn(72, generator=gen)
+    extra = torch.randn(72, generator=gen).to(dtype)
+    out = torch.full_like(x, float("nan"))
+    kernels.rms_norm(x, scale, 1e-5, out=out)
+    torch.testing.assert_close(out, ops.rms_norm(x, scale, 1e-5))
+    for steer in (None, extra):
+        residual, normed = kernels.add_rms_norm(x, delta, scale, 1e-5, steer)
+        ref_residual, ref_normed = add_rms_norm_reference(x, delta, scale, 1e-5, steer)
+        assert torch.equal(residual, ref_residual)
+        torch.testing.assert_close(normed, ref_normed)
+
+
+def test_qkv_rope_matches_twin_and_writes_cache_slots(gen):
+    cfg = ossscope.PRESETS["tiny"]
+    B, T, H, Hkv, Dh = 2, 3, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * Dh, generator=gen)
+    positions = torch.arange(9, 9 + T)
+    cos, sin = ops.rope_tables(cfg, positions)
+    q, k, v = kernels.qkv_rope(qkv, cos, sin, H, Hkv)
+    split = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
+    torch.testing.assert_close(q, ops.apply_rope(split[0].view(B, T, H, Dh), cos, sin))
+    torch.testing.assert_close(k, ops.apply_rope(split[1].view(B, T, Hkv, Dh), cos, sin))
+    assert torch.equal(v, split[2].view(B, T, Hkv, Dh))
+    k_cache = torch.full((B, 8, Hkv, Dh), float("nan"))
+    v_cache = torch.full((B, 8, Hkv, Dh), float("nan"))
+    k_pos = torch.full((8,), -1)
+    slots = positions % 8
+    kernels.qkv_rope(qkv, cos, sin, H, Hkv, k_dst=k_cache, v_dst=v_cache, slots=slots, positions=positions,
+                     k_pos_dst=k_pos)
+    torch.testing.assert_close(k_cache[:, slots], k)
+    assert torch.equal(v_cache[:, slots], v) and torch.equal(k_pos[slots], positions)
+    assert (k_pos >= 0).sum() == T
+
+
+# -- input checks ----------------------------------------------------------------------------------------------
+
+
+def test_wrappers_name_bad_inputs(gen):
+    E, D, I = 4, 64, 64
+    packed = _experts(gen, E, D, I, torch.float32)
+    x = torch.randn(2, D, generator=gen)
+    indices, weights = route_reference(torch.randn(2, E, generator=gen), 2)
+    with pytest.raises(ValueError, match="topk_weights must be"):
+        kernels.moe_experts(x, indices, weights[:, :1], *packed)
+    with pytest.raises(ValueError, match="mlp1 must be blocks"):
+        kernels.moe_experts(x, indices, weights, packed[0][:, :, :-1], *packed[1:])
+    with pytest.raises(ValueError, match="reroute_mask must be a bool"):
+        kernels.route(torch.randn(2, E), 2, torch.zeros(E))
+    q, k, v, sinks = _qkv(gen, 1, 2, 4, 4, 3, 16, torch.float32)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        kernels.attention_prefill(q, k, v, sinks, torch.arange(2), torch.arange(4), None)
+    q, k, v, sinks = _qkv(gen, 1, 2, 4, 4, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match="one query per sequence"):
+        kernels.attention_decode(q, k, v, sinks, torch.arange(2), torch.arange(4), None)
+
+
+# -- the model on the kernels ---------------------------------------------------------------------------------
+
+
+def test_model_on_kernels_and_eager_graph_step_match_torch_path():
+    cfg = ossscope.PRESETS["tiny"].replace(num_hidden_layers=2, sliding_window=4)
+    model = ossscope.random_model(cfg, seed=int(torch.randint(0, 1000, ())), device="cpu", dtype=torch.float32)
+    ids = torch.randint(0, cfg.vocab_size, (2, 6))
+    ref_cache, cache = model.new_cache(2, 16), model.new_cache(2, 16)
+    ref = model(ids, cache=ref_cache)
+    fast.use_kernels(model)
+    assert rel(model(ids, cache=cache), ref) < 1e-5
+    fast.use_kernels(model, False)
+    decoder = fast.GraphDecoder(model, cache, capture=["blocks.1.hook_resid_mid"], graph=False)
+    model.set_ablation({1: [0, 3]}, "reroute")
+    model.set_steering(0, torch.randn(cfg.hidden_size))
+    seen: dict[str, torch.Tensor] = {}
+    for _ in range(3):  # crosses the ring buffer's wrap (window 4)
+        token = torch.randint(0, cfg.vocab_size, (2, 1))
+        names = ["blocks.1.hook_resid_mid", "blocks.1.mlp.hook_topk_indices", "blocks.0.attn.hook_sink"]
+        with model.hooks([(n, lambda x, hook: seen.__setitem__(hook.name, x.clone())) for n in names]):
+            ref = model(token, cache=ref_cache)[:, -1]
+        assert rel(decoder.step(token[:, 0]), ref) < 1e-5
+        torch.testing.assert_close(decoder.captured["blocks.1.hook_resid_mid"], seen[names[0]][:, 0])
+        assert torch.equal(decoder.router_indices[1], seen[names[1]][:, 0])
+        assert not torch.isin(decoder.router_indices[1], torch.tensor([0, 3])).any()
+        torch.testing.assert_close(decoder.sink[0], seen[names[2]][..., 0])
+    assert cache.length == ref_cache.length == 9
