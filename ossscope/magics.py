@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import html
 import re
 import shlex
 import textwrap
@@ -30,7 +29,7 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import MagicArgumentParser
-from IPython.display import HTML, display
+from IPython.display import display
 
 MODEL_NAME = "oss_model"  # the notebook variable holding the current model
 TRACE_NAME = "_oss"  # the notebook variable holding the last trace
@@ -227,14 +226,24 @@ class OssMagics(Magics):
         if args.tools:
             options["tools"] = self._tools(args.tools)
 
-        live = LiveTokens(show=not args.no_show)
-        trace = model.chat(message, on_token=live.on_token, **options)
+        live = LiveDashboard(model, message, args.reasoning or "medium") if not args.no_show else None
+        stream = model.chat(message, stream=True, **options)
+        interrupted = False
+        try:
+            for event in stream:
+                if live is not None:
+                    live.add(event)
+        except KeyboardInterrupt:  # the kernel's stop button: keep what was generated so far
+            stream.close()
+            interrupted = True
+        trace = stream.trace
         self.shell.user_ns[TRACE_NAME] = trace
-        live.close()
-        if args.no_show:
-            print(_summary(trace))
+        if live is not None:
+            live.finish(trace)
         else:
-            _show(trace)
+            print(_summary(trace))
+        if interrupted:
+            print(f"interrupted after {len(trace.tokens)} tokens; the partial trace is in `{TRACE_NAME}`")
 
     def _tools(self, names: str) -> list[Callable]:
         tools = []
@@ -287,7 +296,10 @@ class OssMagics(Magics):
         print(describe_steering(model.active_steering))
 
     def _trace(self, args: argparse.Namespace, cell: str | None) -> None:
-        _show(self._last_trace())
+        from .model import Model
+
+        model = self.shell.user_ns.get(MODEL_NAME)
+        _show(self._last_trace(), model if isinstance(model, Model) else None)
 
     def _export(self, args: argparse.Namespace, cell: str | None) -> None:
         trace = self._last_trace()
@@ -313,7 +325,8 @@ def describe_steering(active: dict[int, Any]) -> str:
     """One line listing the steered layers with the norm of the vector added there."""
     if not active:
         return "no steering"
-    parts = [f"layer {layer} (|vector| = {vector.float().norm().item():.3g})" for layer, vector in sorted(active.items())]
+    parts = [f"layer {layer} (|vector| = {vector.float().norm().item():.3g})"
+             for layer, vector in sorted(active.items())]
     return "steering in the following chats: " + ", ".join(parts)
 
 
@@ -327,53 +340,45 @@ def _summary(trace: Any) -> str:
     return "\n".join(lines)
 
 
-def _show(trace: Any) -> None:
-    """Display the dashboard of a trace (ossscope.widgets)."""
-    view = trace.show()
-    if view is not None:
-        display(view)
+def _show(trace: Any, model: Any = None) -> None:
+    """Display the dashboard of a trace (ossscope.widgets.Lab), ready to run more when a model is given."""
+    from ossscope.widgets import show_trace
+
+    display(show_trace(trace, model=model))
 
 
-_CHANNEL_COLORS = {"analysis": "#7a7a7a", "commentary": "#8a5a00", "final": "#0b5394", "": "#b0b0b0"}
+class LiveDashboard:
+    """The trace views of a chat while it generates, redrawn from the streamed token events, then replaced in
+    place by the full dashboard of the finished trace.
 
-
-class LiveTokens:
-    """Shows the tokens of a chat as they arrive, colored by channel, in one display that updates in place.
-
-    Updates are throttled so a fast model does not flood the front end; `close()` removes the live view (the
-    dashboard of the finished trace replaces it).
+    Redraws are throttled (each one sends the whole partial trace to the front end).
     """
 
-    def __init__(self, show: bool = True, interval_s: float = 0.1):
-        self.show = show
+    def __init__(self, model: Any, message: str, reasoning: str, interval_s: float = 0.25):
+        from ossscope.widgets import LiveRecord, TraceView
+
+        c = model.config
+        self.model = model
+        self.title = "live: " + message[:40]
+        self.record = LiveRecord(message, reasoning, c.num_hidden_layers, c.experts_per_token,
+                                 c.num_attention_heads, c.num_experts, model.name)
+        self.view = TraceView(self.record.trace(), titles=[self.title])
+        self.handle = display(self.view, display_id=True)
         self.interval_s = interval_s
-        self.pieces: list[tuple[str, str]] = []  # (channel, text)
-        self._handle = display(HTML(""), display_id=True) if show else None
-        self._last = 0.0
+        self._last = time.monotonic()
 
-    def on_token(self, event: Any) -> None:
-        """Called by model.chat for every generated token (an event with .text and .channel)."""
-        text = getattr(event, "text", None)
-        if text is None and isinstance(event, dict):
-            text = event.get("text", "")
-        channel = getattr(event, "channel", None) if not isinstance(event, dict) else event.get("channel")
-        self.pieces.append((channel or "", text or ""))
+    def add(self, event: Any) -> None:
+        """Take one streamed TokenEvent; redraw if the last redraw is old enough."""
+        self.record.add(event)
         now = time.monotonic()
-        if self._handle is not None and now - self._last >= self.interval_s:
+        if now - self._last >= self.interval_s:
             self._last = now
-            self._handle.update(HTML(self.html()))
+            self.view.set_traces([self.record.trace()], titles=[self.title])
 
-    def html(self) -> str:
-        spans = "".join(
-            f'<span style="color:{_CHANNEL_COLORS.get(channel, "#000")}">{html.escape(text)}</span>'
-            for channel, text in self.pieces
-        )
-        return (f'<div style="font-family:monospace;white-space:pre-wrap">{spans}'
-                f'<span style="color:#999"> ({len(self.pieces)} tokens...)</span></div>')
+    def finish(self, trace: Any) -> None:
+        from ossscope.widgets import show_trace
 
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.update(HTML(""))
+        self.handle.update(show_trace(trace, model=self.model))
 
 
 def load_ipython_extension(ipython: Any) -> None:

@@ -234,3 +234,107 @@ def test_steer_errors_are_one_line(loaded):
     assert_one_line_error(ip, "%oss steer --clear 9", "layer 9 is out of range")
     assert_one_line_error(ip, "%oss steer one short", "invalid int value: 'one'")
     assert ip.user_ns["oss_model"].active_steering == {}
+
+
+# -- chat, trace, export ----------------------------------------------------------------------------------------
+
+
+def test_chat_cell_binds_the_trace_and_shows_the_dashboard(loaded):
+    ip = loaded
+    model = ip.user_ns["oss_model"]
+    out, err, outputs, result = run(ip, "%%oss chat --reasoning high --max-new-tokens 12 --temperature 0\n"
+                                        "What is 2+2?\n")
+    assert result.success, err
+    trace = ip.user_ns["_oss"]
+    assert isinstance(trace, ossscope.Trace)
+    assert trace.reasoning == "high" and 1 <= len(trace.tokens) <= 12
+    assert trace.router_indices.shape == (len(trace.tokens), 4, 2)
+    # Same tokens as calling chat directly with the same settings (greedy).
+    direct = model.chat("What is 2+2?", reasoning="high", max_new_tokens=12, temperature=0)
+    assert trace.tokens == direct.tokens and trace.prompt_tokens == direct.prompt_tokens
+    # The live view, then the dashboard put in its place (widget views, so the display is a widget mimebundle).
+    assert any("application/vnd.jupyter.widget-view+json" in o.data for o in outputs), outputs
+
+
+def test_chat_flags_reach_the_model(loaded):
+    ip = loaded
+    model = ip.user_ns["oss_model"]
+    run(ip, "%%oss chat --reasoning low --max-new-tokens 9 --temperature 0.8 --seed 5 --no-show\nHello there")
+    sampled = ip.user_ns["_oss"]
+    again = model.chat("Hello there", reasoning="low", max_new_tokens=9, temperature=0.8, seed=5)
+    assert sampled.tokens == again.tokens and sampled.reasoning == "low"
+    # The message can also follow the flags on the line.
+    out, err, _, result = run(ip, "%oss chat --max-new-tokens 3 --temperature 0 --no-show Hello there")
+    assert result.success, err
+    assert "final:" in out and len(ip.user_ns["_oss"].tokens) <= 3
+
+
+def test_chat_uses_the_active_ablation(loaded):
+    ip = loaded
+    model = ip.user_ns["oss_model"]
+    run(ip, "%oss ablate 0:0,1,2,3 1:4,5 --mode reroute")
+    run(ip, "%%oss chat --max-new-tokens 10 --temperature 0 --no-show\nWhat is 7 - 3?")
+    trace = ip.user_ns["_oss"]
+    assert not set(trace.router_indices[:, 0].flatten().tolist()) & {0, 1, 2, 3}
+    assert not set(trace.router_indices[:, 1].flatten().tolist()) & {4, 5}
+    run(ip, "%oss ablate --clear")
+    with model.ablate({0: [0, 1, 2, 3], 1: [4, 5]}):
+        reference = model.chat("What is 7 - 3?", max_new_tokens=10, temperature=0)
+    assert trace.tokens == reference.tokens
+
+
+def test_chat_tools_come_from_the_notebook(loaded):
+    ip = loaded
+    model = ip.user_ns["oss_model"]
+    ip.run_cell("def get_weather(city: str) -> str:\n    '''Weather in a city.'''\n    return 'sunny'\n")
+    run(ip, "%%oss chat --tools get_weather --max-new-tokens 6 --temperature 0 --no-show\nWeather in Paris?")
+    trace = ip.user_ns["_oss"]
+    # The tool is declared in the developer message, as chat(tools=[...]) renders it.
+    reference = model.chat("Weather in Paris?", tools=[ip.user_ns["get_weather"]], max_new_tokens=6, temperature=0)
+    assert trace.prompt_tokens == reference.prompt_tokens
+    text = model.tokenizer.decode_o200k(trace.prompt_tokens)
+    assert "get_weather" in text and "Weather in a city." in text
+
+
+def test_chat_errors_are_one_line(loaded):
+    ip = loaded
+    ip.user_ns["not_a_function"] = 3
+    assert_one_line_error(ip, "%%oss chat\n   \n", "no message")
+    assert_one_line_error(ip, "%%oss chat --tools nowhere\nhi", "no such function", "'nowhere'")
+    assert_one_line_error(ip, "%%oss chat --tools not_a_function\nhi", "not a function")
+    assert_one_line_error(ip, "%%oss chat --tools ,\nhi", "--tools needs function names")
+    assert_one_line_error(ip, "%%oss chat --reasoning extreme\nhi", "invalid choice: 'extreme'")
+    assert_one_line_error(ip, "%%oss chat --max-new-tokens many\nhi", "invalid int value: 'many'")
+    assert_one_line_error(ip, "%%oss chat --max-new-tokens -1\nhi", "must be >= 0")
+    assert_one_line_error(ip, "%%oss chat --temperature\nhi", "expected one argument")
+    assert_one_line_error(ip, "%%oss chat extra words\nhi", "either in the cell body or on the line")
+    assert "_oss" not in ip.user_ns
+
+
+def test_trace_and_export(loaded, tmp_path):
+    ip = loaded
+    run(ip, "%%oss chat --max-new-tokens 8 --temperature 0 --no-show\nSay <b>hi</b>")
+    trace = ip.user_ns["_oss"]
+    out, err, outputs, result = run(ip, "%oss trace")
+    assert result.success, err
+    assert any("application/vnd.jupyter.widget-view+json" in o.data for o in outputs)
+
+    target = tmp_path / "run.html"
+    out, err, _, result = run(ip, f"%oss export {target}")
+    assert result.success, err
+    assert target.is_file() and f"wrote {target}" in out
+    page = target.read_text()
+    assert page.lstrip().lower().startswith("<!doctype html") and "<b>hi</b>" not in page  # escaped
+    # The same file trace.to_html writes.
+    reference = trace.to_html(tmp_path / "reference.html").read_text()
+    assert len(page) == len(reference)
+
+
+def test_export_errors_are_one_line(loaded, tmp_path):
+    ip = loaded
+    run(ip, "%%oss chat --max-new-tokens 2 --temperature 0 --no-show\nhi")
+    assert_one_line_error(ip, f"%oss export {tmp_path / 'run.txt'}", "ending in .html")
+    assert_one_line_error(ip, f"%oss export {tmp_path / 'missing' / 'run.html'}", "does not exist")
+    assert_one_line_error(ip, "%oss export", "the following arguments are required: PATH.html")
+    ip.user_ns["_oss"] = "something else"
+    assert_one_line_error(ip, f"%oss export {tmp_path / 'run.html'}", "no trace yet")
