@@ -1,0 +1,156 @@
+"""The trainable twin computes the inference model's math; the checkpoint it writes loads back to the same logits."""
+
+import json
+
+import pytest
+import torch
+
+from ossscope.loading import load, write_checkpoint
+from ossscope.nano import eval as nano_eval
+from ossscope.nano import train
+from ossscope.nano.data import UNKNOWN_O200K_ID
+
+
+def _random_twin(seed: int = 0) -> train.NanoTwin:
+    config = train.nano_config(vocab_size=97, smoke=True)
+    twin = train.NanoTwin(config, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # move every parameter off its initial value, so no term hides behind a zero
+        for p in twin.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return twin.eval()
+
+
+def _vocab(n: int) -> dict:
+    return {"o200k_ids": list(range(1000, 1000 + n - 1)) + [UNKNOWN_O200K_ID], "unknown_id": n - 1}
+
+
+def test_checkpoint_loads_back_to_the_twins_logits(tmp_path):
+    twin = _random_twin()
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(7))  # longer than the window
+    with torch.no_grad():
+        before = twin(ids)
+        twin.round_to_checkpoint()
+        after = twin(ids)
+    assert (before - after).abs().max() > 1e-3  # rounding and MXFP4 change the logits...
+    write_checkpoint(train.to_model(twin, _vocab(97)), tmp_path)
+    model = load(tmp_path, device="cpu", dtype=torch.float32, progress=False)
+    assert model.vocab_map == _vocab(97)["o200k_ids"] and model.unknown_id == 96
+    with torch.no_grad():
+        loaded = model(ids)
+    torch.testing.assert_close(loaded, after, rtol=1e-5, atol=1e-5)  # ...and the checkpoint computes the twin
+
+
+def test_fake_quantize_is_mxfp4_forward_and_identity_backward():
+    from ossscope.mxfp4 import dequantize, quantize
+
+    w = torch.randn(6, 64, requires_grad=True)
+    q = train.fake_quantize(w)
+    torch.testing.assert_close(q, dequantize(*quantize(w.detach()), torch.float32))
+    (q * torch.arange(64.0)).sum().backward()
+    torch.testing.assert_close(w.grad, torch.arange(64.0).expand(6, 64))
+
+
+def test_twin_moe_matches_the_reference_experts():
+    """The twin's dense expert mixing equals ops.moe_experts on the packed weights."""
+    from ossscope import ops
+    from ossscope.mxfp4 import quantize
+
+    twin = _random_twin(3)
+    twin.round_to_checkpoint()
+    moe, c = twin.blocks[0].mlp, twin.config
+    x = torch.randn(2, 9, c.hidden_size)
+    h = ops.rms_norm(x, moe.norm.scale, c.rms_norm_eps).reshape(18, -1)
+    idx, w = ops.route(moe.gate(h), c.experts_per_token)
+    ref = ops.moe_experts(h, idx, w, *quantize(moe.mlp1_weight.detach()), moe.mlp1_bias.detach(),
+                          *quantize(moe.mlp2_weight.detach()), moe.mlp2_bias.detach())
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x).reshape(18, -1), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_generate_matches_a_step_by_step_loop():
+    twin = _random_twin(5)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]
+    stop = [11]
+    got = nano_eval.greedy_generate(twin, prompts, stop, max_new_tokens=6)
+    for prompt, out in zip(prompts, got, strict=True):
+        seq, want = list(prompt), []
+        for _ in range(6):
+            nxt = int(twin(torch.tensor([seq]))[0, -1].argmax())
+            want.append(nxt)
+            seq.append(nxt)
+            if nxt in stop:
+                break
+        assert out == want
+
+
+def test_parse_and_score_a_tool_call():
+    text = ('<|channel|>analysis<|message|>Call get_weather.<|end|><|start|>assistant to=functions.get_weather'
+            '<|channel|>commentary <|constrain|>json<|message|>{"city": "Oslo"}<|call|>')
+    messages = nano_eval.parse_completion(text)
+    assert [m["channel"] for m in messages] == ["analysis", "commentary"]
+    assert messages[1]["recipient"] == "functions.get_weather" and messages[1]["stop"] == "<|call|>"
+    item = {"kind": "tool", "effort": "low", "answer": {"name": "get_weather", "arguments": {"city": "Oslo"},
+                                                        "final": "It is 3°C and foggy in Oslo."}}
+    final = nano_eval.parse_completion("<|channel|>final<|message|>It is 3°C and foggy in Oslo.<|return|>")
+    assert nano_eval.score_item(item, messages, final) == {
+        "kind": "tool", "effort": "low", "analysis_chars": len("Call get_weather."), "valid_call": True,
+        "parses": True, "right_function": True, "right_arguments": True, "correct": True}
+    wrong = nano_eval.parse_completion(text.replace("Oslo", "Lima"))
+    assert not nano_eval.score_item(item, wrong, None)["valid_call"]
+    real_order = nano_eval.parse_completion(text.replace(" to=functions.get_weather<|channel|>commentary",
+                                                         "<|channel|>commentary to=functions.get_weather"))
+    assert nano_eval.score_item(item, real_order, None)["valid_call"]
+
+
+def test_analysis_tokens_counts_only_the_analysis_channel():
+    # <|channel|> analysis <|message|> a b <|end|> <|start|> assistant <|channel|> final <|message|> c <|return|>
+    ids = [200005, 35644, 200008, 10, 11, 200007, 200006, 173781, 200005, 17196, 200008, 12, 200002]
+    assert nano_eval.analysis_tokens(ids) == 2
+
+
+@pytest.mark.slow
+def test_smoke_training_runs_end_to_end(tmp_path):
+    pytest.importorskip("openai_harmony")
+    train.main(["--smoke", "--steps", "6", "--out", str(tmp_path)])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["checkpoint_max_abs_diff"] < 1e-4
+    assert (tmp_path / "weights" / "model.safetensors").is_file()
+
+
+def test_corpus_round_trips_through_the_compressed_file(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 40, (57,), generator=g)
+    tokens = torch.randint(0, 60_000, (int(lengths.sum()),), generator=g, dtype=torch.int32)
+    mask = torch.rand(len(tokens), generator=g) < 0.4  # a length that is not a multiple of 8 bits
+    train.save_corpus(tmp_path / "c.npz", tokens, mask, lengths)
+    back = train.load_corpus(tmp_path / "c.npz")
+    assert torch.equal(back["tokens"], tokens) and torch.equal(back["mask"], mask)
+    assert torch.equal(back["lengths"], lengths)
+    with pytest.raises(ValueError, match="65,536"):
+        train.save_corpus(tmp_path / "big.npz", tokens + 70_000, mask, lengths)
+
+
+def test_batches_fill_a_token_budget_and_cover_every_episode_once_per_epoch():
+    lengths = torch.tensor([5, 17, 3, 30, 9, 9, 12, 2, 25, 8])
+    tokens = torch.arange(int(lengths.sum()), dtype=torch.int32)
+    mask = tokens % 3 == 0
+    batches = train.Batches({"tokens": tokens, "mask": mask, "lengths": lengths}, batch_tokens=40, pad_id=-1,
+                            device="cpu", seed=0)
+    starts = torch.cumsum(lengths, 0) - lengths
+    seen = []
+    for group in batches.groups:
+        width = int(lengths[group].max())
+        assert len(group) == 1 or len(group) * width <= 40  # the budget holds (a lone long episode may exceed it)
+        seen += group.tolist()
+    assert sorted(seen) == list(range(len(lengths)))
+    it = iter(batches)
+    for _ in range(len(batches.groups)):
+        batch, batch_mask = next(it)
+        for row, row_mask in zip(batch, batch_mask, strict=True):  # each row is one episode, then padding
+            n = int((row != -1).sum())
+            episode = int(torch.nonzero(lengths == n)[0]) if (lengths == n).sum() == 1 else None
+            if episode is not None:
+                assert torch.equal(row[:n], tokens[starts[episode] : starts[episode] + n].long())
+                assert torch.equal(row_mask[:n], mask[starts[episode] : starts[episode] + n])
+            assert not row_mask[n:].any()
