@@ -184,7 +184,9 @@ class Decoder:
         self.logits: torch.Tensor | None = None  # [B, V] after the last fed token
         self.tokens: list[list[int]] = [[] for _ in range(self.batch_size)]
         self.done = [False] * self.batch_size
-        self.rows: list[dict[str, torch.Tensor]] = []  # per step: name -> [B, ...]
+        # Per step: router_indices / router_weights [B, L, k], sink [B, L, H], and each captured name [B, ...].
+        # Always fresh tensors: a step function may hand back views of buffers it overwrites (a CUDA graph's).
+        self.rows: list[dict[str, torch.Tensor]] = []
         self.parsers = [HarmonyStreamParser(role=role) for _ in range(self.batch_size)]
         self.channels: list[list[str]] = [[] for _ in range(self.batch_size)]
 
@@ -224,7 +226,7 @@ class Decoder:
                 self.tokens[b].append(picked[b])
         ids = torch.tensor(picked, dtype=torch.long, device=self.model.device)[:, None]  # [B, 1]
         self.logits, kept = self.step_fn(self.model, ids, self.cache, self.names)
-        self.rows.append({name: kept[name][:, 0] for name in self.names})
+        self.rows.append(self._row(kept))
         for b in range(self.batch_size):
             if self.done[b]:
                 continue
@@ -234,15 +236,22 @@ class Decoder:
                 self.done[b] = True
         return picked
 
+    def _row(self, kept: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One step's record from the kept hook tensors [B, 1, ...] (copied: stack and clone never alias)."""
+        L = range(self.num_layers)
+        row = {
+            "router_indices": torch.stack([kept[f"blocks.{i}.mlp.hook_topk_indices"][:, 0] for i in L], dim=1),
+            "router_weights": torch.stack([kept[f"blocks.{i}.mlp.hook_topk_weights"][:, 0] for i in L], dim=1),
+            "sink": torch.stack([kept[f"blocks.{i}.attn.hook_sink"][:, 0] for i in L], dim=1),
+        }
+        for name in self.capture:
+            row[name] = kept[name][:, 0].clone()
+        return row
+
     def router_row(self, step: int, b: int = 0) -> dict[str, torch.Tensor]:
         """Sequence b's record for one step: router_indices [L, k], router_weights [L, k], sink [L, H]."""
         row = self.rows[step]
-        L = range(self.num_layers)
-        return {
-            "router_indices": torch.stack([row[f"blocks.{i}.mlp.hook_topk_indices"][b] for i in L]),
-            "router_weights": torch.stack([row[f"blocks.{i}.mlp.hook_topk_weights"][b] for i in L]),
-            "sink": torch.stack([row[f"blocks.{i}.attn.hook_sink"][b] for i in L]),
-        }
+        return {name: row[name][b] for name in ("router_indices", "router_weights", "sink")}
 
     def records(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Every step's record, stacked, on the CPU:
@@ -258,14 +267,13 @@ class Decoder:
             }
             return empty, {name: torch.zeros(B, 0) for name in self.capture}
 
-        def stack(name_of_layer: Callable[[int], str], dtype: torch.dtype) -> torch.Tensor:
-            per_step = [torch.stack([self.rows[s][name_of_layer(i)] for i in range(L)], dim=1) for s in steps]
-            return torch.stack(per_step, dim=1).to("cpu", dtype)  # [B, N, L, ...]
+        def stack(name: str, dtype: torch.dtype) -> torch.Tensor:
+            return torch.stack([self.rows[s][name] for s in steps], dim=1).to("cpu", dtype)  # [B, N, L, ...]
 
         router = {
-            "router_indices": stack(lambda i: f"blocks.{i}.mlp.hook_topk_indices", torch.int64),
-            "router_weights": stack(lambda i: f"blocks.{i}.mlp.hook_topk_weights", torch.float32),
-            "sink": stack(lambda i: f"blocks.{i}.attn.hook_sink", torch.float32),
+            "router_indices": stack("router_indices", torch.int64),
+            "router_weights": stack("router_weights", torch.float32),
+            "sink": stack("sink", torch.float32),
         }
         captured = {name: _stack_padded([self.rows[s][name] for s in steps]) for name in self.capture}
         return router, captured

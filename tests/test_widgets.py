@@ -116,6 +116,7 @@ def test_trace_view_syncs_selection_from_the_front_end_and_validates_state():
     for bad in ({"layer": 4}, {"head": 4}, {"metric": "colour"}, {"channel": "secret"}, {"tab": "x"}):
         with pytest.raises(traitlets.TraitError):
             view.set_state(bad)
+    assert W.TraceView(trace, selected=3, tab="lens").get_state()["selected"] == 3
     view.set_traces(synthetic_trace(T=5, L=2, H=2))  # a shorter trace resets what no longer fits
     assert (view.selected, view.layer, view.head) == (-1, -1, 0)
     assert view.get_state()["payloads"][0]["dims"]["T"] == 5
@@ -197,7 +198,7 @@ def test_lab_stop_keeps_the_partial_run():
     lab = W.Lab(_fake_model(), chat_fn=chat, update_interval_s=0.0)
     thread = lab.run("go")
     deadline = time.time() + 10
-    while streams[-1].sent < 5 and time.time() < deadline:
+    while (not streams or streams[-1].sent < 5) and time.time() < deadline:  # the run's thread starts the chat
         time.sleep(0.01)
     assert lab.running and lab.stop_button.disabled is False
     lab.stop_button.click()

@@ -77,9 +77,9 @@ class TraceView(anywidget.AnyWidget):
 
     def __init__(self, traces: Trace | Sequence[Trace] | None = None, titles: Sequence[str] | None = None,
                  **kwargs: Any) -> None:
-        super().__init__(**kwargs)
         self.traces: list[Trace] = []
         self._select_callbacks: list[Callable[[int], None]] = []
+        super().__init__(**kwargs)
         if traces is not None:
             self.set_traces(traces, titles)
 
