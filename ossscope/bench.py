@@ -1,0 +1,376 @@
+"""python -m ossscope.bench: speed and memory of the fast path on random weights of the real shapes.
+
+Measures, at batch 1: decode tok/s from a `context`-token prompt with capture off, with router + sink
+records kept for every token, and with every layer's attention pattern captured too; prefill tok/s at the
+given lengths; time to first token; peak GPU memory; the bandwidth (decode) or FLOP rate (prefill) of each
+kernel against the device's ceilings; and with `--baseline hf` the same workload on Hugging Face
+transformers in bf16 (eager attention) in the same process, as ratios. Prints a table and writes JSON.
+
+Random weights are drawn on the GPU in place (a 120b-shaped model never exists on the host).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .config import GptOssConfig, resolve_config
+from .model import Model
+
+COPY_BANDWIDTH = 3.0e12  # bytes/s, H100 80GB HBM3 device-to-device copy (read + write), measured here
+BF16_RATE = 798e12  # FLOP/s, 8192^3 bf16 matmul on the same H100, measured here
+
+
+# -- set-up ----------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def random_model_on_gpu(config: GptOssConfig, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                        name: str = "random") -> Model:
+    """A model with random weights drawn in place on the GPU (same scales as `ossscope.random_model`)."""
+    model = Model(config, device="cuda", dtype=dtype, name=name)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    D = config.hidden_size
+    for param_name, tensor in model.state_dict().items():
+        if param_name.endswith("_blocks"):
+            tensor.random_(0, 256, generator=gen)
+        elif param_name.endswith("_scales"):
+            K = config.hidden_size if "mlp1" in param_name else config.intermediate_size
+            base = 127 + round(math.log2(K**-0.5 / 2.5))
+            tensor.random_(base - 1, base + 2, generator=gen)
+        elif param_name.endswith("norm.scale") or param_name == "ln_final.scale":
+            tensor.normal_(1.0, 0.1, generator=gen)
+        elif param_name.endswith("sinks"):
+            tensor.normal_(0.0, 1.0, generator=gen)
+        elif param_name.endswith("bias"):
+            tensor.normal_(0.0, 0.02, generator=gen)
+        elif tensor.dim() == 2:
+            tensor.normal_(0.0, D**-0.5, generator=gen)
+    return model
+
+
+def cuda_time(fn: Callable[[], Any], reps: int = 5, warmup: int = 1) -> float:
+    """Median seconds of `fn()` over `reps` runs, timed with CUDA events after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / 1e3)
+    return statistics.median(times)
+
+
+def graph_time(fns: list[Callable[[], Any]], reps: int = 10) -> float:
+    """Median seconds per call of the `fns`, captured in one CUDA graph (no launch gaps) and replayed."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    return cuda_time(graph.replay, reps=reps, warmup=2) / len(fns)
+
+
+# -- our model ---------------------------------------------------------------------------------------------------
+
+
+def expert_bytes(config: GptOssConfig) -> int:
+    """Bytes of one expert's packed weights, scales and biases (mlp1 + mlp2)."""
+    D, I = config.hidden_size, config.intermediate_size
+    return 2 * I * (D // 2 + D // 32 + 2) + D * (I // 2 + I // 32 + 2)
+
+
+def decode_bytes(config: GptOssConfig, context: int) -> dict[str, int]:
+    """Bytes a batch-1 decode step must read, by part (weights once, KV cache of `context` tokens)."""
+    c = config
+    D, L = c.hidden_size, c.num_hidden_layers
+    attn = (D * (c.q_width + 2 * c.kv_width) + c.q_width * D) * 2
+    kv_per_token = 2 * c.kv_width * 2
+    kv = sum(min(context, c.sliding_window) if c.is_sliding(layer) else context for layer in range(L)) * kv_per_token
+    return {"experts": L * c.experts_per_token * expert_bytes(c), "attention weights": L * attn, "kv cache": kv,
+            "router": L * D * c.num_experts * 2, "unembedding": c.vocab_size * D * 2}
+
+
+@torch.no_grad()
+def bench_kernels(model: Model, context: int, prefill_tokens: int) -> list[dict[str, Any]]:
+    """Each kernel alone at the decode shape (bandwidth) and the prefill shape (FLOP rate)."""
+    from ossscope import kernels
+
+    c, dev = model.config, model.device
+    L, D, k = c.num_hidden_layers, c.hidden_size, c.experts_per_token
+    rows = []
+    gen = torch.Generator(device=dev).manual_seed(1)
+    x = torch.randn(1, D, device=dev, generator=gen).to(model.dtype)
+    indices = torch.randperm(c.num_experts, device=dev, generator=gen)[:k].view(1, k)
+    weights = torch.softmax(torch.randn(1, k, device=dev, generator=gen), -1)
+
+    def moe(layer: int, xx=x, ii=indices, ww=weights):
+        mlp = model.blocks[layer].mlp
+        return lambda: kernels.moe_experts(xx, ii, ww, mlp.mlp1_blocks, mlp.mlp1_scales, mlp.mlp1_bias,
+                                           mlp.mlp2_blocks, mlp.mlp2_scales, mlp.mlp2_bias)
+
+    # One call per layer in the graph, so no weight is read twice and L2 cannot serve it.
+    t = graph_time([moe(layer) for layer in range(L)])
+    b = k * expert_bytes(c)
+    rows.append({"kernel": f"moe_experts decode (1 token x {k} experts)", "us": t * 1e6, "bytes": b,
+                 "TB/s": b / t / 1e12, "of_peak": b / t / COPY_BANDWIDTH})
+
+    caches = [torch.randn(2, 1, context, c.num_key_value_heads, c.head_dim, device=dev, generator=gen)
+              .to(model.dtype) for _ in range(L)]
+    k_pos = torch.arange(context, device=dev)
+    q = torch.randn(1, 1, c.num_attention_heads, c.head_dim, device=dev, generator=gen).to(model.dtype)
+    q_pos = torch.tensor([context - 1], device=dev)
+    sinks = model.blocks[1].attn.sinks
+
+    def attn(layer: int):
+        return lambda: kernels.attention_decode(q, caches[layer][0], caches[layer][1], sinks, q_pos, k_pos, None)
+
+    t = graph_time([attn(layer) for layer in range(L)])
+    b = context * c.kv_width * 2 * 2
+    rows.append({"kernel": f"attention_decode ({context} keys, full layer)", "us": t * 1e6, "bytes": b,
+                 "TB/s": b / t / 1e12, "of_peak": b / t / COPY_BANDWIDTH})
+
+    def projections(layer: int):
+        a = model.blocks[layer].attn
+        return lambda: a.out(a.qkv(x)[:, : c.q_width])
+
+    t = graph_time([projections(layer) for layer in range(L)])
+    b = (D * (c.q_width + 2 * c.kv_width) + c.q_width * D) * 2
+    rows.append({"kernel": "qkv + out projections (cuBLAS)", "us": t * 1e6, "bytes": b, "TB/s": b / t / 1e12,
+                 "of_peak": b / t / COPY_BANDWIDTH})
+    t = graph_time([lambda: model.unembed(x)], reps=20)
+    b = c.vocab_size * D * 2
+    rows.append({"kernel": "unembedding (cuBLAS)", "us": t * 1e6, "bytes": b, "TB/s": b / t / 1e12,
+                 "of_peak": b / t / COPY_BANDWIDTH})
+
+    # Prefill shapes: FLOP rates.
+    T = prefill_tokens
+    xs = torch.randn(T, D, device=dev, generator=gen).to(model.dtype)
+    logits = torch.randn(T, c.num_experts, device=dev, generator=gen)
+    ti, tw = kernels.route(logits, k)
+    t = cuda_time(moe(0, xs, ti, tw), reps=5, warmup=1)
+    flops = T * k * 2 * (D * 2 * c.intermediate_size + c.intermediate_size * D)
+    rows.append({"kernel": f"moe_experts prefill ({T} tokens)", "us": t * 1e6, "TFLOP/s": flops / t / 1e12,
+                 "of_peak": flops / t / BF16_RATE})
+    qs = torch.randn(1, T, c.num_attention_heads, c.head_dim, device=dev, generator=gen).to(model.dtype)
+    ks, vs = (torch.randn(1, T, c.num_key_value_heads, c.head_dim, device=dev, generator=gen).to(model.dtype)
+              for _ in range(2))
+    pos = torch.arange(T, device=dev)
+    t = cuda_time(lambda: kernels.attention_prefill(qs, ks, vs, sinks, pos, pos, None), reps=5)
+    flops = 4 * T * (T + 1) / 2 * c.num_attention_heads * c.head_dim
+    rows.append({"kernel": f"attention_prefill ({T} tokens, causal)", "us": t * 1e6, "TFLOP/s": flops / t / 1e12,
+                 "of_peak": flops / t / BF16_RATE})
+    return rows
+
+
+@torch.no_grad()
+def bench_ours(model: Model, context: int, steps: int, prefill_lengths: list[int]) -> dict[str, Any]:
+    from ossscope import fast
+
+    fast.use_kernels(model)
+    c, dev = model.config, model.device
+    out: dict[str, Any] = {}
+    gen = torch.Generator(device=dev).manual_seed(2)
+
+    def prompt(T: int) -> torch.Tensor:
+        return torch.randint(0, c.vocab_size, (1, T), device=dev, generator=gen)
+
+    fast.prefill(model, prompt(300), model.new_cache(1, 300))  # compile the prefill kernels
+    ids = prompt(context)
+
+    def first_token():
+        cache = model.new_cache(1, context + 1)
+        return fast.prefill(model, ids, cache).argmax(-1)
+
+    out["ttft_ms"] = cuda_time(first_token, reps=5) * 1e3
+
+    # Decode: one cache, three modes one after another (the context grows by a few hundred tokens).
+    warm = 4
+    cache = model.new_cache(1, context + 3 * (steps + warm) + 8)
+    fast.prefill(model, ids, cache)
+    decoders = {}
+    for mode in ("off", "router+sink", "pattern"):
+        if mode != "router+sink":
+            decoders.clear()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            decoders[mode] = fast.GraphDecoder(model, cache, pattern=mode == "pattern")
+            torch.cuda.synchronize()
+            out.setdefault("capture_seconds", {})[mode] = time.perf_counter() - t0
+        decoder = next(iter(decoders.values()))
+        token = torch.zeros(1, dtype=torch.long, device=dev)
+        records = []
+        for i in range(warm + steps):
+            if i == warm:
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+            token = decoder.step(token).argmax(-1)
+            if mode != "off":  # what a trace keeps for every token
+                records.append((decoder.router_indices.clone(), decoder.router_weights.clone(), decoder.sink.clone()))
+            if mode == "pattern":
+                records.append(tuple(p.clone() for p in decoder.patterns))
+        torch.cuda.synchronize()
+        out[f"decode_tok_s[{mode}]"] = steps / (time.perf_counter() - t0)
+    decoders.clear()
+    out["decode_context"] = context
+
+    for T in prefill_lengths:
+        ids_T = prompt(T)
+        torch.cuda.reset_peak_memory_stats()
+
+        def run(ids_T=ids_T, T=T):
+            return fast.prefill(model, ids_T, model.new_cache(1, T))
+
+        seconds = cuda_time(run, reps=3 if T <= 4096 else 2, warmup=1)
+        out[f"prefill_tok_s[{T}]"] = T / seconds
+        out[f"peak_GiB[prefill {T}]"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+# -- the transformers baseline ------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def bench_hf(config: GptOssConfig, context: int, steps: int, prefill_lengths: list[int]) -> dict[str, Any]:
+    """HF transformers GptOssForCausalLM, bf16 weights built directly on the GPU, eager attention."""
+    from transformers import GptOssConfig as HFConfig
+    from transformers import GptOssForCausalLM
+
+    data = config.to_hf_json()
+    for key in ("quantization_config", "rope_scaling", "rope_theta", "architectures", "model_type",
+                "experts_per_token"):
+        data.pop(key, None)
+    hf_config = HFConfig(**data, attn_implementation="eager")
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    with torch.device("cuda"):
+        try:
+            hf = GptOssForCausalLM._from_config(hf_config, dtype=torch.bfloat16)
+        except TypeError:  # older transformers
+            hf = GptOssForCausalLM._from_config(hf_config, torch_dtype=torch.bfloat16)
+    hf.eval()
+    out: dict[str, Any] = {"build_seconds": time.perf_counter() - t0,
+                           "weights_GiB": torch.cuda.memory_allocated() / 2**30}
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    ids = torch.randint(0, config.vocab_size, (1, context), device="cuda", generator=gen)
+
+    def first_token():
+        return hf(ids, use_cache=True, logits_to_keep=1)
+
+    out["ttft_ms"] = cuda_time(first_token, reps=3) * 1e3
+    result = hf(ids, use_cache=True, logits_to_keep=1)
+    past, token = result.past_key_values, result.logits[:, -1].argmax(-1, keepdim=True)
+    warm = 2
+    for i in range(warm + steps):
+        if i == warm:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        result = hf(token, past_key_values=past, use_cache=True)
+        past, token = result.past_key_values, result.logits[:, -1].argmax(-1, keepdim=True)
+    torch.cuda.synchronize()
+    out["decode_tok_s[off]"] = steps / (time.perf_counter() - t0)
+    del past, result
+    for T in prefill_lengths:
+        ids_T = torch.randint(0, config.vocab_size, (1, T), device="cuda", generator=gen)
+        try:
+            seconds = cuda_time(lambda ids_T=ids_T: hf(ids_T, use_cache=False, logits_to_keep=1), reps=2)
+            out[f"prefill_tok_s[{T}]"] = T / seconds
+        except torch.cuda.OutOfMemoryError:
+            out[f"prefill_tok_s[{T}]"] = None
+            gc.collect()
+            torch.cuda.empty_cache()
+    out["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    return out  # the model goes with this frame
+
+
+# -- main ---------------------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.3g}"
+    return str(value)
+
+
+def print_table(report: dict[str, Any]) -> None:
+    ours, hf = report["ours"], report.get("hf") or {}
+    print(f"\n{report['preset']} on {report['device']} (torch {report['torch']}, triton {report['triton']}), batch 1")
+    print(f"{'metric':34} {'ossscope':>12} {'HF bf16 eager':>14} {'ratio':>8}")
+    for key, value in ours.items():
+        if isinstance(value, dict):
+            continue
+        theirs = hf.get(key)
+        ratio = ""
+        if isinstance(value, (int, float)) and isinstance(theirs, (int, float)) and theirs:
+            ratio = f"{value / theirs:.2f}x"
+        print(f"{key:34} {_fmt(value):>12} {_fmt(theirs) if key in hf else '':>14} {ratio:>8}")
+    print(f"\n{'kernel':44} {'us':>9} {'TB/s':>6} {'TFLOP/s':>8} {'of peak':>8}")
+    for row in report["kernels"]:
+        print(f"{row['kernel']:44} {row['us']:>9.1f} {_fmt(row.get('TB/s')) if 'TB/s' in row else '':>6} "
+              f"{_fmt(row.get('TFLOP/s')) if 'TFLOP/s' in row else '':>8} {row['of_peak']:>8.0%}")
+    floor = report["decode_bytes_per_token"]
+    print(f"\nbytes per decode token {sum(floor.values()) / 1e9:.2f} GB -> bandwidth floor "
+          f"{COPY_BANDWIDTH / sum(floor.values()):,.0f} tok/s at {COPY_BANDWIDTH / 1e12:.1f} TB/s")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m ossscope.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="gpt-oss-20b", help="model shape (a preset name)")
+    parser.add_argument("--context", type=int, default=1024, help="prompt length before decoding")
+    parser.add_argument("--decode-steps", type=int, default=128)
+    parser.add_argument("--prefill", type=int, nargs="*", default=[2048, 8192], help="prefill lengths")
+    parser.add_argument("--baseline", choices=["none", "hf"], default="none")
+    parser.add_argument("--no-kernels", action="store_true", help="skip the per-kernel table")
+    parser.add_argument("--json", default="bench.json", help="where to write the results")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("python -m ossscope.bench needs a CUDA GPU")
+    import triton
+
+    config = resolve_config(args.preset)
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    model = random_model_on_gpu(config, name=args.preset)
+    torch.cuda.synchronize()
+    report: dict[str, Any] = {
+        "preset": args.preset, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "triton": triton.__version__, "decode_bytes_per_token": decode_bytes(config, args.context),
+    }
+    ours = {"load_seconds": time.perf_counter() - t0, "weights_GiB": torch.cuda.memory_allocated() / 2**30}
+    ours.update(bench_ours(model, args.context, args.decode_steps, args.prefill))
+    ours["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    report["ours"] = ours
+    report["kernels"] = [] if args.no_kernels else bench_kernels(model, args.context, min(args.prefill or [2048]))
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    if args.baseline == "hf":
+        report["hf"] = bench_hf(config, args.context, max(8, args.decode_steps // 8), args.prefill)
+        gc.collect()
+        torch.cuda.empty_cache()
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=1)
+    print_table(report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
