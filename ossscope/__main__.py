@@ -26,7 +26,8 @@ def _summarize(trace, label: str) -> None:
         print("  | ...")
     print(f"final: {trace.final!r}")
     for call in trace.tool_calls:
-        print(f"tool call: {call.name}({call.arguments}) -> {call.result!r}{' ERROR ' + call.error if call.error else ''}")
+        error = f" ERROR {call.error}" if call.error else ""
+        print(f"tool call: {call.name}({call.arguments}) -> {call.result!r}{error}")
     if trace.parse_errors:
         print(f"parse problems: {trace.parse_errors}")
 

@@ -309,7 +309,7 @@ def attention_sinks() -> list:
                     without.append(assistant_nll(model(ids), ids, mask))
                 without_sinks = torch.cat(without).mean().item()
             finally:
-                for block, value in zip(model.layers, saved):
+                for block, value in zip(model.layers, saved, strict=True):
                     block.attn.sinks.copy_(value)
 
             print(f"Loss on the assistant's tokens: {with_sinks:.3f} nats with the sinks, {without_sinks:.3f} without "
@@ -430,8 +430,6 @@ def real_checkpoints() -> list:
             real when a CUDA GPU and the weights are there, and says what is missing otherwise.
         '''),
         code('''
-            import torch
-
             from ossscope.loading import locate
 
             try:
