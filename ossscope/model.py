@@ -130,7 +130,7 @@ class MoE(nn.Module):
                   self.mlp2_blocks, self.mlp2_scales, self.mlp2_bias)  # fmt: skip
         flat_x, flat_i, flat_w = x.reshape(B * T, D), indices.reshape(B * T, -1), weights.reshape(B * T, -1)
         if self.hook_expert_out.active:
-            _, expert_out = ops.moe_experts(flat_x, flat_i, flat_w, *packed, cfg.swiglu_limit, cfg.swiglu_alpha,
+            _, expert_out = self.experts_fn(flat_x, flat_i, flat_w, *packed, cfg.swiglu_limit, cfg.swiglu_alpha,
                                             per_expert=True)  # fmt: skip
             expert_out = self.hook_expert_out(expert_out.view(B, T, -1, D))  # [B, T, k, D]
             y = (expert_out * weights.to(x.dtype).unsqueeze(-1)).sum(dim=2)

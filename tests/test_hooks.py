@@ -60,13 +60,16 @@ def test_unused_hooks_compute_nothing_extra(model):
     for layer, block in enumerate(model.blocks):
         attn_fn, experts_fn = block.attn.attention_fn, block.mlp.experts_fn
         block.attn.attention_fn = lambda *a, f=attn_fn, i=layer, **k: fast_calls["attn"].append(i) or f(*a, **k)
-        block.mlp.experts_fn = lambda *a, f=experts_fn, i=layer, **k: fast_calls["experts"].append(i) or f(*a, **k)
+        block.mlp.experts_fn = lambda *a, f=experts_fn, i=layer, **k: (
+            fast_calls["experts"].append((i, k.get("per_expert", False))) or f(*a, **k))
     model(IDS)
-    assert fast_calls == {"attn": [0, 1, 2, 3], "experts": [0, 1, 2, 3]}
+    assert fast_calls == {"attn": [0, 1, 2, 3], "experts": [(0, False), (1, False), (2, False), (3, False)]}
     fast_calls["attn"].clear(), fast_calls["experts"].clear()
     model.run_with_cache(IDS, names=["blocks.0.attn.hook_pattern", "blocks.2.mlp.hook_expert_out",
                                      "blocks.1.attn.hook_sink", "blocks.3.mlp.hook_topk_indices"])
-    assert fast_calls == {"attn": [1, 2, 3], "experts": [0, 1, 3]}  # only the observed ones left the fast path
+    # Only the observed pattern leaves the attention fast path; per-expert outputs are asked of the experts
+    # function (so kernels and expert parallelism serve that hook) only at the layer that hooks them.
+    assert fast_calls == {"attn": [1, 2, 3], "experts": [(0, False), (1, False), (2, True), (3, False)]}
 
 
 def test_hooks_are_removed_after_the_block_even_on_error(model):
