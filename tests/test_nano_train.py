@@ -154,3 +154,34 @@ def test_batches_fill_a_token_budget_and_cover_every_episode_once_per_epoch():
                 assert torch.equal(row[:n], tokens[starts[episode] : starts[episode] + n].long())
                 assert torch.equal(row_mask[:n], mask[starts[episode] : starts[episode] + n])
             assert not row_mask[n:].any()
+
+
+def _dense_moe(moe: train.TwinMoE, x: torch.Tensor) -> torch.Tensor:
+    """Every expert on every token, then the chosen k mixed: the plainest statement of the twin's MoE."""
+    from ossscope import ops
+
+    c = moe.config
+    h = ops.rms_norm(x, moe.norm.scale, c.rms_norm_eps).reshape(-1, c.hidden_size)
+    indices, weights = ops.route(moe.gate(h), c.experts_per_token)
+    h1 = torch.einsum("nd,efd->enf", h, moe.mlp1_weight) + moe.mlp1_bias[:, None]
+    out = torch.einsum("eni,edi->end", ops.swiglu(h1, c.swiglu_limit, c.swiglu_alpha), moe.mlp2_weight)
+    out = out + moe.mlp2_bias[:, None]  # [E, N, D]
+    chosen = out[indices, torch.arange(h.shape[0])[:, None]]  # [N, k, D]
+    return (chosen * weights.unsqueeze(-1)).sum(1).view_as(x)
+
+
+def test_grouped_twin_moe_has_the_dense_forward_and_gradients():
+    twin = _random_twin(11)
+    moe = twin.blocks[1].mlp
+    x = torch.randn(3, 13, twin.config.hidden_size, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    grads = []
+    for forward in (moe, lambda inp: _dense_moe(moe, inp)):
+        moe.zero_grad(set_to_none=True)
+        x.grad = None
+        y = forward(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        grads.append([y.detach()] + [t.grad.clone() for t in (x, moe.gate.weight, moe.mlp1_weight, moe.mlp1_bias,
+                                                              moe.mlp2_weight, moe.mlp2_bias)])
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert grads[0][3].abs().sum() > 0  # the comparison is not vacuous: gradients reach the experts
