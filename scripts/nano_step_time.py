@@ -10,9 +10,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from ossscope.nano.train import Batches, NanoTwin, load_corpus, nano_config
+from ossscope.nano.train import AUX_LOSS_WEIGHT, Batches, NanoTwin, assistant_loss, load_corpus, nano_config
 
 
 def main(data_dir: str, steps: int = 40, batch_tokens: int = 32_768) -> None:
@@ -31,9 +30,7 @@ def main(data_dir: str, steps: int = 40, batch_tokens: int = 32_768) -> None:
                 t0, tokens_seen = time.perf_counter(), 0
             tokens, mask = next(batches)
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = twin(tokens[:, :-1])
-            target = mask[:, 1:]
-            loss = F.cross_entropy(logits.float()[target], tokens[:, 1:][target]) + 0.01 * twin.aux_loss()
+                loss = assistant_loss(twin, tokens[:, :-1], tokens, mask) + AUX_LOSS_WEIGHT * twin.aux_loss()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -373,6 +373,17 @@ class Batches:
                 yield self.tokens[rows, :width], self.mask[rows, :width]
 
 
+AUX_LOSS_WEIGHT = 0.01  # the load-balancing term's weight against the language-model loss
+
+
+def assistant_loss(twin: NanoTwin, inputs: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy on the assistant's tokens only: inputs [B, T-1] (tokens[:, :-1], possibly with
+    noise), tokens [B, T], mask [B, T] (True where the token is a target)."""
+    logits = twin(inputs)  # [B, T-1, V]
+    target_mask = mask[:, 1:]
+    return F.cross_entropy(logits.float()[target_mask], tokens[:, 1:][target_mask])
+
+
 # -- training ------------------------------------------------------------------------------------------------------
 
 
@@ -433,10 +444,8 @@ def train(
             noise = (torch.rand(inputs.shape, device=device) < 0.01) & ~mask[:, :-1] & (inputs < unknown - 20)
             inputs = torch.where(noise, torch.full_like(inputs, unknown), inputs)
         with autocast:
-            logits = twin(inputs)
-        target_mask = mask[:, 1:]
-        loss = F.cross_entropy(logits.float()[target_mask], tokens[:, 1:][target_mask])
-        total_loss = loss + 0.01 * twin.aux_loss()
+            loss = assistant_loss(twin, inputs, tokens, mask)
+        total_loss = loss + AUX_LOSS_WEIGHT * twin.aux_loss()
         optimizer.zero_grad(set_to_none=True)
         total_loss.backward()
         torch.nn.utils.clip_grad_norm_(twin.parameters(), 1.0)
