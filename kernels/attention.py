@@ -194,7 +194,7 @@ def _check_inputs(q, k, v, sinks, q_pos, k_pos, window):
 def attention_prefill(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, q_pos: torch.Tensor,
     k_pos: torch.Tensor, window: int | None, *, block_m: int = 64, block_n: int = 64,
-    out: torch.Tensor | None = None, sink_out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None, sink_out: torch.Tensor | None = None, num_warps: int = 4, num_stages: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flash attention with sinks: q [B, Tq, H, Dh], k/v [B, Tk, Hkv, Dh] -> z [B, Tq, H, Dh], sink_mass [B, H, Tq].
 
@@ -225,7 +225,7 @@ def attention_prefill(
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), z.stride(0), z.stride(1), z.stride(2),
         G=H // Hkv, DH=Dh, BLOCK_M=block_m, BLOCK_N=block_n, HAS_WINDOW=window is not None,
-        IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2,
+        IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
     )
     return z, sink_mass
 

@@ -10,8 +10,14 @@ Two shapes of work, two pairs of kernels:
   and reduces on CUDA cores; the down projection loops over the k choices in one program, so the routing
   weights and the sum over k happen in registers and the output is written once.
 - prefill (many slots): slots are grouped by expert and padded to BLOCK_M rows; each program multiplies a
-  BLOCK_M x K token tile by a dequantized weight tile on the tensor cores. Gate/up applies the clamped SwiGLU
-  in its epilogue; down adds the bias, multiplies by the routing weight and sums over k with fp32 atomics.
+  BLOCK_M x BLOCK_K token tile by a BLOCK_N x BLOCK_K weight tile on the tensor cores. The weight tile is read
+  as packed bytes and decoded in registers, its low and high nibbles joined back into feature order, so the
+  token tile loads contiguously. Gate/up computes gate and linear units together (adjacent mlp1 rows) and
+  applies the clamped SwiGLU in its epilogue; down adds the bias, multiplies by the routing weight and sums
+  over k with fp32 atomics. The grouping needs no host sync (a fixed worst-case block count).
+Measured on an H100 (docs/bench/h100-moe-sweep.json, scripts/moe_sweep.py): decode 65 us per layer at the
+20b shape (0.82 TB/s; the nibble decoding on CUDA cores, not memory, bounds it); prefill 2.4 ms at 2,048
+tokens (169 TFLOP/s) and 6.9 ms at 8,192 (237 TFLOP/s).
 Torch twin: `ossscope.ops.moe_experts`.
 """
 
@@ -23,8 +29,14 @@ import triton.language as tl
 
 from ._common import check, check_float, check_mxfp4, check_runnable, check_same_device, dot, e2m1_to_f32, e8m0_factor
 
-# Decode uses the streaming kernels up to this many slots (token, choice) pairs; above, the grouped GEMMs.
+# Decode-sized inputs, up to this many (token, choice) slots, use DECODE_BLOCKS and need no host sync; larger
+# inputs group the slots by expert and use PREFILL_BLOCKS. "decode" picks the streaming kernels ("gemv") or
+# the tensor-core kernels with one slot per block ("tiled"). Tile sizes are from a sweep on an H100
+# (scripts/moe_sweep.py); `moe_experts(blocks=...)` overrides any of them.
 GEMV_MAX_SLOTS = 16
+DECODE_BLOCKS = {"decode": "gemv", "BLOCK_I": 8, "BLOCK_D": 8, "GROUPS": 16, "num_warps": 8,
+                 "BLOCK_M": 16, "BLOCK_N1": 64, "BLOCK_N2": 32, "BLOCK_K": 256, "num_stages": 3}
+PREFILL_BLOCKS = {"BLOCK_M": 128, "BLOCK_N1": 128, "BLOCK_N2": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 5}
 
 
 # -- decode: streaming kernels -------------------------------------------------------------------------------
@@ -115,13 +127,25 @@ def _down_gemv_kernel(
 
 
 @triton.jit
-def _dequant_tile(w_base, s_base, rows, rmask, byte, bmask, stride_wr, stride_sr, dtype: tl.constexpr):
-    """Rows [BLOCK_R] x bytes [BLOCK_B] of packed MXFP4 -> (even, odd) [BLOCK_R, BLOCK_B] in `dtype`."""
-    m = rmask[:, None] & bmask[None, :]
+def _dequant_tile(w_base, s_base, rows, rmask, k0, K, stride_wr, stride_sr,
+                  BLOCK_K: tl.constexpr, dtype: tl.constexpr):
+    """Packed MXFP4 rows [BLOCK_N] x input features k0..k0+BLOCK_K -> [BLOCK_N, BLOCK_K] in `dtype`.
+
+    Reads BLOCK_K/2 contiguous bytes per row and BLOCK_K/32 scales; the low and high nibbles are joined back
+    into feature order (2i, 2i+1), so the tile multiplies a contiguous input tile on the tensor cores.
+    """
+    BLOCK_N: tl.constexpr = rows.shape[0]
+    HALF: tl.constexpr = BLOCK_K // 2
+    GROUPS: tl.constexpr = BLOCK_K // 32
+    byte = k0 // 2 + tl.arange(0, HALF)
+    m = rmask[:, None] & (byte < K // 2)[None, :]
     w = tl.load(w_base + rows[:, None] * stride_wr + byte[None, :], mask=m, other=0).to(tl.int32)
-    s = tl.load(s_base + rows[:, None] * stride_sr + (byte // 16)[None, :], mask=m, other=0)
-    f = e8m0_factor(s)
-    return (e2m1_to_f32(w & 15) * f).to(dtype), (e2m1_to_f32(w >> 4) * f).to(dtype)
+    grp = k0 // 32 + tl.arange(0, GROUPS)
+    s = tl.load(s_base + rows[:, None] * stride_sr + grp[None, :],
+                mask=rmask[:, None] & (grp < K // 32)[None, :], other=0)
+    pairs = tl.join(e2m1_to_f32(w & 15), e2m1_to_f32(w >> 4))  # [BLOCK_N, HALF, 2]: features 2i, 2i+1
+    values = tl.reshape(pairs, (BLOCK_N, GROUPS, 32)) * e8m0_factor(s)[:, :, None]
+    return tl.reshape(values, (BLOCK_N, BLOCK_K)).to(dtype)
 
 
 @triton.jit
@@ -129,13 +153,14 @@ def _gate_up_grouped_kernel(
     x_ptr, row_slot_ptr, block_expert_ptr, w_ptr, s_ptr, b_ptr, act_ptr,
     D, I, stride_xn, stride_we, stride_wr, stride_se, stride_sr, stride_be, stride_an,
     limit, alpha,
-    K_ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_B: tl.constexpr,
+    K_ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    units = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    umask = units < I
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # mlp1 rows: gate and linear units interleaved
+    cmask = cols < 2 * I
+    block_expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)  # -1: an unused block (no valid row)
+    expert = tl.maximum(block_expert, 0)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # rows of the expert-grouped, padded layout
     slot = tl.load(row_slot_ptr + rows)
     valid = slot >= 0
@@ -143,67 +168,59 @@ def _gate_up_grouped_kernel(
     w_base = w_ptr + expert * stride_we
     s_base = s_ptr + expert * stride_se
     dtype = x_ptr.dtype.element_ty
-    acc_g = tl.zeros([BLOCK_M, BLOCK_I], dtype=tl.float32)
-    acc_l = tl.zeros([BLOCK_M, BLOCK_I], dtype=tl.float32)
-    for b0 in range(0, D // 2, BLOCK_B):
-        byte = b0 + tl.arange(0, BLOCK_B)
-        bmask = byte < D // 2
-        xm = valid[:, None] & bmask[None, :]
-        x_rows = x_ptr + token[:, None] * stride_xn + 2 * byte[None, :]
-        xe = tl.load(x_rows, mask=xm, other=0.0)  # even input features [BLOCK_M, BLOCK_B]
-        xo = tl.load(x_rows + 1, mask=xm, other=0.0)
-        ge, go = _dequant_tile(w_base, s_base, 2 * units, umask, byte, bmask, stride_wr, stride_sr, dtype)
-        acc_g = dot(xe, tl.trans(ge), acc_g, IEEE)
-        acc_g = dot(xo, tl.trans(go), acc_g, IEEE)
-        le, lo = _dequant_tile(w_base, s_base, 2 * units + 1, umask, byte, bmask, stride_wr, stride_sr, dtype)
-        acc_l = dot(xe, tl.trans(le), acc_l, IEEE)
-        acc_l = dot(xo, tl.trans(lo), acc_l, IEEE)
-    b_base = b_ptr + expert * stride_be
-    gate = acc_g + tl.load(b_base + 2 * units, mask=umask, other=0.0).to(tl.float32)[None, :]
-    lin = acc_l + tl.load(b_base + 2 * units + 1, mask=umask, other=0.0).to(tl.float32)[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, tl.where(block_expert >= 0, D, 0), BLOCK_K):  # no iterations for an unused block
+        feat = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + token[:, None] * stride_xn + feat[None, :], mask=valid[:, None] & (feat < D)[None, :],
+                    other=0.0)  # [BLOCK_M, BLOCK_K]
+        w = _dequant_tile(w_base, s_base, cols, cmask, k0, D, stride_wr, stride_sr, BLOCK_K, dtype)
+        acc = dot(x, tl.trans(w), acc, IEEE)
+    acc += tl.load(b_ptr + expert * stride_be + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    gate, lin = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))  # even columns gate, odd linear
     gate = tl.minimum(gate, limit)
     lin = tl.minimum(tl.maximum(lin, -limit), limit)
     h = gate * tl.sigmoid(alpha * gate) * (lin + 1.0)
+    units = tl.program_id(1) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
     out = act_ptr + rows[:, None] * stride_an + units[None, :]
-    tl.store(out, h.to(act_ptr.dtype.element_ty), mask=valid[:, None] & umask[None, :])
+    tl.store(out, h.to(act_ptr.dtype.element_ty), mask=valid[:, None] & (units < I)[None, :])
 
 
 @triton.jit
 def _down_grouped_kernel(
     act_ptr, row_slot_ptr, block_expert_ptr, wts_ptr, w_ptr, s_ptr, b_ptr, y_ptr, eo_ptr,
     D, I, stride_an, stride_we, stride_wr, stride_se, stride_sr, stride_be,
-    K_ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr,
-    IEEE: tl.constexpr, PER_EXPERT: tl.constexpr,
+    K_ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr, PER_EXPERT: tl.constexpr, PER_SLOT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # output features
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # output features
     cmask = cols < D
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    block_expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)  # -1: an unused block (no valid row)
+    expert = tl.maximum(block_expert, 0)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     slot = tl.load(row_slot_ptr + rows)
     valid = slot >= 0
     w_base = w_ptr + expert * stride_we
     s_base = s_ptr + expert * stride_se
     dtype = act_ptr.dtype.element_ty
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for b0 in range(0, I // 2, BLOCK_B):
-        byte = b0 + tl.arange(0, BLOCK_B)
-        bmask = byte < I // 2
-        am = valid[:, None] & bmask[None, :]
-        a_rows = act_ptr + rows[:, None] * stride_an + 2 * byte[None, :]
-        he = tl.load(a_rows, mask=am, other=0.0)
-        ho = tl.load(a_rows + 1, mask=am, other=0.0)
-        we, wo = _dequant_tile(w_base, s_base, cols, cmask, byte, bmask, stride_wr, stride_sr, dtype)
-        acc = dot(he, tl.trans(we), acc, IEEE)
-        acc = dot(ho, tl.trans(wo), acc, IEEE)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, tl.where(block_expert >= 0, I, 0), BLOCK_K):  # no iterations for an unused block
+        feat = k0 + tl.arange(0, BLOCK_K)
+        h = tl.load(act_ptr + rows[:, None] * stride_an + feat[None, :], mask=valid[:, None] & (feat < I)[None, :],
+                    other=0.0)
+        w = _dequant_tile(w_base, s_base, cols, cmask, k0, I, stride_wr, stride_sr, BLOCK_K, dtype)
+        acc = dot(h, tl.trans(w), acc, IEEE)
     out = acc + tl.load(b_ptr + expert * stride_be + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     safe_slot = tl.where(valid, slot, 0)
     m = valid[:, None] & cmask[None, :]
     if PER_EXPERT:
         tl.store(eo_ptr + safe_slot[:, None] * D + cols[None, :], out.to(eo_ptr.dtype.element_ty), mask=m)
     weight = tl.load(wts_ptr + safe_slot, mask=valid, other=0.0).to(tl.float32)
-    token = safe_slot // K_ACT
-    tl.atomic_add(y_ptr + token[:, None] * D + cols[None, :], out * weight[:, None], mask=m, sem="relaxed")
+    if PER_SLOT:  # y is [S, D]: each slot's weighted output, summed over k by the caller (deterministic)
+        tl.store(y_ptr + safe_slot[:, None] * D + cols[None, :], out * weight[:, None], mask=m)
+    else:  # y is [N, D]: the k slots of a token meet in fp32 atomics
+        token = safe_slot // K_ACT
+        tl.atomic_add(y_ptr + token[:, None] * D + cols[None, :], out * weight[:, None], mask=m, sem="relaxed")
 
 
 # -- public wrappers -----------------------------------------------------------------------------------------
@@ -213,23 +230,42 @@ def group_by_expert(topk_indices: torch.Tensor, num_experts: int, block_m: int) 
     """Lay the (token, choice) slots out by expert, each expert's run padded to a multiple of `block_m`.
 
     topk_indices [N, k] -> row_slot [R] int32 (slot n*k+j of each row, -1 for padding; R = blocks * block_m),
-    block_expert [blocks] int32 (the expert of each block of rows). Stable: slots keep token order per expert.
+    block_expert [blocks] int32 (the expert of each block of rows, -1 for an unused block). Stable: slots keep
+    token order per expert. The number of blocks is the most any routing can need, cdiv(N*k, block_m) +
+    num_experts, so nothing waits for the GPU to count (no host sync; it can run inside a CUDA graph); the
+    kernels skip the unused blocks at the end.
     """
-    flat = topk_indices.reshape(-1)
+    flat = topk_indices.reshape(-1).long()
     S = flat.numel()
-    counts = torch.bincount(flat, minlength=num_experts)  # [E]
-    blocks = (counts + block_m - 1) // block_m
-    first_block = torch.cumsum(blocks, 0) - blocks  # [E]
-    total_blocks = int(blocks.sum())
-    block_expert = torch.repeat_interleave(torch.arange(num_experts, device=flat.device), blocks).to(torch.int32)
+    max_blocks = triton.cdiv(S, block_m) + num_experts
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    blocks = (counts + block_m - 1) // block_m  # [E]
+    block_end = torch.cumsum(blocks, 0)  # [E]
+    first_block = block_end - blocks
+    block_ids = torch.arange(max_blocks, device=flat.device)
+    block_expert = torch.searchsorted(block_end, block_ids, right=True)  # E for blocks past the last one
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
     order = torch.argsort(flat, stable=True)  # slots sorted by expert
     sorted_experts = flat[order]
     first_slot = torch.cumsum(counts, 0) - counts
     rank = torch.arange(S, device=flat.device) - first_slot[sorted_experts]  # position within its expert
     row = first_block[sorted_experts] * block_m + rank
-    row_slot = torch.full((total_blocks * block_m,), -1, dtype=torch.int32, device=flat.device)
+    row_slot = torch.full((max_blocks * block_m,), -1, dtype=torch.int32, device=flat.device)
     row_slot[row] = order.to(torch.int32)
     return row_slot, block_expert
+
+
+def slot_blocks(topk_indices: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block of `block_m` rows per (token, choice) slot, the slot in its first row: the decode layout.
+
+    topk_indices [N, k] -> row_slot [N*k*block_m] int32 (-1 for padding), block_expert [N*k] int32. Built from
+    shapes alone, so it launches no host-synchronizing op and works inside CUDA graphs.
+    """
+    flat = topk_indices.reshape(-1)
+    S = flat.numel()
+    row_slot = torch.full((S, block_m), -1, dtype=torch.int32, device=flat.device)
+    row_slot[:, 0] = torch.arange(S, dtype=torch.int32, device=flat.device)
+    return row_slot.view(-1), flat.to(torch.int32)
 
 
 def moe_experts(
@@ -282,40 +318,46 @@ def moe_experts(
           mlp2_bias.stride(0))
     if N == 0:
         return (y, expert_out) if per_expert else y
-    if S <= GEMV_MAX_SLOTS:
-        cfg = {"BLOCK_I": 16, "BLOCK_D": 16, "GROUPS": 8, **(blocks or {})}
+    cfg = {**(DECODE_BLOCKS if S <= GEMV_MAX_SLOTS else PREFILL_BLOCKS), **(blocks or {})}
+    ieee = x.dtype == torch.float32
+    if S <= GEMV_MAX_SLOTS and cfg["decode"] == "gemv":
         act = torch.empty(S, I, device=x.device, dtype=x.dtype)
         _gate_up_gemv_kernel[(S, triton.cdiv(I, cfg["BLOCK_I"]))](
             x, topk_indices, mlp1_blocks, mlp1_scales, mlp1_bias, act,
             D, I, x.stride(0), *w1, act.stride(0), float(limit), float(alpha),
-            K_ACT=k, BLOCK_I=cfg["BLOCK_I"], GROUPS=cfg["GROUPS"], num_warps=4,
+            K_ACT=k, BLOCK_I=cfg["BLOCK_I"], GROUPS=cfg["GROUPS"], num_warps=cfg["num_warps"],
         )
         _down_gemv_kernel[(N, triton.cdiv(D, cfg["BLOCK_D"]))](
             act, topk_indices, topk_weights, mlp2_blocks, mlp2_scales, mlp2_bias, y, expert_out,
             D, I, act.stride(0), *w2, y.stride(0),
-            K_ACT=k, BLOCK_D=cfg["BLOCK_D"], GROUPS=cfg["GROUPS"], PER_EXPERT=per_expert, num_warps=4,
+            K_ACT=k, BLOCK_D=cfg["BLOCK_D"], GROUPS=cfg["GROUPS"], PER_EXPERT=per_expert,
+            num_warps=cfg["num_warps"],
         )
+        return (y, expert_out) if per_expert else y
+    # Tensor-core path. Decode gives every slot its own block (no host sync, so CUDA graphs can capture it) and
+    # sums the k slots of a token in fp32 afterwards; prefill groups the slots by expert and sums with atomics.
+    decode = S <= GEMV_MAX_SLOTS
+    if decode:
+        row_slot, block_expert = slot_blocks(topk_indices, cfg["BLOCK_M"])
     else:
-        cfg = {"BLOCK_M": 64, "BLOCK_I": 64, "BLOCK_D": 128, "BLOCK_B": 32, "num_warps": 4, "num_stages": 3,
-               **(blocks or {})}
         row_slot, block_expert = group_by_expert(topk_indices, E, cfg["BLOCK_M"])
-        n_blocks = block_expert.shape[0]
-        act = torch.empty(row_slot.shape[0], I, device=x.device, dtype=x.dtype)  # grouped, padded rows
-        ieee = x.dtype == torch.float32
-        _gate_up_grouped_kernel[(n_blocks, triton.cdiv(I, cfg["BLOCK_I"]))](
-            x, row_slot, block_expert, mlp1_blocks, mlp1_scales, mlp1_bias, act,
-            D, I, x.stride(0), *w1, act.stride(0), float(limit), float(alpha),
-            K_ACT=k, BLOCK_M=cfg["BLOCK_M"], BLOCK_I=cfg["BLOCK_I"], BLOCK_B=cfg["BLOCK_B"], IEEE=ieee,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
-        y32 = torch.zeros(N, D, device=x.device, dtype=torch.float32)
-        _down_grouped_kernel[(n_blocks, triton.cdiv(D, cfg["BLOCK_D"]))](
-            act, row_slot, block_expert, topk_weights, mlp2_blocks, mlp2_scales, mlp2_bias, y32, expert_out,
-            D, I, act.stride(0), *w2,
-            K_ACT=k, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], BLOCK_B=cfg["BLOCK_B"], IEEE=ieee,
-            PER_EXPERT=per_expert, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
-        y.copy_(y32)
+    n_blocks = block_expert.shape[0]
+    act = torch.empty(row_slot.shape[0], I, device=x.device, dtype=x.dtype)  # grouped, padded rows
+    _gate_up_grouped_kernel[(n_blocks, triton.cdiv(2 * I, cfg["BLOCK_N1"]))](
+        x, row_slot, block_expert, mlp1_blocks, mlp1_scales, mlp1_bias, act,
+        D, I, x.stride(0), *w1, act.stride(0), float(limit), float(alpha),
+        K_ACT=k, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N1"], BLOCK_K=cfg["BLOCK_K"], IEEE=ieee,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    y32 = torch.empty(S, D, device=x.device, dtype=torch.float32) if decode else \
+        torch.zeros(N, D, device=x.device, dtype=torch.float32)
+    _down_grouped_kernel[(n_blocks, triton.cdiv(D, cfg["BLOCK_N2"]))](
+        act, row_slot, block_expert, topk_weights, mlp2_blocks, mlp2_scales, mlp2_bias, y32, expert_out,
+        D, I, act.stride(0), *w2,
+        K_ACT=k, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K"], IEEE=ieee,
+        PER_EXPERT=per_expert, PER_SLOT=decode, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    y.copy_(y32.view(N, k, D).sum(1) if decode else y32)
     return (y, expert_out) if per_expert else y
 
 
