@@ -32,7 +32,7 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, sink_ptr, qpos_ptr, kpos_ptr, kb_min_ptr, kb_max_ptr, z_ptr, sm_ptr,
+    q_ptr, k_ptr, v_ptr, sink_ptr, qpos_ptr, kpos_ptr, kb_min_ptr, kb_max_ptr, kb_first_ptr, kb_last_ptr, z_ptr, sm_ptr,
     Tq, Tk, H, window, qk_scale,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, szb, szt, szh,
     G: tl.constexpr, DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -54,7 +54,8 @@ def _prefill_kernel(
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + sink
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
     acc = tl.zeros([BLOCK_M, DH], dtype=tl.float32)
-    for kb in range(0, tl.cdiv(Tk, BLOCK_N)):
+    # Only the span of key blocks some query of this block can see (a causal or sliding-window band).
+    for kb in range(tl.load(kb_first_ptr + pid_m), tl.load(kb_last_ptr + pid_m) + 1):
         k_lo = tl.load(kb_min_ptr + kb)
         k_hi = tl.load(kb_max_ptr + kb)  # -1 when the block holds no key
         relevant = (k_hi >= 0) & (k_lo <= q_hi)
@@ -219,8 +220,22 @@ def attention_prefill(
     kp = kp.view(n_kb, block_n)
     kb_max = kp.amax(dim=1)
     kb_min = torch.where(kp >= 0, kp, torch.iinfo(torch.int64).max).amin(dim=1)
-    _prefill_kernel[(triton.cdiv(Tq, block_m), B * H)](
-        q, k, v, sinks, q_pos, k_pos, kb_min, kb_max, z, sink_mass,
+    # Each query block's first and last key block worth visiting (last < first: none), from the same tests
+    # the kernel applies per block; computed on the GPU without a host sync.
+    n_qb = triton.cdiv(Tq, block_m)
+    qp = torch.full((n_qb * block_m,), -1, dtype=torch.int64, device=q.device)
+    qp[:Tq] = q_pos
+    qp = qp.view(n_qb, block_m)
+    q_hi = qp.amax(dim=1)
+    q_lo = torch.where(qp >= 0, qp, torch.iinfo(torch.int64).max).amin(dim=1)
+    relevant = (kb_max[None, :] >= 0) & (kb_min[None, :] <= q_hi[:, None])  # [n_qb, n_kb]
+    if window is not None:
+        relevant &= q_lo[:, None] - kb_max[None, :] < window
+    kb_ids = torch.arange(n_kb, device=q.device)
+    kb_first = torch.where(relevant, kb_ids, n_kb).amin(dim=1).to(torch.int32)
+    kb_last = torch.where(relevant, kb_ids, -1).amax(dim=1).to(torch.int32)
+    _prefill_kernel[(n_qb, B * H)](
+        q, k, v, sinks, q_pos, k_pos, kb_min, kb_max, kb_first, kb_last, z, sink_mass,
         Tq, Tk, H, window if window is not None else 0, LOG2E / math.sqrt(Dh),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), z.stride(0), z.stride(1), z.stride(2),
