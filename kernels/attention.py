@@ -32,11 +32,11 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, sink_ptr, qpos_ptr, kpos_ptr, kb_min_ptr, kb_max_ptr, kb_first_ptr, kb_last_ptr, z_ptr, sm_ptr,
+    q_ptr, k_ptr, v_ptr, sink_ptr, qpos_ptr, kpos_ptr, kb_min_ptr, kb_max_ptr, z_ptr, sm_ptr,
     Tq, Tk, H, window, qk_scale,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, szb, szt, szh,
     G: tl.constexpr, DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, CHECK_BLOCKS: tl.constexpr, SCAN: tl.constexpr = 256,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -54,13 +54,28 @@ def _prefill_kernel(
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + sink
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
     acc = tl.zeros([BLOCK_M, DH], dtype=tl.float32)
-    # Only the span of key blocks some query of this block can see (a causal or sliding-window band).
-    for kb in range(tl.load(kb_first_ptr + pid_m), tl.load(kb_last_ptr + pid_m) + 1):
-        k_lo = tl.load(kb_min_ptr + kb)
-        k_hi = tl.load(kb_max_ptr + kb)  # -1 when the block holds no key
-        relevant = (k_hi >= 0) & (k_lo <= q_hi)
+    # The span of key blocks some query of this block can see (a causal or sliding-window band), found by a
+    # vector scan of the blocks' position ranges, so the main loop never visits blocks outside it.
+    n_kb = tl.cdiv(Tk, BLOCK_N)
+    kb_first = n_kb
+    kb_last = -1
+    for c0 in range(0, n_kb, SCAN):
+        kbs = c0 + tl.arange(0, SCAN)
+        lo = tl.load(kb_min_ptr + kbs, mask=kbs < n_kb, other=0)
+        hi = tl.load(kb_max_ptr + kbs, mask=kbs < n_kb, other=-1)
+        seen = (hi >= 0) & (lo <= q_hi)
         if HAS_WINDOW:
-            relevant = relevant & (q_lo - k_hi < window)
+            seen = seen & (q_lo - hi < window)
+        kb_first = tl.minimum(kb_first, tl.min(tl.where(seen, kbs, n_kb), axis=0))
+        kb_last = tl.maximum(kb_last, tl.max(tl.where(seen, kbs, -1), axis=0))
+    for kb in range(kb_first, kb_last + 1):
+        relevant = True
+        if CHECK_BLOCKS:  # skip blocks inside the span that no query sees (scattered ring-buffer positions)
+            k_lo = tl.load(kb_min_ptr + kb)
+            k_hi = tl.load(kb_max_ptr + kb)  # -1 when the block holds no key
+            relevant = (k_hi >= 0) & (k_lo <= q_hi)
+            if HAS_WINDOW:
+                relevant = relevant & (q_lo - k_hi < window)
         if relevant:
             offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
             nmask = offs_n < Tk
@@ -194,12 +209,16 @@ def _check_inputs(q, k, v, sinks, q_pos, k_pos, window):
 
 def attention_prefill(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, q_pos: torch.Tensor,
-    k_pos: torch.Tensor, window: int | None, *, block_m: int = 64, block_n: int = 64,
+    k_pos: torch.Tensor, window: int | None, *, block_m: int = 128, block_n: int = 64,
     out: torch.Tensor | None = None, sink_out: torch.Tensor | None = None, num_warps: int = 4, num_stages: int = 2,
+    check_blocks: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flash attention with sinks: q [B, Tq, H, Dh], k/v [B, Tk, Hkv, Dh] -> z [B, Tq, H, Dh], sink_mass [B, H, Tq].
 
-    Positions are arbitrary (a ring-buffer cache works), but sorted positions let the kernel skip key blocks.
+    Positions are arbitrary (a ring-buffer cache works). Each program visits only the span of key blocks its
+    queries can see (the causal or sliding-window band when positions are sorted); `check_blocks` also skips
+    blocks inside the span that no query sees, which pays only for scattered positions. Tile defaults are from
+    a sweep on an H100 (scripts/moe_sweep.py).
     `out` [B, Tq, H, Dh] (last dimension contiguous) and `sink_out` (contiguous fp32 [B, H, Tq]) are optional
     destinations.
     """
@@ -220,27 +239,13 @@ def attention_prefill(
     kp = kp.view(n_kb, block_n)
     kb_max = kp.amax(dim=1)
     kb_min = torch.where(kp >= 0, kp, torch.iinfo(torch.int64).max).amin(dim=1)
-    # Each query block's first and last key block worth visiting (last < first: none), from the same tests
-    # the kernel applies per block; computed on the GPU without a host sync.
-    n_qb = triton.cdiv(Tq, block_m)
-    qp = torch.full((n_qb * block_m,), -1, dtype=torch.int64, device=q.device)
-    qp[:Tq] = q_pos
-    qp = qp.view(n_qb, block_m)
-    q_hi = qp.amax(dim=1)
-    q_lo = torch.where(qp >= 0, qp, torch.iinfo(torch.int64).max).amin(dim=1)
-    relevant = (kb_max[None, :] >= 0) & (kb_min[None, :] <= q_hi[:, None])  # [n_qb, n_kb]
-    if window is not None:
-        relevant &= q_lo[:, None] - kb_max[None, :] < window
-    kb_ids = torch.arange(n_kb, device=q.device)
-    kb_first = torch.where(relevant, kb_ids, n_kb).amin(dim=1).to(torch.int32)
-    kb_last = torch.where(relevant, kb_ids, -1).amax(dim=1).to(torch.int32)
-    _prefill_kernel[(n_qb, B * H)](
-        q, k, v, sinks, q_pos, k_pos, kb_min, kb_max, kb_first, kb_last, z, sink_mass,
+    _prefill_kernel[(triton.cdiv(Tq, block_m), B * H)](
+        q, k, v, sinks, q_pos, k_pos, kb_min, kb_max, z, sink_mass,
         Tq, Tk, H, window if window is not None else 0, LOG2E / math.sqrt(Dh),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), z.stride(0), z.stride(1), z.stride(2),
         G=H // Hkv, DH=Dh, BLOCK_M=block_m, BLOCK_N=block_n, HAS_WINDOW=window is not None,
-        IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
+        IEEE=q.dtype == torch.float32, CHECK_BLOCKS=check_blocks, num_warps=num_warps, num_stages=num_stages,
     )
     return z, sink_mass
 
