@@ -19,16 +19,18 @@ from ossscope.bench import BF16_RATE, COPY_BANDWIDTH, cuda_time, graph_time
 from ossscope.config import PRESETS
 
 DECODE = [
+    {"decode": "gemv", "BLOCK_I": 16, "BLOCK_D": 16, "GROUPS": 8, "num_warps": 4},  # the first version
     {},  # the current default (kernels.moe.DECODE_BLOCKS)
+    {"decode": "gemv", "BLOCK_I": 8, "BLOCK_D": 8, "GROUPS": 32, "num_warps": 8},
+    {"decode": "tiled"},
 ]
 PREFILL = [
+    {"BLOCK_M": 64, "BLOCK_N1": 64, "BLOCK_N2": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
     {},  # the current default (kernels.moe.PREFILL_BLOCKS)
+    {"BLOCK_M": 256, "BLOCK_N1": 128, "BLOCK_N2": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4},
 ]
-
-
-# (block_m, block_n, num_warps, num_stages, check_blocks); the first is the current default and the reference.
-ATTENTION = [(64, 64, 4, 2, True), (64, 64, 4, 2, False), (128, 64, 4, 2, False), (128, 64, 4, 3, False),
-             (64, 64, 4, 3, False), (128, 128, 8, 3, False), (128, 64, 8, 3, False)]
+# (block_m, block_n, num_warps, num_stages, check_blocks); the first is the default and the reference.
+ATTENTION = [(128, 64, 4, 2, False), (64, 64, 4, 2, True), (64, 64, 4, 3, False)]
 
 
 def experts(E: int, D: int, I: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
