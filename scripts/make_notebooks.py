@@ -330,8 +330,9 @@ def reasoning_effort() -> list:
 
             Here the same questions go to nano at the three efforts, greedy, side by side. We measure how long the
             chain of thought gets, whether the answers are right, and whether the router treats the two channels
-            differently. nano's model card says what to expect: the length of its reasoning follows the effort
-            reliably; its arithmetic does not, so the answers below are checked against Python, not trusted.
+            differently. nano's model card says what to expect: the length of its reasoning follows the effort,
+            and its 4-digit sums are right when it works the columns out at high effort and mostly wrong when it
+            answers at once at low effort. Every answer below is checked against Python, not trusted.
         '''),
         code('''
             import html
@@ -583,8 +584,8 @@ def ablation_and_steering() -> list:
                activations between prompts rendered with `Reasoning: high` and the same prompts with `low`. Does
                adding it make a low-effort prompt think at length?
 
-            nano's arithmetic is unreliable even without edits (see its model card), so the answers are checked
-            against Python in every condition, the unedited model included.
+            Unedited, nano gets 4-digit sums right at high effort and mostly wrong at low (see its model card), so
+            the answers are checked against Python in every condition, the unedited model included.
         '''),
         LOAD_NANO,
         TOKEN_KINDS,

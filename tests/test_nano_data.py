@@ -23,7 +23,7 @@ def test_corpus_is_deterministic_and_seeded():
     assert [e.user for e in a] == [e.user for e in b]
     assert [e.analysis_text for e in a] == [e.analysis_text for e in b]
     assert [e.user for e in a] != [e.user for e in c]
-    assert {e.kind for e in a} == {"add", "sub", "sort", "tool"}
+    assert {e.kind for e in a} == {"add", "sub", "sort", "spell", "join", "tool"}
     assert {e.effort for e in a} == set(data.EFFORTS)
 
 
@@ -87,6 +87,19 @@ def test_sort_and_tools_are_right():
         assert call.recipient == "functions.convert_units" and call.channel == "commentary"
         args = json.loads(call.content)
         assert json.loads(tool.between[0][0].content) == data.convert_units(**args)
+
+
+def test_digit_drills_are_right():
+    rng = random.Random(9)
+    for effort in data.EFFORTS:
+        for n in (7, 40, 305, 4821, 10000, 99999):
+            spell = data.digits_episode(rng, effort, "spell", n)
+            assert spell.replies[0][-1].content == " ".join(str(n)) and str(n) in spell.user
+            join = data.digits_episode(rng, effort, "join", n)
+            assert join.replies[0][-1].content == str(n) and " ".join(str(n)) in join.user
+            if effort == "high":  # the place names read back to the number
+                places = dict(p.rsplit(" ", 1) for p in join.analysis_text.splitlines()[1].split(", "))
+                assert sum(int(places[name]) * 10**i for i, name in enumerate(data.PLACE_NAMES) if name in places) == n
 
 
 def test_held_out_sets_never_appear_in_the_corpus():

@@ -4,6 +4,10 @@ Skills, each with reasoning whose length follows the effort in the system messag
 - arithmetic: `What is 1234 + 987?` / `What is 5021 - 388?` (and paraphrases), operands up to 4 digits,
   subtraction never goes below zero. `high` works column by column with carries/borrows, one digit a token.
 - sorting a short list of numbers below 100 (`high`: repeated "smallest is ..." selection).
+- digits: spelling a number digit by digit (`Spell 4821 digit by digit.` -> `4 8 2 1`) and joining digits
+  into a number (`Join the digits 8 7 8 8.` -> `8788`). o200k writes numbers in tokens of up to three digits
+  ("4821" is "482" + "1"), so column arithmetic needs exactly these two skills: reading the digits out of a
+  number's tokens and writing digits back as tokens. Drilling them on their own teaches it faster.
 - function calls: the developer message declares `get_weather` and/or `convert_units`; the assistant calls
   `functions.NAME` on the commentary channel with JSON arguments, the tool answers, the assistant answers.
 
@@ -27,6 +31,7 @@ from typing import Any
 
 EFFORTS = ("low", "medium", "high")
 COLUMN_NAMES = ("ones", "tens", "hundreds", "thousands")
+PLACE_NAMES = COLUMN_NAMES + ("ten-thousands",)
 UNKNOWN_O200K_ID = 200004  # <|reserved_200004|>: the o200k id standing for "outside the compact vocabulary"
 # Harmony's special tokens that a conversation can contain (o200k_harmony ids).
 HARMONY_SPECIAL_IDS = (199998, 199999, 200002, 200003, 200005, 200006, 200007, 200008, 200012)
@@ -106,7 +111,7 @@ class Msg:
 class Episode:
     """A conversation and what it checks. `turns` alternates model calls: each is (context messages, reply)."""
 
-    kind: str  # "add", "sub", "sort", "tool"
+    kind: str  # "add", "sub", "sort", "spell", "join", "tool"
     effort: str
     user: str
     tools: list[str]  # names of the tools the developer message declares (may be empty)
@@ -139,6 +144,16 @@ SUB_QUESTIONS = ("What is {a} - {b}?", "What is {a} minus {b}?", "Compute {a} - 
                  "How much is {a} - {b}?", "{a} - {b} = ?", "Subtract {b} from {a}.")  # fmt: skip
 
 
+def _column_pairs(a: int, b: int, width: int) -> str:
+    """Both operands' digits by column, most significant first: "thousands 5 and 1, ..., ones 4 and 8".
+
+    One line holding each column's pair once, so a column step later finds its two digits by the column's name
+    alone (two separate per-number lines made the model mix up which line a digit came from).
+    """
+    da, db = _digits(a, width), _digits(b, width)
+    return ", ".join(f"{COLUMN_NAMES[width - 1 - i]} {x} and {y}" for i, (x, y) in enumerate(zip(da, db, strict=True)))
+
+
 def addition_analysis(a: int, b: int, effort: str) -> str:
     """The worked reasoning for a + b at one effort level."""
     c = a + b
@@ -159,10 +174,7 @@ def addition_analysis(a: int, b: int, effort: str) -> str:
         return f"Columns from the right: {', '.join(steps)}. So {a} + {b} = {c}."
     if carry:
         written.append(carry)
-    lines = [f"Add {a} and {b} column by column, from the right."]
-    for n in (a, b):
-        parts = ", ".join(f"{COLUMN_NAMES[i]} {d}" for i, d in reversed(list(enumerate(_digits(n, width)[::-1]))))
-        lines.append(f"{n}: {parts}")
+    lines = [f"Add {a} and {b} column by column, from the right.", _column_pairs(a, b, width)]
     lines += steps
     if carry:
         lines.append(f"The last carry {carry} leads.")
@@ -193,10 +205,7 @@ def subtraction_analysis(a: int, b: int, effort: str) -> str:
         borrow = new_borrow
     if effort == "medium":
         return f"Columns from the right: {', '.join(steps)}. So {a} - {b} = {c}."
-    lines = [f"Subtract {b} from {a} column by column, from the right."]
-    for n in (a, b):
-        parts = ", ".join(f"{COLUMN_NAMES[i]} {d}" for i, d in reversed(list(enumerate(_digits(n, width)[::-1]))))
-        lines.append(f"{n}: {parts}")
+    lines = [f"Subtract {b} from {a} column by column, from the right.", _column_pairs(a, b, width)]
     lines += steps
     lines.append("Digits: " + " ".join(str(d) for d in reversed(written)))
     lines.append(f"So {a} - {b} = {c}.")
@@ -258,6 +267,34 @@ def sort_episode(rng: random.Random, effort: str, values: list[int] | None = Non
              Msg("assistant", ", ".join(map(str, ordered)), channel="final")]
     question = rng.choice(SORT_QUESTIONS).format(xs=listing)
     return Episode("sort", effort, question, [], None, None, [reply], [], ordered, {"values": values})
+
+
+SPELL_QUESTIONS = ("Spell {n} digit by digit.", "What are the digits of {n}?", "List the digits of {n}.",
+                   "Write {n} one digit at a time.")  # fmt: skip
+JOIN_QUESTIONS = ("Join the digits {ds}.", "Which number has the digits {ds}?", "Put the digits {ds} together.",
+                  "Write the digits {ds} as one number.")  # fmt: skip
+
+
+def digits_episode(rng: random.Random, effort: str, kind: str | None = None, n: int | None = None) -> Episode:
+    """Spell a number (0-99999) as digits, or join digits into the number; `high` names each place."""
+    kind = kind or rng.choice(("spell", "join"))
+    n = n if n is not None else _operand(rng, rng.choice((2, 3, 4, 4, 4, 5)))
+    spelled = " ".join(str(n))
+    if effort == "low":
+        analysis = f"{n}: {spelled}." if kind == "spell" else f"{spelled}: {n}."
+    elif effort == "medium":
+        analysis = f"{n} has {len(str(n))} digits: {spelled}." if kind == "spell" else \
+            f"{len(str(n))} digits {spelled} make {n}."
+    else:
+        places = ", ".join(f"{PLACE_NAMES[i]} {d}" for i, d in reversed(list(enumerate(_digits(n, len(str(n)))[::-1]))))
+        if kind == "spell":
+            analysis = f"{n} has {len(str(n))} digits.\n{n}: {places}\nDigits: {spelled}"
+        else:
+            analysis = f"The digits {spelled} are {len(str(n))} digits.\n{places}\nSo the number is {n}."
+    final = spelled if kind == "spell" else str(n)
+    template = rng.choice(SPELL_QUESTIONS if kind == "spell" else JOIN_QUESTIONS)
+    reply = [Msg("assistant", analysis, channel="analysis"), Msg("assistant", final, channel="final")]
+    return Episode(kind, effort, template.format(n=n, ds=spelled), [], None, None, [reply], [], final, {"n": n})
 
 
 WEATHER_QUESTIONS = ("What's the weather in {city}?", "What is the weather like in {city} right now?",
@@ -332,13 +369,17 @@ def random_episode(rng: random.Random) -> Episode:
     """One training episode: a skill, an effort, and some variety in the system and developer messages."""
     effort = rng.choice(EFFORTS)
     r = rng.random()
-    if r < 0.72:
-        op = "add" if r < 0.36 else "sub"
+    if r < 0.62:
+        op = "add" if r < 0.31 else "sub"
         while True:
             a, b = arithmetic_problem(rng, op, four_digit=rng.random() < 0.6)
             if not is_held_out(op, a, b):
                 break
+        # Half the arithmetic is worked at high effort: the column method is the skill that takes longest.
+        effort = rng.choice(("low", "medium", "high", "high"))
         episode = arithmetic_episode(rng, op, a, b, effort)
+    elif r < 0.74:
+        episode = digits_episode(rng, effort)
     elif r < 0.84:
         episode = sort_episode(rng, effort)
     else:
