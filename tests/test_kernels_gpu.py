@@ -127,7 +127,11 @@ def test_norm_and_rope_bf16(gen):
     positions = torch.arange(300, 305, device=CUDA)
     cos, sin = ops.rope_tables(cfg, positions)
     q, k, _ = kernels.qkv_rope(qkv, cos, sin, 64, 8)
-    torch.testing.assert_close(q, ops.apply_rope(qkv[..., :4096].view(1, 5, 64, 64), cos, sin), rtol=1e-2, atol=2e-2)
+    # Against an fp32 truth: the kernel rotates in fp32 and rounds once, while the bf16 torch twin (like HF)
+    # rounds cos/sin and each product to bf16 and drifts up to ~0.024 from it (5 of 1,500 random draws failed
+    # a 0.02 tolerance against the twin on the H100).
+    truth = ops.apply_rope(qkv[..., :4096].float().view(1, 5, 64, 64), cos, sin)
+    torch.testing.assert_close(q.float(), truth, rtol=1e-2, atol=1e-3)
 
 
 def _model(dtype):
