@@ -312,8 +312,8 @@ def attention_sinks() -> list:
                 for block, value in zip(model.layers, saved, strict=True):
                     block.attn.sinks.copy_(value)
 
-            print(f"Loss on the assistant's tokens: {with_sinks:.3f} nats with the sinks, {without_sinks:.3f} without "
-                  f"(x{torch.exp(torch.tensor(without_sinks - with_sinks)):.2f} in perplexity).")
+            print(f"Loss on the assistant's tokens: {with_sinks:.2e} nats with the sinks, {without_sinks:.2e} without "
+                  f"(x{torch.exp(torch.tensor(without_sinks - with_sinks)):.4f} in perplexity).")
         '''),
     ]
 
@@ -879,13 +879,14 @@ def ablation_and_steering() -> list:
             print("Right answers: " + ", ".join(f"{r} {n}/{len(TEST)}" for r, n in right.items()) + ".")
         '''),
         md('''
-            **What to take away.** Being used for digits is not the same as being needed for them. Teacher-forced,
-            removing the digit expert moves the loss and the top predictions only a little, by amounts to compare
-            with the control's (printed above): the other experts mostly cover for it. Generation is less
-            forgiving: greedy decoding follows the top prediction, and one flipped digit early in the worked
-            solution carries through the columns to the answer (the diff above shows where). `reroute` and `zero`
-            are different edits: rerouting hands the tokens to another expert and changes routing downstream,
-            zeroing keeps the routing and removes the contribution.
+            **What to take away.** Being used for digits is not the same as being needed for them. Compare the
+            digit expert's numbers with the control's (printed above): on the shipped nano, removing the expert
+            that takes most digit tokens barely moves the loss or the answers, because the other experts cover for
+            it, while the control, an expert that mostly serves words, can matter more to the digits. Where an edit
+            does flip a top prediction, greedy decoding carries it forward: one changed digit early in the worked
+            solution carries through the columns to the answer (the first changed line above shows where).
+            `reroute` and `zero` are different edits: rerouting hands the tokens to another expert and changes
+            routing downstream, zeroing keeps the routing and removes the contribution.
 
             Steering is a blunter tool: one difference-of-means vector, added at one layer on every token, can
             switch low-effort prompts to the high-effort style of reasoning. The printed lengths and answers say on
