@@ -280,8 +280,9 @@ def moe_experts(
     x [N, D], topk_indices [N, k] (int), topk_weights [N, k] -> y [N, D] in x's dtype = sum over the k choices
     of weight * (mlp2(swiglu(mlp1(x))) + biases); with per_expert also expert_out [N, k, D] (unweighted).
     `out` [N, D] receives y (for CUDA graphs); `blocks` overrides the tile sizes (tests use small ones).
-    Decode-sized inputs (N * k <= GEMV_MAX_SLOTS) take the streaming kernels and launch no host-synchronizing
-    op, so they can be captured in a CUDA graph; larger inputs group the slots by expert first.
+    Decode-sized inputs (N * k <= GEMV_MAX_SLOTS) take the streaming kernels; larger inputs group the slots by
+    expert first and run the tensor-core GEMMs. Neither path waits for the GPU (no host-synchronizing op), so
+    either can be captured in a CUDA graph, and prefill queues the next layers while this one runs.
     """
     check(x.dim() == 2, f"x must be [N, D], got shape {tuple(x.shape)}")
     N, D = x.shape
