@@ -29,13 +29,11 @@ import triton.language as tl
 
 from ._common import check, check_float, check_mxfp4, check_runnable, check_same_device, dot, e2m1_to_f32, e8m0_factor
 
-# Decode-sized inputs, up to this many (token, choice) slots, use DECODE_BLOCKS and need no host sync; larger
-# inputs group the slots by expert and use PREFILL_BLOCKS. "decode" picks the streaming kernels ("gemv") or
-# the tensor-core kernels with one slot per block ("tiled"). Tile sizes are from a sweep on an H100
-# (scripts/moe_sweep.py); `moe_experts(blocks=...)` overrides any of them.
+# Decode-sized inputs, up to this many (token, choice) slots, take the streaming kernels with DECODE_BLOCKS;
+# larger inputs group the slots by expert and take the tensor-core kernels with PREFILL_BLOCKS. Tile sizes are
+# from a sweep on an H100 (scripts/moe_sweep.py); `moe_experts(blocks=...)` overrides any of them.
 GEMV_MAX_SLOTS = 16
-DECODE_BLOCKS = {"decode": "gemv", "BLOCK_I": 8, "BLOCK_D": 8, "GROUPS": 16, "num_warps": 8,
-                 "BLOCK_M": 16, "BLOCK_N1": 64, "BLOCK_N2": 32, "BLOCK_K": 256, "num_stages": 3}
+DECODE_BLOCKS = {"BLOCK_I": 8, "BLOCK_D": 8, "GROUPS": 16, "num_warps": 8}
 PREFILL_BLOCKS = {"BLOCK_M": 128, "BLOCK_N1": 128, "BLOCK_N2": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 5}
 
 
@@ -190,7 +188,7 @@ def _down_grouped_kernel(
     act_ptr, row_slot_ptr, block_expert_ptr, wts_ptr, w_ptr, s_ptr, b_ptr, y_ptr, eo_ptr,
     D, I, stride_an, stride_we, stride_wr, stride_se, stride_sr, stride_be,
     K_ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    IEEE: tl.constexpr, PER_EXPERT: tl.constexpr, PER_SLOT: tl.constexpr,
+    IEEE: tl.constexpr, PER_EXPERT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # output features
@@ -216,11 +214,8 @@ def _down_grouped_kernel(
     if PER_EXPERT:
         tl.store(eo_ptr + safe_slot[:, None] * D + cols[None, :], out.to(eo_ptr.dtype.element_ty), mask=m)
     weight = tl.load(wts_ptr + safe_slot, mask=valid, other=0.0).to(tl.float32)
-    if PER_SLOT:  # y is [S, D]: each slot's weighted output, summed over k by the caller (deterministic)
-        tl.store(y_ptr + safe_slot[:, None] * D + cols[None, :], out * weight[:, None], mask=m)
-    else:  # y is [N, D]: the k slots of a token meet in fp32 atomics
-        token = safe_slot // K_ACT
-        tl.atomic_add(y_ptr + token[:, None] * D + cols[None, :], out * weight[:, None], mask=m, sem="relaxed")
+    token = safe_slot // K_ACT
+    tl.atomic_add(y_ptr + token[:, None] * D + cols[None, :], out * weight[:, None], mask=m, sem="relaxed")
 
 
 # -- public wrappers -----------------------------------------------------------------------------------------
@@ -232,8 +227,8 @@ def group_by_expert(topk_indices: torch.Tensor, num_experts: int, block_m: int) 
     topk_indices [N, k] -> row_slot [R] int32 (slot n*k+j of each row, -1 for padding; R = blocks * block_m),
     block_expert [blocks] int32 (the expert of each block of rows, -1 for an unused block). Stable: slots keep
     token order per expert. The number of blocks is the most any routing can need, cdiv(N*k, block_m) +
-    num_experts, so nothing waits for the GPU to count (no host sync; it can run inside a CUDA graph); the
-    kernels skip the unused blocks at the end.
+    num_experts, so nothing waits for the GPU to count (no host sync); the kernels skip the unused blocks at
+    the end.
     """
     flat = topk_indices.reshape(-1).long()
     S = flat.numel()
@@ -255,19 +250,6 @@ def group_by_expert(topk_indices: torch.Tensor, num_experts: int, block_m: int) 
     return row_slot, block_expert
 
 
-def slot_blocks(topk_indices: torch.Tensor, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One block of `block_m` rows per (token, choice) slot, the slot in its first row: the decode layout.
-
-    topk_indices [N, k] -> row_slot [N*k*block_m] int32 (-1 for padding), block_expert [N*k] int32. Built from
-    shapes alone, so it launches no host-synchronizing op and works inside CUDA graphs.
-    """
-    flat = topk_indices.reshape(-1)
-    S = flat.numel()
-    row_slot = torch.full((S, block_m), -1, dtype=torch.int32, device=flat.device)
-    row_slot[:, 0] = torch.arange(S, dtype=torch.int32, device=flat.device)
-    return row_slot.view(-1), flat.to(torch.int32)
-
-
 def moe_experts(
     x: torch.Tensor, topk_indices: torch.Tensor, topk_weights: torch.Tensor,
     mlp1_blocks: torch.Tensor, mlp1_scales: torch.Tensor, mlp1_bias: torch.Tensor,
@@ -280,9 +262,9 @@ def moe_experts(
     x [N, D], topk_indices [N, k] (int), topk_weights [N, k] -> y [N, D] in x's dtype = sum over the k choices
     of weight * (mlp2(swiglu(mlp1(x))) + biases); with per_expert also expert_out [N, k, D] (unweighted).
     `out` [N, D] receives y (for CUDA graphs); `blocks` overrides the tile sizes (tests use small ones).
-    Decode-sized inputs (N * k <= GEMV_MAX_SLOTS) take the streaming kernels; larger inputs group the slots by
-    expert first and run the tensor-core GEMMs. Neither path waits for the GPU (no host-synchronizing op), so
-    either can be captured in a CUDA graph, and prefill queues the next layers while this one runs.
+    Decode-sized inputs (N * k <= GEMV_MAX_SLOTS) take the streaming kernels (captured in the decoder's CUDA
+    graph); larger inputs group the slots by expert first and run the tensor-core GEMMs. Neither path waits for
+    the GPU (no host-synchronizing op), so prefill queues the next layers while this one runs.
     """
     check(x.dim() == 2, f"x must be [N, D], got shape {tuple(x.shape)}")
     N, D = x.shape
@@ -321,7 +303,7 @@ def moe_experts(
         return (y, expert_out) if per_expert else y
     cfg = {**(DECODE_BLOCKS if S <= GEMV_MAX_SLOTS else PREFILL_BLOCKS), **(blocks or {})}
     ieee = x.dtype == torch.float32
-    if S <= GEMV_MAX_SLOTS and cfg["decode"] == "gemv":
+    if S <= GEMV_MAX_SLOTS:
         act = torch.empty(S, I, device=x.device, dtype=x.dtype)
         _gate_up_gemv_kernel[(S, triton.cdiv(I, cfg["BLOCK_I"]))](
             x, topk_indices, mlp1_blocks, mlp1_scales, mlp1_bias, act,
@@ -335,13 +317,7 @@ def moe_experts(
             num_warps=cfg["num_warps"],
         )
         return (y, expert_out) if per_expert else y
-    # Tensor-core path. Decode gives every slot its own block (no host sync, so CUDA graphs can capture it) and
-    # sums the k slots of a token in fp32 afterwards; prefill groups the slots by expert and sums with atomics.
-    decode = S <= GEMV_MAX_SLOTS
-    if decode:
-        row_slot, block_expert = slot_blocks(topk_indices, cfg["BLOCK_M"])
-    else:
-        row_slot, block_expert = group_by_expert(topk_indices, E, cfg["BLOCK_M"])
+    row_slot, block_expert = group_by_expert(topk_indices, E, cfg["BLOCK_M"])
     n_blocks = block_expert.shape[0]
     act = torch.empty(row_slot.shape[0], I, device=x.device, dtype=x.dtype)  # grouped, padded rows
     _gate_up_grouped_kernel[(n_blocks, triton.cdiv(2 * I, cfg["BLOCK_N1"]))](
@@ -350,15 +326,14 @@ def moe_experts(
         K_ACT=k, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N1"], BLOCK_K=cfg["BLOCK_K"], IEEE=ieee,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    y32 = torch.empty(S, D, device=x.device, dtype=torch.float32) if decode else \
-        torch.zeros(N, D, device=x.device, dtype=torch.float32)
+    y32 = torch.zeros(N, D, device=x.device, dtype=torch.float32)
     _down_grouped_kernel[(n_blocks, triton.cdiv(D, cfg["BLOCK_N2"]))](
         act, row_slot, block_expert, topk_weights, mlp2_blocks, mlp2_scales, mlp2_bias, y32, expert_out,
         D, I, act.stride(0), *w2,
         K_ACT=k, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K"], IEEE=ieee,
-        PER_EXPERT=per_expert, PER_SLOT=decode, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        PER_EXPERT=per_expert, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    y.copy_(y32.view(N, k, D).sum(1) if decode else y32)
+    y.copy_(y32)
     return (y, expert_out) if per_expert else y
 
 

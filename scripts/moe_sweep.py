@@ -19,10 +19,9 @@ from ossscope.bench import BF16_RATE, COPY_BANDWIDTH, cuda_time, graph_time
 from ossscope.config import PRESETS
 
 DECODE = [
-    {"decode": "gemv", "BLOCK_I": 16, "BLOCK_D": 16, "GROUPS": 8, "num_warps": 4},  # the first version
+    {"BLOCK_I": 16, "BLOCK_D": 16, "GROUPS": 8, "num_warps": 4},  # the first version
     {},  # the current default (kernels.moe.DECODE_BLOCKS)
-    {"decode": "gemv", "BLOCK_I": 8, "BLOCK_D": 8, "GROUPS": 32, "num_warps": 8},
-    {"decode": "tiled"},
+    {"BLOCK_I": 8, "BLOCK_D": 8, "GROUPS": 32, "num_warps": 8},
 ]
 PREFILL = [
     {"BLOCK_M": 64, "BLOCK_N1": 64, "BLOCK_N2": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},

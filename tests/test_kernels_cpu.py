@@ -114,18 +114,16 @@ SMALL_BLOCKS = {"BLOCK_M": 16, "BLOCK_N1": 32, "BLOCK_N2": 32, "BLOCK_K": 64, "B
                 "GROUPS": 2, "num_warps": 4, "num_stages": 1}
 
 
-# 1 and 3 tokens are decode-sized (streaming kernels, or tensor-core tiles with a block per slot), 13 are
-# grouped by expert.
-@pytest.mark.parametrize("N,decode", [(1, "gemv"), (3, "gemv"), (1, "tiled"), (3, "tiled"), (13, "gemv")])
+@pytest.mark.parametrize("N", [1, 3, 13])  # 1 and 3 tokens take the streaming kernels, 13 the grouped GEMMs
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_moe_experts_matches_twin(gen, N, decode, dtype):
+def test_moe_experts_matches_twin(gen, N, dtype):
     E, D, I, k = 5, 96, 160, 2  # D/2 = 48 bytes and I = 160 are not multiples of the blocks
     packed = _experts(gen, E, D, I, dtype)
     x = torch.randn(N, D, generator=gen).to(dtype)
     indices, weights = route_reference(torch.randn(N, E, generator=gen), k)
     y = torch.full((N, D), float("nan"), dtype=dtype)
     y, expert_out = kernels.moe_experts(x, indices, weights, *packed, 7.0, 1.702, per_expert=True, out=y,
-                                        blocks={**SMALL_BLOCKS, "decode": decode})
+                                        blocks=SMALL_BLOCKS)
     ref_packed = [t.float() if t.is_floating_point() else t for t in packed]
     ref_y, ref_out = ops.moe_experts(x.float(), indices, weights, *ref_packed, 7.0, 1.702, per_expert=True)
     tol = 1e-5 if dtype == torch.float32 else 3e-3
