@@ -286,7 +286,7 @@ def digits_episode(rng: random.Random, effort: str, kind: str | None = None, n: 
         analysis = f"{n} has {len(str(n))} digits: {spelled}." if kind == "spell" else \
             f"{len(str(n))} digits {spelled} make {n}."
     else:
-        places = ", ".join(f"{PLACE_NAMES[i]} {d}" for i, d in reversed(list(enumerate(_digits(n, len(str(n)))[::-1]))))
+        places = ", ".join(f"{PLACE_NAMES[len(str(n)) - 1 - i]} {d}" for i, d in enumerate(str(n)))
         if kind == "spell":
             analysis = f"{n} has {len(str(n))} digits.\n{n}: {places}\nDigits: {spelled}"
         else:
