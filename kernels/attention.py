@@ -36,7 +36,7 @@ def _prefill_kernel(
     Tq, Tk, H, window, qk_scale,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, szb, szt, szh,
     G: tl.constexpr, DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, CHECK_BLOCKS: tl.constexpr, SCAN: tl.constexpr = 256,
+    HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, SCAN: tl.constexpr = 256,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -68,33 +68,27 @@ def _prefill_kernel(
             seen = seen & (q_lo - hi < window)
         kb_first = tl.minimum(kb_first, tl.min(tl.where(seen, kbs, n_kb), axis=0))
         kb_last = tl.maximum(kb_last, tl.max(tl.where(seen, kbs, -1), axis=0))
+    # Blocks inside the span that no query sees (possible only for scattered ring-buffer positions) cost a
+    # masked pass; the masks below keep the result exact either way.
     for kb in range(kb_first, kb_last + 1):
-        relevant = True
-        if CHECK_BLOCKS:  # skip blocks inside the span that no query sees (scattered ring-buffer positions)
-            k_lo = tl.load(kb_min_ptr + kb)
-            k_hi = tl.load(kb_max_ptr + kb)  # -1 when the block holds no key
-            relevant = (k_hi >= 0) & (k_lo <= q_hi)
-            if HAS_WINDOW:
-                relevant = relevant & (q_lo - k_hi < window)
-        if relevant:
-            offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-            nmask = offs_n < Tk
-            kpos = tl.load(kpos_ptr + offs_n, mask=nmask, other=-1)
-            kt = tl.load(k_ptr + b * skb + offs_n[None, :] * skt + hk * skh + d[:, None], mask=nmask[None, :],
-                         other=0.0)  # [DH, BLOCK_N]
-            s = dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE) * qk_scale
-            visible = (kpos[None, :] >= 0) & (kpos[None, :] <= qpos[:, None])
-            if HAS_WINDOW:
-                visible = visible & (qpos[:, None] - kpos[None, :] < window)
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: it starts at the sink
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + b * svb + offs_n[:, None] * svt + hk * svh + d[None, :], mask=nmask[:, None],
-                        other=0.0)
-            acc = dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
-            m_i = m_new
+        offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = offs_n < Tk
+        kpos = tl.load(kpos_ptr + offs_n, mask=nmask, other=-1)
+        kt = tl.load(k_ptr + b * skb + offs_n[None, :] * skt + hk * skh + d[:, None], mask=nmask[None, :],
+                     other=0.0)  # [DH, BLOCK_N]
+        s = dot(q, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE) * qk_scale
+        visible = (kpos[None, :] >= 0) & (kpos[None, :] <= qpos[:, None])
+        if HAS_WINDOW:
+            visible = visible & (qpos[:, None] - kpos[None, :] < window)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: it starts at the sink
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + b * svb + offs_n[:, None] * svt + hk * svh + d[None, :], mask=nmask[:, None],
+                    other=0.0)
+        acc = dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
+        m_i = m_new
     z = acc / l_i[:, None]
     tl.store(z_ptr + b * szb + offs_m[:, None] * szt + h * szh + d[None, :], z.to(z_ptr.dtype.element_ty),
              mask=mmask[:, None])
@@ -211,14 +205,12 @@ def attention_prefill(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, q_pos: torch.Tensor,
     k_pos: torch.Tensor, window: int | None, *, block_m: int = 128, block_n: int = 64,
     out: torch.Tensor | None = None, sink_out: torch.Tensor | None = None, num_warps: int = 4, num_stages: int = 2,
-    check_blocks: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flash attention with sinks: q [B, Tq, H, Dh], k/v [B, Tk, Hkv, Dh] -> z [B, Tq, H, Dh], sink_mass [B, H, Tq].
 
     Positions are arbitrary (a ring-buffer cache works). Each program visits only the span of key blocks its
-    queries can see (the causal or sliding-window band when positions are sorted); `check_blocks` also skips
-    blocks inside the span that no query sees, which pays only for scattered positions. Tile defaults are from
-    a sweep on an H100 (scripts/moe_sweep.py).
+    queries can see (the causal or sliding-window band when positions are sorted). Tile defaults are from a
+    sweep on an H100 (scripts/moe_sweep.py).
     `out` [B, Tq, H, Dh] (last dimension contiguous) and `sink_out` (contiguous fp32 [B, H, Tq]) are optional
     destinations.
     """
@@ -245,7 +237,7 @@ def attention_prefill(
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), z.stride(0), z.stride(1), z.stride(2),
         G=H // Hkv, DH=Dh, BLOCK_M=block_m, BLOCK_N=block_n, HAS_WINDOW=window is not None,
-        IEEE=q.dtype == torch.float32, CHECK_BLOCKS=check_blocks, num_warps=num_warps, num_stages=num_stages,
+        IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
     )
     return z, sink_mass
 
