@@ -4,6 +4,7 @@
 | -------------------------------- | -------------------------------------------- |
 | `route`                          | `routing.route_reference` (ops.route + zero) |
 | `moe_experts`                    | `ossscope.ops.moe_experts`                   |
+| `moe_decode_parts` (+ `input_words`) | `ossscope.ops.moe_experts(per_expert=True)` |
 | `dequantize`                     | `ossscope.mxfp4.dequantize`                  |
 | `attention` / `_prefill` / `_decode` | `ossscope.ops.attention`                 |
 | `rms_norm`, `add_rms_norm`       | `ossscope.ops.rms_norm`, `norm.add_rms_norm_reference` |
@@ -14,10 +15,11 @@ Triton keep working. The wrappers validate their inputs and raise ValueError nam
 """
 
 from .attention import attention, attention_decode, attention_prefill
-from .moe import dequantize, group_by_expert, moe_experts
+from .moe import dequantize, group_by_expert, input_words, moe_decode_parts, moe_experts
 from .norm import add_rms_norm, rms_norm
 from .rope import qkv_rope
 from .routing import route
 
-__all__ = ["attention", "attention_decode", "attention_prefill", "moe_experts", "dequantize", "group_by_expert",
+__all__ = ["attention", "attention_decode", "attention_prefill", "moe_experts", "moe_decode_parts", "input_words",
+           "dequantize", "group_by_expert",
            "route", "rms_norm", "add_rms_norm", "qkv_rope"]

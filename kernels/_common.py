@@ -29,6 +29,16 @@ def e8m0_factor(scale):
     return ((scale.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)
 
 
+# The MoE decode kernels take their inputs in "word order" (kernels/moe.py explains why): fp32, times 2**64.
+INPUT_SCALE = tl.constexpr(2.0**64)
+
+
+@triton.jit
+def word_order(f):
+    """Input feature f -> its place in word order: feature 32 g + 8 j + k (code k of word j) goes to 32 g + 4 k + j."""
+    return (f // 32) * 32 + (f % 8) * 4 + (f // 8) % 4
+
+
 @triton.jit
 def dot(a, b, acc, IEEE: tl.constexpr):
     """acc += a @ b; fp32 operands multiply exactly (no tf32) when IEEE is set."""

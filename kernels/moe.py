@@ -27,98 +27,159 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check, check_float, check_mxfp4, check_runnable, check_same_device, dot, e2m1_to_f32, e8m0_factor
+from ._common import (
+    INPUT_SCALE,
+    check,
+    check_float,
+    check_mxfp4,
+    check_runnable,
+    check_same_device,
+    dot,
+    e2m1_to_f32,
+    e8m0_factor,
+    word_order,
+)
 
 # Decode-sized inputs, up to this many (token, choice) slots, take the streaming kernels with DECODE_BLOCKS;
 # larger inputs group the slots by expert and take the tensor-core kernels with PREFILL_BLOCKS. Tile sizes are
 # from a sweep on an H100 (scripts/moe_sweep.py); `moe_experts(blocks=...)` overrides any of them.
 GEMV_MAX_SLOTS = 16
-DECODE_BLOCKS = {"BLOCK_I": 8, "BLOCK_D": 8, "GROUPS": 16, "num_warps": 8}
+DECODE_BLOCKS = {"BLOCK_I": 16, "GROUPS_I": 16, "WARPS_I": 2, "BLOCK_D": 8, "GROUPS_D": 16, "WARPS_D": 1}
 PREFILL_BLOCKS = {"BLOCK_M": 128, "BLOCK_N1": 128, "BLOCK_N2": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 5}
 
 
 # -- decode: streaming kernels -------------------------------------------------------------------------------
+#
+# The weights are read as int32 words, 8 E2M1 codes each (input features 8j..8j+7 of the word, code k in bits
+# 4k..4k+3). Codes k and k+4 sit 16 bits apart, so one shift and mask put both magnitudes where a bf16 keeps its
+# exponent and mantissa, and one more shift brings both signs to bits 15 and 31: two bf16 values, each the E2M1
+# value times 2**-126 (0.5 becomes a subnormal, still exact), which turn into fp32 by keeping the high half or
+# moving the low half up. That is about 3 integer operations and 1 FMA per weight, with no conversion
+# instructions. The inputs come in "word order" (fp32, times 2**64 so that their products with those tiny
+# values stay normal and exact): within each 32-feature group, the 4 words' code-k inputs sit side by side, so
+# a thread loads them as one vector in the layout its weight words already have. The block scale gives the
+# 2**62 back.
+
+PAIR_MAGNITUDES = tl.constexpr(0x01C001C0)  # bits 6-8 and 22-24: a bf16's low exponent bits and first mantissa bit
+PAIR_SIGNS = tl.constexpr(-2147450880)  # 0x80008000 as an int32 (a larger literal would widen the tile to int64)
+HIGH_HALF = tl.constexpr(-65536)  # 0xFFFF0000 as an int32
 
 
 @triton.jit
-def _row_dot(w_row_ptr, s_row_ptr, xe, xo, grp, gmask, umask, rows, stride_wr, stride_sr):
-    """Partial dot products of MXFP4 rows with one step of input: [BLOCK_R, GROUPS] fp32 (scaled).
+def _input_words_kernel(x_ptr, out_ptr, K, stride_xn, stride_on, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * stride_xn + f, mask=f < K, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_on + word_order(f), x * INPUT_SCALE, mask=f < K)
 
-    rows [BLOCK_R] weight rows, grp [GROUPS] 32-element groups, xe/xo [GROUPS, 16] even/odd input features.
+
+@triton.jit
+def _code_pair(w, k: tl.constexpr):
+    """int32 words -> bf16 pairs: code k in the low half, code k + 4 in the high half, each value * 2**-126."""
+    if k <= 1:  # noqa: SIM108 (a static branch: the other shift would be negative)
+        magnitudes = (w << (6 - 4 * k)) & PAIR_MAGNITUDES
+    else:
+        magnitudes = (w >> (4 * k - 6)) & PAIR_MAGNITUDES
+    if k == 3:  # noqa: SIM108
+        signs = w & PAIR_SIGNS
+    else:
+        signs = (w << (12 - 4 * k)) & PAIR_SIGNS
+    return magnitudes | signs
+
+
+@triton.jit
+def _group_factor(scale):
+    """uint8 E8M0 codes -> fp32 2**(scale - 127) * 2**62, undoing the 2**-62 of codes times inputs; exact up to
+    code 192. (Checkpoint scales sit around 2**-7, code 120; products stay exact for inputs in [2**-63, 2**64).)"""
+    return ((scale.to(tl.int32) + 62) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _rows_dot(w_rows, s_rows, x_row, K, rmask, GROUPS: tl.constexpr):
+    """Packed MXFP4 rows times one word-ordered input -> [R] fp32.
+
+    w_rows [R, 1, 1] pointers to each row's int32 words, s_rows [R, 1] to its scale codes, x_row to the input
+    (K features in word order, fp32 * 2**64).
     """
-    byte = grp[:, None] * 16 + tl.arange(0, 16)[None, :]  # [GROUPS, 16] byte offsets in a row
-    wmask = umask[:, None, None] & gmask[None, :, None]
-    w = tl.load(w_row_ptr + rows[:, None, None] * stride_wr + byte[None, :, :], mask=wmask, other=0).to(tl.int32)
-    s = tl.load(s_row_ptr + rows[:, None] * stride_sr + grp[None, :], mask=umask[:, None] & gmask[None, :], other=0)
-    part = tl.sum(e2m1_to_f32(w & 15) * xe[None, :, :] + e2m1_to_f32(w >> 4) * xo[None, :, :], axis=2)
-    return part * e8m0_factor(s)
+    n_groups = K // 32
+    word = tl.arange(0, 4)
+    acc = tl.zeros([w_rows.shape[0], GROUPS], dtype=tl.float32)
+    for g0 in range(0, n_groups, GROUPS):
+        grp = g0 + tl.arange(0, GROUPS)
+        gmask = grp < n_groups
+        w = tl.load(w_rows + (grp[:, None] * 4 + word[None, :])[None, :, :],
+                    mask=rmask[:, None, None] & gmask[None, :, None], other=0)  # [R, G, 4]
+        s = tl.load(s_rows + grp[None, :], mask=rmask[:, None] & gmask[None, :], other=0)  # [R, G]
+        x_at = x_row + grp[:, None] * 32 + word[None, :]  # [G, 4]: code 0 of each word
+        part = tl.zeros(w.shape, dtype=tl.float32)
+        for k in tl.static_range(4):
+            x_low = tl.load(x_at + 4 * k, mask=gmask[:, None], other=0.0)[None, :, :]
+            x_high = tl.load(x_at + 4 * (k + 4), mask=gmask[:, None], other=0.0)[None, :, :]
+            pair = _code_pair(w, k)
+            part += (pair << 16).to(tl.float32, bitcast=True) * x_low  # two FMAs, not mul + fma + add
+            part += (pair & HIGH_HALF).to(tl.float32, bitcast=True) * x_high
+        acc += tl.sum(part, axis=2) * _group_factor(s)
+    return tl.sum(acc, axis=1)
 
 
 @triton.jit
 def _gate_up_gemv_kernel(
-    x_ptr, idx_ptr, w_ptr, s_ptr, b_ptr, act_ptr,
+    xw_ptr, idx_ptr, w_ptr, s_ptr, b_ptr, actw_ptr,
     D, I, stride_xn, stride_we, stride_wr, stride_se, stride_sr, stride_be, stride_an,
     limit, alpha,
     K_ACT: tl.constexpr, BLOCK_I: tl.constexpr, GROUPS: tl.constexpr,
 ):
     slot = tl.program_id(0)
-    units = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)  # output units of the SwiGLU, [BLOCK_I]
-    umask = units < I
-    token = slot // K_ACT
+    rows = tl.program_id(1) * (2 * BLOCK_I) + tl.arange(0, 2 * BLOCK_I)  # mlp1 rows: gate, linear, gate, ...
+    rmask = rows < 2 * I
     expert = tl.load(idx_ptr + slot).to(tl.int64)
-    w_base = w_ptr + expert * stride_we
-    s_base = s_ptr + expert * stride_se
-    n_groups = D // 32
-    acc_g = tl.zeros([BLOCK_I, GROUPS], dtype=tl.float32)
-    acc_l = tl.zeros([BLOCK_I, GROUPS], dtype=tl.float32)
-    for g0 in range(0, n_groups, GROUPS):
-        grp = g0 + tl.arange(0, GROUPS)
-        gmask = grp < n_groups
-        feat = grp[:, None] * 32 + 2 * tl.arange(0, 16)[None, :]  # even input features, [GROUPS, 16]
-        x_row = x_ptr + token * stride_xn
-        xe = tl.load(x_row + feat, mask=gmask[:, None], other=0.0).to(tl.float32)
-        xo = tl.load(x_row + feat + 1, mask=gmask[:, None], other=0.0).to(tl.float32)
-        acc_g += _row_dot(w_base, s_base, xe, xo, grp, gmask, umask, 2 * units, stride_wr, stride_sr)
-        acc_l += _row_dot(w_base, s_base, xe, xo, grp, gmask, umask, 2 * units + 1, stride_wr, stride_sr)
-    b_base = b_ptr + expert * stride_be
-    gate = tl.sum(acc_g, axis=1) + tl.load(b_base + 2 * units, mask=umask, other=0.0).to(tl.float32)
-    lin = tl.sum(acc_l, axis=1) + tl.load(b_base + 2 * units + 1, mask=umask, other=0.0).to(tl.float32)
+    w_rows = w_ptr + expert * stride_we + rows[:, None, None] * stride_wr
+    s_rows = s_ptr + expert * stride_se + rows[:, None] * stride_sr
+    out = _rows_dot(w_rows, s_rows, xw_ptr + (slot // K_ACT) * stride_xn, D, rmask, GROUPS)
+    out += tl.load(b_ptr + expert * stride_be + rows, mask=rmask, other=0.0).to(tl.float32)
+    gate, lin = tl.split(tl.reshape(out, [BLOCK_I, 2]))  # [BLOCK_I] each
     gate = tl.minimum(gate, limit)
     lin = tl.minimum(tl.maximum(lin, -limit), limit)
     h = gate * tl.sigmoid(alpha * gate) * (lin + 1.0)
-    tl.store(act_ptr + slot * stride_an + units, h.to(act_ptr.dtype.element_ty), mask=umask)
+    h = h.to(b_ptr.dtype.element_ty).to(tl.float32)  # rounded to the model's dtype, as the reference does
+    units = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    tl.store(actw_ptr + slot * stride_an + word_order(units), h * INPUT_SCALE, mask=units < I)
 
 
 @triton.jit
 def _down_gemv_kernel(
-    act_ptr, idx_ptr, wts_ptr, w_ptr, s_ptr, b_ptr, y_ptr, eo_ptr,
-    D, I, stride_an, stride_we, stride_wr, stride_se, stride_sr, stride_be, stride_yn,
-    K_ACT: tl.constexpr, BLOCK_D: tl.constexpr, GROUPS: tl.constexpr, PER_EXPERT: tl.constexpr,
+    actw_ptr, idx_ptr, w_ptr, s_ptr, b_ptr, out_ptr,
+    D, I, stride_an, stride_we, stride_wr, stride_se, stride_sr, stride_be, stride_on,
+    BLOCK_D: tl.constexpr, GROUPS: tl.constexpr,
 ):
-    token = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # output features, [BLOCK_D]
+    slot = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # output features
     rmask = rows < D
-    n_groups = I // 32
-    y = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for j in range(K_ACT):  # the k chosen experts of this token, summed in registers
-        slot = token * K_ACT + j
-        expert = tl.load(idx_ptr + slot).to(tl.int64)
-        w_base = w_ptr + expert * stride_we
-        s_base = s_ptr + expert * stride_se
-        acc = tl.zeros([BLOCK_D, GROUPS], dtype=tl.float32)
-        for g0 in range(0, n_groups, GROUPS):
-            grp = g0 + tl.arange(0, GROUPS)
-            gmask = grp < n_groups
-            feat = grp[:, None] * 32 + 2 * tl.arange(0, 16)[None, :]
-            h_row = act_ptr + slot * stride_an
-            he = tl.load(h_row + feat, mask=gmask[:, None], other=0.0).to(tl.float32)
-            ho = tl.load(h_row + feat + 1, mask=gmask[:, None], other=0.0).to(tl.float32)
-            acc += _row_dot(w_base, s_base, he, ho, grp, gmask, rmask, rows, stride_wr, stride_sr)
-        out = tl.sum(acc, axis=1) + tl.load(b_ptr + expert * stride_be + rows, mask=rmask, other=0.0).to(tl.float32)
-        if PER_EXPERT:
-            tl.store(eo_ptr + slot * D + rows, out.to(eo_ptr.dtype.element_ty), mask=rmask)
-        y += tl.load(wts_ptr + slot).to(tl.float32) * out
-    tl.store(y_ptr + token * stride_yn + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
+    expert = tl.load(idx_ptr + slot).to(tl.int64)
+    w_rows = w_ptr + expert * stride_we + rows[:, None, None] * stride_wr
+    s_rows = s_ptr + expert * stride_se + rows[:, None] * stride_sr
+    out = _rows_dot(w_rows, s_rows, actw_ptr + slot * stride_an, I, rmask, GROUPS)
+    out += tl.load(b_ptr + expert * stride_be + rows, mask=rmask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + slot * stride_on + rows, out, mask=rmask)
+
+
+@triton.jit
+def _combine_kernel(
+    parts_ptr, wts_ptr, y_ptr, eo_ptr, D, stride_pn, stride_yn,
+    K_ACT: tl.constexpr, K_POW2: tl.constexpr, BLOCK: tl.constexpr, PER_EXPERT: tl.constexpr,
+):
+    """y[token] = sum over its k choices of routing weight * expert output (fp32 parts [N * k, D])."""
+    token = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    choice = tl.arange(0, K_POW2)
+    slot = token * K_ACT + choice
+    mask = (choice < K_ACT)[:, None] & (cols < D)[None, :]
+    parts = tl.load(parts_ptr + slot[:, None] * stride_pn + cols[None, :], mask=mask, other=0.0)  # [K, BLOCK]
+    if PER_EXPERT:
+        tl.store(eo_ptr + slot[:, None] * D + cols[None, :], parts.to(eo_ptr.dtype.element_ty), mask=mask)
+    wts = tl.load(wts_ptr + slot, mask=choice < K_ACT, other=0.0).to(tl.float32)
+    y = tl.sum(parts * wts[:, None], axis=0)
+    tl.store(y_ptr + token * stride_yn + cols, y.to(y_ptr.dtype.element_ty), mask=cols < D)
 
 
 # -- prefill: grouped GEMMs on the tensor cores --------------------------------------------------------------
@@ -250,6 +311,78 @@ def group_by_expert(topk_indices: torch.Tensor, num_experts: int, block_m: int) 
     return row_slot, block_expert
 
 
+def _as_words(name: str, blocks: torch.Tensor) -> torch.Tensor:
+    """Packed MXFP4 bytes [E, rows, G, 16] viewed as int32 words [E, rows, G, 4] (no copy)."""
+    check(blocks.storage_offset() % 4 == 0 and all(st % 4 == 0 for st in blocks.stride()[:-2]),
+          f"{name} blocks must start on a 4-byte boundary with whole-word strides for the decode kernels; "
+          f"got storage offset {blocks.storage_offset()} and strides {blocks.stride()} (use .clone())")
+    return blocks.view(torch.int32)
+
+
+def input_words(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N, D] -> fp32 [N, D] in the decode kernels' word order, times 2**64 (see the decode notes above).
+
+    `add_rms_norm(words_out=...)` writes the same thing as a by-product of the norm."""
+    check(x.dim() == 2 and x.shape[1] % 32 == 0, f"x must be [N, D] with D a multiple of 32, got {tuple(x.shape)}")
+    check_float("x", x)
+    check_runnable(x)
+    N, D = x.shape
+    out = out if out is not None else torch.empty(N, D, device=x.device, dtype=torch.float32)
+    check(out.dtype == torch.float32 and tuple(out.shape) == (N, D) and out.stride(1) == 1,
+          f"out must be float32 [{N}, {D}] with contiguous rows")
+    if N:
+        _input_words_kernel[(N, triton.cdiv(D, 1024))](x, out, D, x.stride(0), out.stride(0), BLOCK=1024)
+    return out
+
+
+def moe_decode_parts(
+    x_words: torch.Tensor, topk_indices: torch.Tensor,
+    mlp1_blocks: torch.Tensor, mlp1_scales: torch.Tensor, mlp1_bias: torch.Tensor,
+    mlp2_blocks: torch.Tensor, mlp2_scales: torch.Tensor, mlp2_bias: torch.Tensor,
+    limit: float = 7.0, alpha: float = 1.702, *, out: torch.Tensor | None = None, blocks: dict | None = None,
+) -> torch.Tensor:
+    """The decode kernels up to each chosen expert's output: x_words [N, D] (`input_words(x)`), topk_indices
+    [N, k] -> fp32 [N * k, D], row n * k + j = expert topk_indices[n, j] on token n, its bias included, not yet
+    weighted. `moe_experts` sums these with the routing weights; the decoder lets `add_rms_norm(weights=...)` do
+    it instead, so the sum costs no launch of its own."""
+    check(x_words.dim() == 2 and x_words.dtype == torch.float32 and x_words.stride(1) == 1,
+          f"x_words must be float32 [N, D] with contiguous rows (from input_words), got {x_words.dtype} "
+          f"{tuple(x_words.shape)}")
+    check_runnable(x_words)
+    N, D = x_words.shape
+    check(topk_indices.dim() == 2 and topk_indices.shape[0] == N and not topk_indices.is_floating_point(),
+          f"topk_indices must be integers [N={N}, k], got {topk_indices.dtype} {tuple(topk_indices.shape)}")
+    k = topk_indices.shape[1]
+    E, I = mlp1_blocks.shape[0], mlp1_blocks.shape[1] // 2
+    check(D % 32 == 0 and I % 32 == 0, f"need D and I multiples of 32, got D={D}, I={I}")
+    check_mxfp4("mlp1", mlp1_blocks, mlp1_scales, E, 2 * I, D)
+    check_mxfp4("mlp2", mlp2_blocks, mlp2_scales, E, D, I)
+    check_same_device(x_words=x_words, topk_indices=topk_indices, mlp1_blocks=mlp1_blocks, mlp2_blocks=mlp2_blocks)
+    cfg = {**DECODE_BLOCKS, **(blocks or {})}
+    S = N * k
+    topk_indices = topk_indices.contiguous()
+    parts = out if out is not None else torch.empty(S, D, device=x_words.device, dtype=torch.float32)
+    check(parts.dtype == torch.float32 and tuple(parts.shape) == (S, D) and parts.stride(1) == 1,
+          f"out must be float32 [{S}, {D}] with contiguous rows")
+    if S == 0:
+        return parts
+    actw = torch.empty(S, I, device=x_words.device, dtype=torch.float32)  # SwiGLU outputs in word order
+    words1, words2 = _as_words("mlp1", mlp1_blocks), _as_words("mlp2", mlp2_blocks)
+    _gate_up_gemv_kernel[(S, triton.cdiv(I, cfg["BLOCK_I"]))](
+        x_words, topk_indices, words1, mlp1_scales, mlp1_bias, actw,
+        D, I, x_words.stride(0), words1.stride(0), words1.stride(1), mlp1_scales.stride(0), mlp1_scales.stride(1),
+        mlp1_bias.stride(0), actw.stride(0), float(limit), float(alpha),
+        K_ACT=k, BLOCK_I=cfg["BLOCK_I"], GROUPS=cfg["GROUPS_I"], num_warps=cfg["WARPS_I"],
+    )
+    _down_gemv_kernel[(S, triton.cdiv(D, cfg["BLOCK_D"]))](
+        actw, topk_indices, words2, mlp2_scales, mlp2_bias, parts,
+        D, I, actw.stride(0), words2.stride(0), words2.stride(1), mlp2_scales.stride(0), mlp2_scales.stride(1),
+        mlp2_bias.stride(0), parts.stride(0),
+        BLOCK_D=cfg["BLOCK_D"], GROUPS=cfg["GROUPS_D"], num_warps=cfg["WARPS_D"],
+    )
+    return parts
+
+
 def moe_experts(
     x: torch.Tensor, topk_indices: torch.Tensor, topk_weights: torch.Tensor,
     mlp1_blocks: torch.Tensor, mlp1_scales: torch.Tensor, mlp1_bias: torch.Tensor,
@@ -304,17 +437,11 @@ def moe_experts(
     cfg = {**(DECODE_BLOCKS if S <= GEMV_MAX_SLOTS else PREFILL_BLOCKS), **(blocks or {})}
     ieee = x.dtype == torch.float32
     if S <= GEMV_MAX_SLOTS:
-        act = torch.empty(S, I, device=x.device, dtype=x.dtype)
-        _gate_up_gemv_kernel[(S, triton.cdiv(I, cfg["BLOCK_I"]))](
-            x, topk_indices, mlp1_blocks, mlp1_scales, mlp1_bias, act,
-            D, I, x.stride(0), *w1, act.stride(0), float(limit), float(alpha),
-            K_ACT=k, BLOCK_I=cfg["BLOCK_I"], GROUPS=cfg["GROUPS"], num_warps=cfg["num_warps"],
-        )
-        _down_gemv_kernel[(N, triton.cdiv(D, cfg["BLOCK_D"]))](
-            act, topk_indices, topk_weights, mlp2_blocks, mlp2_scales, mlp2_bias, y, expert_out,
-            D, I, act.stride(0), *w2, y.stride(0),
-            K_ACT=k, BLOCK_D=cfg["BLOCK_D"], GROUPS=cfg["GROUPS"], PER_EXPERT=per_expert,
-            num_warps=cfg["num_warps"],
+        parts = moe_decode_parts(input_words(x), topk_indices, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks,
+                                 mlp2_scales, mlp2_bias, limit, alpha, blocks=blocks)
+        _combine_kernel[(N, triton.cdiv(D, 1024))](
+            parts, topk_weights, y, expert_out, D, parts.stride(0), y.stride(0),
+            K_ACT=k, K_POW2=triton.next_power_of_2(k), BLOCK=1024, PER_EXPERT=per_expert,
         )
         return (y, expert_out) if per_expert else y
     row_slot, block_expert = group_by_expert(topk_indices, E, cfg["BLOCK_M"])

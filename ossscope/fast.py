@@ -164,16 +164,19 @@ class GraphDecoder:
                 sink_out=self.sink[layer], pattern_out=self.patterns[layer] if self.patterns is not None else None)
             attn_out = F.linear(z.view(B, -1), attn.out.weight, attn.out.bias)  # [B, D]
             self._keep(layer, "hook_attn_out", attn_out)
-            x, h = kn.add_rms_norm(x, attn_out, mlp.norm.scale, eps)
+            h_words = torch.empty(B, h.shape[-1], device=h.device, dtype=torch.float32)  # h for the MoE kernels
+            x, h = kn.add_rms_norm(x, attn_out, mlp.norm.scale, eps, words_out=h_words)
             self._keep(layer, "hook_resid_mid", x)
             router_logits = F.linear(h, mlp.gate.weight, mlp.gate.bias)  # [B, E]
             indices, weights = kn.route(router_logits, k, mlp.reroute_mask, mlp.zero_mask,
                                         out=(self.router_indices[layer], self.router_weights[layer]))
-            y = kn.moe_experts(h, indices, weights, mlp.mlp1_blocks, mlp.mlp1_scales, mlp.mlp1_bias,
-                               mlp.mlp2_blocks, mlp.mlp2_scales, mlp.mlp2_bias, cfg.swiglu_limit, cfg.swiglu_alpha)
-            self._keep(layer, "hook_mlp_out", y)
+            parts = kn.moe_decode_parts(h_words, indices, mlp.mlp1_blocks, mlp.mlp1_scales, mlp.mlp1_bias,
+                                        mlp.mlp2_blocks, mlp.mlp2_scales, mlp.mlp2_bias, cfg.swiglu_limit,
+                                        cfg.swiglu_alpha)  # [B * k, D] fp32, each chosen expert's output
             next_norm = m.blocks[layer + 1].attn.norm if layer + 1 < len(m.blocks) else m.ln_final
-            x, h = kn.add_rms_norm(x, y, next_norm.scale, eps, extra=self.steering[layer])
+            # The weighted sum over the k experts (the MoE output) happens inside the residual update.
+            x, h = kn.add_rms_norm(x, parts, next_norm.scale, eps, extra=self.steering[layer], weights=weights,
+                                   delta_out=self._keep_at.get((layer, "hook_mlp_out")))
             self._keep(layer, "hook_resid_post", x)
         return F.linear(h, m.unembed.weight)  # [B, V]
 

@@ -18,11 +18,11 @@ from ossscope import kernels, mxfp4, ops
 from ossscope.bench import BF16_RATE, COPY_BANDWIDTH, cuda_time, graph_time
 from ossscope.config import PRESETS
 
-DECODE = [
-    {"BLOCK_I": 16, "BLOCK_D": 16, "GROUPS": 8, "num_warps": 4},  # the first version
-    {},  # the current default (kernels.moe.DECODE_BLOCKS)
-    {"BLOCK_I": 8, "BLOCK_D": 8, "GROUPS": 32, "num_warps": 8},
-]
+# Decode configs vary one kernel at a time from the default, so each row's change in time is that kernel's.
+_I = [(16, 16, 2), (4, 16, 1), (16, 16, 1), (8, 32, 2), (16, 32, 4)]  # (BLOCK_I, GROUPS_I, WARPS_I)
+_D = [(8, 16, 1), (32, 16, 2), (8, 32, 1), (16, 32, 2), (32, 32, 4)]  # (BLOCK_D, GROUPS_D, WARPS_D)
+DECODE = [{}] + [{"BLOCK_I": b, "GROUPS_I": g, "WARPS_I": w} for b, g, w in _I] + [
+    {"BLOCK_D": b, "GROUPS_D": g, "WARPS_D": w} for b, g, w in _D]
 PREFILL = [
     {"BLOCK_M": 64, "BLOCK_N1": 64, "BLOCK_N2": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
     {},  # the current default (kernels.moe.PREFILL_BLOCKS)
@@ -54,7 +54,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="gpt-oss-20b")
     parser.add_argument("--layers", type=int, default=8, help="weight sets rotated through in decode timing")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--tokens", type=int, nargs="*", default=[2048, 8192],
+                        help="prefill sizes; none to sweep decode only")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     c = PRESETS[args.preset]

@@ -110,8 +110,8 @@ def _experts(gen, E, D, I, dtype):
 
 
 # Small tiles so the interpreter is quick and D, I are not multiples of them (BLOCK_K 64 against D = 96).
-SMALL_BLOCKS = {"BLOCK_M": 16, "BLOCK_N1": 32, "BLOCK_N2": 32, "BLOCK_K": 64, "BLOCK_I": 32, "BLOCK_D": 32,
-                "GROUPS": 2, "num_warps": 4, "num_stages": 1}
+SMALL_BLOCKS = {"BLOCK_M": 16, "BLOCK_N1": 32, "BLOCK_N2": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1,
+                "BLOCK_I": 32, "GROUPS_I": 2, "WARPS_I": 4, "BLOCK_D": 32, "GROUPS_D": 2, "WARPS_D": 4}
 
 
 @pytest.mark.parametrize("N", [1, 3, 13])  # 1 and 3 tokens take the streaming kernels, 13 the grouped GEMMs
@@ -137,6 +137,27 @@ def test_moe_swiglu_clamps_large_activations(gen):
     indices, weights = route_reference(torch.randn(20, E, generator=gen), 2)
     y = kernels.moe_experts(x, indices, weights, *packed, blocks=SMALL_BLOCKS)
     assert rel(y, ops.moe_experts(x, indices, weights, *packed)) < 1e-5
+
+
+def _word_order(D: int) -> torch.Tensor:
+    """Where each input feature goes in the MoE decode kernels' word order (spelled out independently)."""
+    f = torch.arange(D)
+    return (f // 32) * 32 + (f % 8) * 4 + (f // 8) % 4
+
+
+def test_moe_decode_parts_odd_k_and_word_order(gen):
+    E, D, I, k = 5, 96, 160, 3  # k = 3: not a power of two
+    packed = _experts(gen, E, D, I, torch.float32)
+    x = torch.randn(2, D, generator=gen)
+    words = kernels.input_words(x)
+    expected = torch.empty_like(words)
+    expected[:, _word_order(D)] = x * 2.0**64
+    assert torch.equal(words, expected)
+    indices, weights = route_reference(torch.randn(2, E, generator=gen), k)
+    parts = kernels.moe_decode_parts(words, indices, *packed, blocks={"BLOCK_I": 16, "GROUPS_I": 2,
+                                                                      "BLOCK_D": 16, "GROUPS_D": 2})
+    _, ref_out = ops.moe_experts(x, indices, weights, *packed, per_expert=True)
+    assert rel(parts, ref_out.reshape(2 * k, D)) < 1e-5
 
 
 def test_group_by_expert_layout(gen):
@@ -246,6 +267,22 @@ def test_rms_norm_and_fused_residual_add(gen, dtype):
         ref_residual, ref_normed = add_rms_norm_reference(x, delta, scale, 1e-5, steer)
         assert torch.equal(residual, ref_residual)
         torch.testing.assert_close(normed, ref_normed)
+    # The decoder's form: delta as fp32 parts summed with weights, the sum kept, the normed rows in word order.
+    x2, D = x[:, 0, :64].contiguous(), 64
+    parts = torch.randn(5 * 3, D, generator=gen)
+    weights = torch.softmax(torch.randn(5, 3, generator=gen), -1)
+    delta_out = torch.full_like(x2, float("nan"))
+    words = torch.full((5, D), float("nan"))
+    residual, normed = kernels.add_rms_norm(x2, parts, scale[:D], 1e-5, extra[:D], weights=weights,
+                                            delta_out=delta_out, words_out=words)
+    ref_delta = (parts.view(5, 3, D) * weights[..., None]).sum(1).to(dtype)
+    ref_residual, ref_normed = add_rms_norm_reference(x2, ref_delta, scale[:D], 1e-5, extra[:D])
+    torch.testing.assert_close(delta_out, ref_delta)
+    torch.testing.assert_close(residual, ref_residual)
+    torch.testing.assert_close(normed, ref_normed)
+    expected_words = torch.empty(5, D)
+    expected_words[:, _word_order(D)] = normed.float() * 2.0**64
+    assert torch.equal(words, expected_words)
 
 
 def test_qkv_rope_matches_twin_and_writes_cache_slots(gen):
@@ -304,13 +341,15 @@ def test_model_on_kernels_and_eager_graph_step_match_torch_path():
     fast.use_kernels(model)
     assert rel(model(ids, cache=cache), ref) < 1e-5
     fast.use_kernels(model, False)
-    decoder = fast.GraphDecoder(model, cache, capture=["blocks.1.hook_resid_mid"], graph=False)
+    decoder = fast.GraphDecoder(model, cache, capture=["blocks.1.hook_resid_mid", "blocks.0.hook_mlp_out"],
+                                graph=False)
     model.set_ablation({1: [0, 3]}, "reroute")
     model.set_steering(0, torch.randn(cfg.hidden_size))
     seen: dict[str, torch.Tensor] = {}
     for _ in range(3):  # crosses the ring buffer's wrap (window 4)
         token = torch.randint(0, cfg.vocab_size, (2, 1))
-        names = ["blocks.1.hook_resid_mid", "blocks.1.mlp.hook_topk_indices", "blocks.0.attn.hook_sink"]
+        names = ["blocks.1.hook_resid_mid", "blocks.1.mlp.hook_topk_indices", "blocks.0.attn.hook_sink",
+                 "blocks.0.hook_mlp_out"]
         with model.hooks([(n, lambda x, hook: seen.__setitem__(hook.name, x.clone())) for n in names]):
             ref = model(token, cache=ref_cache)[:, -1]
         assert rel(decoder.step(token[:, 0]), ref) < 1e-5
@@ -318,4 +357,5 @@ def test_model_on_kernels_and_eager_graph_step_match_torch_path():
         assert torch.equal(decoder.router_indices[1], seen[names[1]][:, 0])
         assert not torch.isin(decoder.router_indices[1], torch.tensor([0, 3])).any()
         torch.testing.assert_close(decoder.sink[0], seen[names[2]][..., 0])
+        torch.testing.assert_close(decoder.captured["blocks.0.hook_mlp_out"], seen[names[3]][:, 0])
     assert cache.length == ref_cache.length == 9
