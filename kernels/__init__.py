@@ -7,6 +7,7 @@
 | `moe_decode_parts` (+ `input_words`) | `ossscope.ops.moe_experts(per_expert=True)` |
 | `dequantize`                     | `ossscope.mxfp4.dequantize`                  |
 | `attention` / `_prefill` / `_decode` | `ossscope.ops.attention`                 |
+| `linear` (decode-sized batches)  | `torch.nn.functional.linear`                 |
 | `rms_norm`, `add_rms_norm`       | `ossscope.ops.rms_norm`, `norm.add_rms_norm_reference` |
 | `qkv_rope`                       | `ossscope.ops.apply_rope`                    |
 
@@ -15,11 +16,12 @@ Triton keep working. The wrappers validate their inputs and raise ValueError nam
 """
 
 from .attention import attention, attention_decode, attention_prefill
+from .linear import linear
 from .moe import dequantize, group_by_expert, input_words, moe_decode_parts, moe_experts
 from .norm import add_rms_norm, rms_norm
 from .rope import qkv_rope
 from .routing import route
 
 __all__ = ["attention", "attention_decode", "attention_prefill", "moe_experts", "moe_decode_parts", "input_words",
-           "dequantize", "group_by_expert",
+           "dequantize", "group_by_expert", "linear",
            "route", "rms_norm", "add_rms_norm", "qkv_rope"]

@@ -146,14 +146,15 @@ def bench_kernels(model: Model, context: int, prefill_tokens: int) -> list[dict[
     rows.append({"kernel": f"attention_decode ({context} keys, full layer)", "us": t * 1e6, "bytes": b,
                  "TB/s": b / t / 1e12, "of_peak": b / t / COPY_BANDWIDTH})
 
-    def projections(layer: int):
+    def projections(layer: int, linear):
         a = model.blocks[layer].attn
-        return lambda: a.out(a.qkv(x)[:, : c.q_width])
+        return lambda: linear(linear(x, a.qkv.weight, a.qkv.bias)[:, : c.q_width], a.out.weight, a.out.bias)
 
-    t = graph_time([projections(layer) for layer in range(L)])
     b = (D * (c.q_width + 2 * c.kv_width) + c.q_width * D) * 2
-    rows.append({"kernel": "qkv + out projections (cuBLAS)", "us": t * 1e6, "bytes": b, "TB/s": b / t / 1e12,
-                 "of_peak": b / t / COPY_BANDWIDTH})
+    for name, linear in (("kernels.linear", kernels.linear), ("cuBLAS", torch.nn.functional.linear)):
+        t = graph_time([projections(layer, linear) for layer in range(L)])
+        rows.append({"kernel": f"qkv + out projections ({name})", "us": t * 1e6, "bytes": b, "TB/s": b / t / 1e12,
+                     "of_peak": b / t / COPY_BANDWIDTH})
     t = graph_time([lambda: model.unembed(x)], reps=20)
     b = c.vocab_size * D * 2
     rows.append({"kernel": "unembedding (cuBLAS)", "us": t * 1e6, "bytes": b, "TB/s": b / t / 1e12,

@@ -156,13 +156,13 @@ class GraphDecoder:
         for layer, block in enumerate(m.blocks):
             attn, mlp, lc = block.attn, block.mlp, self.cache.layers[layer]
             self._keep(layer, "hook_resid_pre", x)
-            qkv = F.linear(h, attn.qkv.weight, attn.qkv.bias)  # [B, (H + 2 Hkv) Dh]
+            qkv = kn.linear(h, attn.qkv.weight, attn.qkv.bias)  # [B, (H + 2 Hkv) Dh]
             q, _, _ = kn.qkv_rope(qkv.view(B, 1, -1), cos, sin, H, Hkv, k_dst=lc.k, v_dst=lc.v,
                                   slots=ring_slot if lc.ring else pos, positions=pos, k_pos_dst=lc.pos)
             z, _, _ = kn.attention_decode(
                 q, lc.k, lc.v, attn.sinks, pos, lc.pos, attn.window, need_pattern=self.patterns is not None,
                 sink_out=self.sink[layer], pattern_out=self.patterns[layer] if self.patterns is not None else None)
-            attn_out = F.linear(z.view(B, -1), attn.out.weight, attn.out.bias)  # [B, D]
+            attn_out = kn.linear(z.view(B, -1), attn.out.weight, attn.out.bias)  # [B, D]
             self._keep(layer, "hook_attn_out", attn_out)
             h_words = torch.empty(B, h.shape[-1], device=h.device, dtype=torch.float32)  # h for the MoE kernels
             x, h = kn.add_rms_norm(x, attn_out, mlp.norm.scale, eps, words_out=h_words)

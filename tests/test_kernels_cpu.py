@@ -250,6 +250,23 @@ def test_attention_dispatch_matches_twin(gen):
     torch.testing.assert_close(sink, ref_sink, rtol=1e-3, atol=1e-3)
 
 
+# -- linear ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch", [1, 3, 11])  # 11: past GEMV_MAX_BATCH, torch's turn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_linear_matches_torch(gen, batch, dtype):
+    N, K = 37, 300  # neither a multiple of the row tile nor of BLOCK_K
+    x = torch.randn(batch, 1, K, generator=gen).to(dtype)
+    w = torch.randn(N, K, generator=gen).to(dtype) / K**0.5
+    b = torch.randn(N, generator=gen).to(dtype)
+    for bias in (b, None):
+        out = torch.full((batch, 1, N), float("nan"), dtype=dtype)
+        y = kernels.linear(x, w, bias, out=out, blocks={"ROWS": 4, "BLOCK_K": 128})
+        ref = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())
+        assert y is out and rel(y, ref) < (1e-5 if dtype == torch.float32 else 1e-3)
+
+
 # -- norm and RoPE -------------------------------------------------------------------------------------------
 
 
