@@ -6,6 +6,8 @@ because so small a matrix leaves few bytes in flight per SM. Here each one-warp 
 inputs of loads in flight (16-byte vectors, each lane a different stretch of the row), multiplies in fp32 and
 reduces across the warp once at the end; the bias is added in fp32 before the single rounding, as cuBLAS's
 epilogue does. The batch (a few rows of x) shares each weight tile, so the weights are read once.
+Measured on an H100 (docs/bench/h100-linear-sweep.json): qkv 12.5 us (2.36 TB/s, cuBLAS 13.3 us), out
+10.3 us (2.30 TB/s, cuBLAS 14.5 us).
 Torch twin: `torch.nn.functional.linear`.
 """
 

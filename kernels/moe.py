@@ -6,18 +6,20 @@ slots. Weights stay as stored: mlp1 [E, 2I, D/32, 16] (rows interleave gate and 
 nibbles by the even input features and high nibbles by the odd ones and never interleaves anything.
 
 Two shapes of work, two pairs of kernels:
-- decode (few slots, pure bandwidth): one program per (slot, tile of output units) streams the expert's rows
-  and reduces on CUDA cores; the down projection loops over the k choices in one program, so the routing
-  weights and the sum over k happen in registers and the output is written once.
+- decode (few slots, pure bandwidth): `input_words` puts the input in the order the weight words want it,
+  then one program per (slot, tile of rows) streams the expert's rows as int32 words and reduces on CUDA cores
+  (gate/up with the SwiGLU, then down with its bias), giving each choice's expert output in fp32
+  (`moe_decode_parts`); `moe_experts` sums them with the routing weights. The decoder has its residual norms
+  do both ends instead (`add_rms_norm(words_out=..., weights=...)`), so they cost no launches.
 - prefill (many slots): slots are grouped by expert and padded to BLOCK_M rows; each program multiplies a
   BLOCK_M x BLOCK_K token tile by a BLOCK_N x BLOCK_K weight tile on the tensor cores. The weight tile is read
   as packed bytes and decoded in registers, its low and high nibbles joined back into feature order, so the
   token tile loads contiguously. Gate/up computes gate and linear units together (adjacent mlp1 rows) and
   applies the clamped SwiGLU in its epilogue; down adds the bias, multiplies by the routing weight and sums
   over k with fp32 atomics. The grouping needs no host sync (a fixed worst-case block count).
-Measured on an H100 (docs/bench/h100-moe-sweep.json, scripts/moe_sweep.py): decode 65 us per layer at the
-20b shape (0.82 TB/s; the nibble decoding on CUDA cores, not memory, bounds it); prefill 2.4 ms at 2,048
-tokens (169 TFLOP/s) and 6.9 ms at 8,192 (237 TFLOP/s).
+Measured on an H100 (docs/bench/h100-moe-decode-sweep.json and h100-moe-sweep.json, scripts/moe_sweep.py):
+decode 49 us per layer at the 20b shape (1.07 TB/s; latency, not instruction issue or bandwidth, bounds it:
+docs/PERFORMANCE.md); prefill 2.4 ms at 2,048 tokens (169 TFLOP/s) and 6.9 ms at 8,192 (237 TFLOP/s).
 Torch twin: `ossscope.ops.moe_experts`.
 """
 
@@ -42,7 +44,9 @@ from ._common import (
 
 # Decode-sized inputs, up to this many (token, choice) slots, take the streaming kernels with DECODE_BLOCKS;
 # larger inputs group the slots by expert and take the tensor-core kernels with PREFILL_BLOCKS. Tile sizes are
-# from a sweep on an H100 (scripts/moe_sweep.py); `moe_experts(blocks=...)` overrides any of them.
+# from a sweep on an H100 (scripts/moe_sweep.py); `moe_experts(blocks=...)` overrides any of them. Decode:
+# BLOCK_I SwiGLU units (2 * BLOCK_I mlp1 rows) or BLOCK_D output rows per program, GROUPS_* 32-feature groups
+# per step, WARPS_* warps.
 GEMV_MAX_SLOTS = 16
 DECODE_BLOCKS = {"BLOCK_I": 16, "GROUPS_I": 16, "WARPS_I": 2, "BLOCK_D": 8, "GROUPS_D": 16, "WARPS_D": 1}
 PREFILL_BLOCKS = {"BLOCK_M": 128, "BLOCK_N1": 128, "BLOCK_N2": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 5}
