@@ -80,6 +80,35 @@ def test_moe_experts_bf16_real_width(gen, N):
     assert rel(y, ref_y) < 1e-2 and rel(expert_out, ref_out) < 1e-2
 
 
+def test_moe_decode_parts_and_fused_norm_bf16(gen):
+    """The decoder's MoE: inputs in word order from the norm, per-expert parts, the weighted sum in the next norm."""
+    E, D, I, k = 8, 2880, 2880, 4
+    packed = _experts(gen, E, D, I)
+    x = torch.randn(2, D, device=CUDA, generator=gen).bfloat16()
+    scale = torch.rand(D, device=CUDA, generator=gen) + 0.5
+    words = torch.full((2, D), float("nan"), device=CUDA)
+    _, h = kernels.add_rms_norm(x, torch.zeros_like(x), scale, 1e-5, words_out=words)
+    assert torch.equal(words, kernels.input_words(h))
+    indices, weights = route_reference(torch.randn(2, E, device=CUDA, generator=gen), k)
+    parts = kernels.moe_decode_parts(words, indices, *packed)
+    ref_y, ref_out = ops.moe_experts(h.float(), indices, weights, *[t.float() if t.is_floating_point() else t
+                                                                     for t in packed], per_expert=True)
+    assert rel(parts, ref_out.reshape(2 * k, D)) < 1e-2
+    y = torch.full_like(x, float("nan"))
+    residual, _ = kernels.add_rms_norm(x, parts, scale, 1e-5, weights=weights.contiguous(), delta_out=y)
+    assert rel(y, ref_y) < 1e-2 and rel(residual, x.float() + ref_y) < 1e-2
+
+
+@pytest.mark.parametrize("N, K", [(5120, 2880), (2880, 4096), (37, 300)])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_linear_bf16(gen, N, K, batch):
+    x = torch.randn(batch, K, device=CUDA, generator=gen).bfloat16()
+    w = (torch.randn(N, K, device=CUDA, generator=gen) / K**0.5).bfloat16()
+    b = torch.randn(N, device=CUDA, generator=gen).bfloat16()
+    y = kernels.linear(x, w, b, out=torch.full((batch, N), float("nan"), device=CUDA, dtype=torch.bfloat16))
+    assert rel(y, torch.nn.functional.linear(x.float(), w.float(), b.float())) < 1e-2
+
+
 @pytest.mark.parametrize("window", [None, 128])
 def test_attention_prefill_bf16(gen, window):
     B, T, H, Hkv, Dh = 2, 1000, 64, 8, 64
