@@ -4,8 +4,9 @@
         torchrun --nproc-per-node 2 scripts/ep_bench.py --preset gpt-oss-120b --json ep.json
 
 Every rank draws the same random model on its GPU, keeps its share of the experts (`shard_experts`), then all
-ranks prefill one prompt and decode greedily in lockstep (the torch path: the experts run `ops.moe_experts` on
-each owner, tokens move by all-to-all; attention uses the Triton kernel on GPUs). Rank 0 prints a table and
+ranks prefill one prompt and decode greedily in lockstep, eagerly (no CUDA graph): tokens move by all-to-all,
+each owner runs its experts on the MXFP4 kernels (`--torch-experts`: the torch twin), attention uses the Triton
+kernel. Rank 0 prints a table and
 writes JSON. On CPU (gloo) it runs the same steps, which is how it was checked before a GPU run.
 """
 
@@ -30,6 +31,8 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=2048)
     parser.add_argument("--context", type=int, default=1024, help="prompt length before decoding")
     parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--torch-experts", action="store_true",
+                        help="run the local experts on ops.moe_experts (the default on GPUs: kernels.moe_experts)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     for name, value in distributed.GPU_ENV_DEFAULTS.items():
@@ -49,6 +52,9 @@ def main() -> None:
     else:
         model = ossscope.random_model(cfg, seed=0, device="cpu", dtype=torch.float32)
     distributed.shard_experts(model)
+    if cuda and not args.torch_experts:
+        for block in model.blocks:  # each owner runs its experts on the MXFP4 kernels instead of the torch twin
+            block.mlp.experts_fn.inner = kernels.moe_experts
 
     def sync() -> None:
         if cuda:
@@ -85,6 +91,7 @@ def main() -> None:
         device = torch.cuda.get_device_name() if cuda else "cpu"
         report = {"preset": args.preset, "world_size": world, "device": device, "backend": dist.get_backend(),
                   "torch": torch.__version__, "prefill_tokens": args.prefill, "context": args.context,
+                  "experts": "ops.moe_experts" if args.torch_experts or not cuda else "kernels.moe_experts",
                   **results, "peak_GiB_per_rank": peaks}
         print(f"{args.preset} expert-parallel over {world} x {device} ({dist.get_backend()}), batch 1")
         print(f"prefill {args.prefill} tokens: {results['prefill_tok_s']:,.0f} tok/s")
