@@ -432,14 +432,8 @@ def moe_experts(
     y = out if out is not None else torch.empty_like(x)
     check(tuple(y.shape) == (N, D) and y.stride(1) == 1, f"out must be [{N}, {D}] with contiguous rows")
     expert_out = torch.empty(N, k, D, device=x.device, dtype=x.dtype) if per_expert else y
-    w1 = (mlp1_blocks.stride(0), mlp1_blocks.stride(1), mlp1_scales.stride(0), mlp1_scales.stride(1),
-          mlp1_bias.stride(0))
-    w2 = (mlp2_blocks.stride(0), mlp2_blocks.stride(1), mlp2_scales.stride(0), mlp2_scales.stride(1),
-          mlp2_bias.stride(0))
     if N == 0:
         return (y, expert_out) if per_expert else y
-    cfg = {**(DECODE_BLOCKS if S <= GEMV_MAX_SLOTS else PREFILL_BLOCKS), **(blocks or {})}
-    ieee = x.dtype == torch.float32
     if S <= GEMV_MAX_SLOTS:
         parts = moe_decode_parts(input_words(x), topk_indices, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks,
                                  mlp2_scales, mlp2_bias, limit, alpha, blocks=blocks)
@@ -448,6 +442,12 @@ def moe_experts(
             K_ACT=k, K_POW2=triton.next_power_of_2(k), BLOCK=1024, PER_EXPERT=per_expert,
         )
         return (y, expert_out) if per_expert else y
+    cfg = {**PREFILL_BLOCKS, **(blocks or {})}
+    ieee = x.dtype == torch.float32
+    w1 = (mlp1_blocks.stride(0), mlp1_blocks.stride(1), mlp1_scales.stride(0), mlp1_scales.stride(1),
+          mlp1_bias.stride(0))
+    w2 = (mlp2_blocks.stride(0), mlp2_blocks.stride(1), mlp2_scales.stride(0), mlp2_scales.stride(1),
+          mlp2_bias.stride(0))
     row_slot, block_expert = group_by_expert(topk_indices, E, cfg["BLOCK_M"])
     n_blocks = block_expert.shape[0]
     act = torch.empty(row_slot.shape[0], I, device=x.device, dtype=x.dtype)  # grouped, padded rows
