@@ -5,23 +5,26 @@
 | `route`                          | `routing.route_reference` (ops.route + zero) |
 | `moe_experts`                    | `ossscope.ops.moe_experts`                   |
 | `moe_decode_parts` (+ `input_words`) | `ossscope.ops.moe_experts(per_expert=True)` |
+| `moe_decode_routed`              | `route_reference`, then the row above        |
 | `dequantize`                     | `ossscope.mxfp4.dequantize`                  |
 | `attention` / `_prefill` / `_decode` | `ossscope.ops.attention`                 |
 | `linear` (decode-sized batches)  | `torch.nn.functional.linear`                 |
 | `rms_norm`, `add_rms_norm`       | `ossscope.ops.rms_norm`, `norm.add_rms_norm_reference` |
 | `qkv_rope`                       | `ossscope.ops.apply_rope`                    |
 
+The decoder launches them with `pdl=True` (programmatic dependent launch on Hopper: kernels/_common.py).
 Importing this package imports Triton; `ossscope` itself never imports it, so CPU-only installs without
 Triton keep working. The wrappers validate their inputs and raise ValueError naming the problem.
 """
 
 from .attention import attention, attention_decode, attention_prefill
 from .linear import linear
-from .moe import dequantize, group_by_expert, input_words, moe_decode_parts, moe_experts
+from .moe import dequantize, group_by_expert, input_words, moe_decode_parts, moe_decode_routed, moe_experts
 from .norm import add_rms_norm, rms_norm
 from .rope import qkv_rope
 from .routing import route
 
-__all__ = ["attention", "attention_decode", "attention_prefill", "moe_experts", "moe_decode_parts", "input_words",
+__all__ = ["attention", "attention_decode", "attention_prefill", "moe_experts", "moe_decode_parts", "moe_decode_routed",
+           "input_words",
            "dequantize", "group_by_expert", "linear",
            "route", "rms_norm", "add_rms_norm", "qkv_rope"]

@@ -8,9 +8,13 @@ an fp32 power of two built from its exponent bits, with the 2**14 folded in.
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -37,6 +41,38 @@ INPUT_SCALE = tl.constexpr(2.0**64)
 def word_order(f):
     """Input feature f -> its place in word order: feature 32 g + 8 j + k (code k of word j) goes to 32 g + 4 k + j."""
     return (f // 32) * 32 + (f % 8) * 4 + (f // 8) % 4
+
+
+# -- programmatic dependent launch (PDL) -------------------------------------------------------------------
+#
+# A decode step is ~250 small dependent kernels, and each boundary costs the GPU a drain, a launch and a ramp
+# (the first weight loads' full latency). On Hopper a kernel launched with `launch_pdl=True` may start while the
+# one before is still running: its programs read what no earlier kernel of the step writes (the weights) and
+# then wait in `await_inputs` until the kernel before has finished and its writes are visible. Each kernel lets
+# the next one launch as soon as its own wait is over; waits chain, so everything earlier is finished too.
+# The decoder asks for it with `pdl=True` (its weights never change inside a step); elsewhere it is off.
+
+
+@triton.jit
+def await_inputs(PDL: tl.constexpr):
+    """Under PDL: wait for the kernel before (and so every earlier one), then let the next kernel launch.
+    Nothing before this call may read what earlier kernels write, or write anything. A no-op without PDL."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+@functools.cache
+def _hopper_or_newer(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def use_pdl(wanted: bool, t: torch.Tensor) -> bool:
+    """Whether a kernel on t's device launches with PDL: asked for, a CUDA GPU of compute capability 9.0 or
+    newer, and not switched off with OSSSCOPE_PDL=0 (for comparisons and debugging)."""
+    if not wanted or not t.is_cuda or interpreting() or os.environ.get("OSSSCOPE_PDL", "1") == "0":
+        return False
+    return _hopper_or_newer(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
 @triton.jit
@@ -80,8 +116,6 @@ def check_mxfp4(name: str, blocks: torch.Tensor, scales: torch.Tensor, experts: 
 
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check, check_float, check_runnable, check_same_device, dot
+from ._common import await_inputs, check, check_float, check_runnable, check_same_device, dot, use_pdl
 
 LOG2E = 1.4426950408889634
 
@@ -101,8 +101,9 @@ def _decode_split_kernel(
     Tk, Hkv, chunk, window, qk_scale,
     sqb, sqh, skb, skt, skh, svb, svt, svh, spb, sph,
     G: tl.constexpr, G_P2: tl.constexpr, DH: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, WRITE_PATTERN: tl.constexpr, IEEE: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, WRITE_PATTERN: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
+    await_inputs(PDL)
     pid_bk = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bk // Hkv
@@ -150,8 +151,9 @@ def _decode_combine_kernel(
     sink_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, z_ptr, sm_ptr, pat_ptr,
     H, Tk, szb, szh, ssb, spb, sph,
     DH: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_N: tl.constexpr,
-    WRITE_PATTERN: tl.constexpr,
+    WRITE_PATTERN: tl.constexpr, PDL: tl.constexpr,
 ):
+    await_inputs(PDL)
     pid = tl.program_id(0)  # b * H + h
     b = pid // H
     h = pid % H
@@ -252,7 +254,7 @@ def attention_decode(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, q_pos: torch.Tensor,
     k_pos: torch.Tensor, window: int | None, need_pattern: bool = False, *, block_n: int = 64,
     splits: int | None = None, out: torch.Tensor | None = None, sink_out: torch.Tensor | None = None,
-    pattern_out: torch.Tensor | None = None,
+    pattern_out: torch.Tensor | None = None, pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Attention of one new query per sequence over a KV cache, split over the keys.
 
@@ -260,6 +262,7 @@ def attention_decode(
     sink_mass [B, H, 1] fp32, pattern [B, H, 1, Tk] fp32 or None. `out`, `sink_out` [B, H] and `pattern_out`
     [B, H, Tk] are optional destination buffers (views are fine as long as the last dimension is contiguous),
     so a CUDA graph can capture into static storage. No host synchronization: safe inside graph capture.
+    `pdl`: programmatic dependent launch on Hopper (kernels._common).
     """
     B, Tq, H, Dh, Hkv = _check_inputs(q, k, v, sinks, q_pos, k_pos, window)
     check(Tq == 1, f"attention_decode takes one query per sequence, got {Tq}; use attention_prefill")
@@ -293,13 +296,14 @@ def attention_decode(
         q.stride(0), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         *pat_strides,
         G=G, G_P2=max(16, triton.next_power_of_2(G)), DH=Dh, BLOCK_N=block_n, SPLITS=splits,
-        HAS_WINDOW=window is not None, WRITE_PATTERN=need_pattern, IEEE=ieee, num_warps=4,
+        HAS_WINDOW=window is not None, WRITE_PATTERN=need_pattern, IEEE=ieee, PDL=use_pdl(pdl, q), num_warps=4,
+        launch_pdl=use_pdl(pdl, q),
     )
     _decode_combine_kernel[(B * H,)](
         sinks, part_m, part_l, part_acc, z3, sm, pat,
         H, Tk, z3.stride(0), z3.stride(1), sm.stride(0), *pat_strides,
         DH=Dh, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), BLOCK_N=256,
-        WRITE_PATTERN=need_pattern, num_warps=4,
+        WRITE_PATTERN=need_pattern, PDL=use_pdl(pdl, q), num_warps=4, launch_pdl=use_pdl(pdl, q),
     )
     return z, sm.unsqueeze(-1), (pattern.unsqueeze(2) if pattern is not None else None)
 

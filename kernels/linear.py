@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check, check_float, check_runnable, check_same_device
+from ._common import await_inputs, check, check_float, check_runnable, check_same_device, use_pdl
 
 # Up to this many rows of x use the GEMV; beyond it `linear` calls torch (a GEMM is then the right tool).
 GEMV_MAX_BATCH = 8
@@ -34,13 +34,19 @@ def default_blocks(N: int) -> dict:
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_xb, stride_wn, stride_yb,
-    BATCH: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BATCH: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # output features, [ROWS]
     rmask = rows < N
+    first = tl.arange(0, BLOCK_K)
+    # The first weight tile is read before waiting on the kernel that writes x (see _common.await_inputs).
+    w_first = tl.load(w_ptr + rows[:, None] * stride_wn + first[None, :],
+                      mask=rmask[:, None] & (first < K)[None, :], other=0.0)
+    await_inputs(PDL)
     for b in tl.static_range(BATCH):  # the batch shares the weight tiles through L1
-        acc = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + b * stride_xb + first, mask=first < K, other=0.0)
+        acc = w_first.to(tl.float32) * x.to(tl.float32)[None, :]  # [ROWS, BLOCK_K]
+        for k0 in range(BLOCK_K, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             kmask = cols < K
             w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=rmask[:, None] & kmask[None, :],
@@ -55,12 +61,14 @@ def _gemv_kernel(
 
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
-    blocks: dict | None = None,
+    blocks: dict | None = None, pdl: bool = False,
 ) -> torch.Tensor:
     """x [..., K] @ weight [N, K].T (+ bias [N]) -> [..., N] in x's dtype; twin of `torch.nn.functional.linear`.
 
     Batches of up to GEMV_MAX_BATCH rows take the GEMV kernel; larger ones go to torch. `out` [..., N] receives
-    the result (for CUDA graphs); `blocks` overrides the tiles of `default_blocks(N)`.
+    the result (for CUDA graphs); `blocks` overrides the tiles of `default_blocks(N)`. `pdl=True` launches with
+    programmatic dependent launch on Hopper (kernels._common): the first weight tile is read while the kernel
+    before still runs, so `weight` must not be written by the kernel just before.
     """
     check_float("x", x)
     check_float("weight", weight)
@@ -88,6 +96,6 @@ def linear(
         _gemv_kernel[(triton.cdiv(N, cfg["ROWS"]),)](
             xf, weight, bias if bias is not None else weight, yf, N, K, xf.stride(0), weight.stride(0),
             yf.stride(0), BATCH=B, ROWS=cfg["ROWS"], BLOCK_K=cfg["BLOCK_K"], HAS_BIAS=bias is not None,
-            num_warps=1,
+            PDL=use_pdl(pdl, x), num_warps=1, launch_pdl=use_pdl(pdl, x),
         )
     return out

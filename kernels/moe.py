@@ -31,6 +31,7 @@ import triton.language as tl
 
 from ._common import (
     INPUT_SCALE,
+    await_inputs,
     check,
     check_float,
     check_mxfp4,
@@ -39,16 +40,19 @@ from ._common import (
     dot,
     e2m1_to_f32,
     e8m0_factor,
+    use_pdl,
     word_order,
 )
+from .routing import check_routing, top_k_softmax
 
 # Decode-sized inputs, up to this many (token, choice) slots, take the streaming kernels with DECODE_BLOCKS;
 # larger inputs group the slots by expert and take the tensor-core kernels with PREFILL_BLOCKS. Tile sizes are
 # from a sweep on an H100 (scripts/moe_sweep.py); `moe_experts(blocks=...)` overrides any of them. Decode:
 # BLOCK_I SwiGLU units (2 * BLOCK_I mlp1 rows) or BLOCK_D output rows per program, GROUPS_* 32-feature groups
-# per step, WARPS_* warps.
+# per step, WARPS_* warps; PREFETCH_D: under PDL, down reads its first weight tile before waiting for gate/up.
 GEMV_MAX_SLOTS = 16
-DECODE_BLOCKS = {"BLOCK_I": 16, "GROUPS_I": 16, "WARPS_I": 2, "BLOCK_D": 8, "GROUPS_D": 16, "WARPS_D": 1}
+DECODE_BLOCKS = {"BLOCK_I": 16, "GROUPS_I": 16, "WARPS_I": 2, "BLOCK_D": 8, "GROUPS_D": 16, "WARPS_D": 1,
+                 "PREFETCH_D": True}
 PREFILL_BLOCKS = {"BLOCK_M": 128, "BLOCK_N1": 128, "BLOCK_N2": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 5}
 
 
@@ -99,47 +103,94 @@ def _group_factor(scale):
 
 
 @triton.jit
-def _rows_dot(w_rows, s_rows, x_row, K, rmask, GROUPS: tl.constexpr):
+def _load_tile(w_rows, s_rows, grp, n_groups, rmask):
+    """Weight words [R, G, 4] and scale codes [R, G] of 32-feature groups `grp` of the rows."""
+    gmask = grp < n_groups
+    word = tl.arange(0, 4)
+    w = tl.load(w_rows + (grp[:, None] * 4 + word[None, :])[None, :, :],
+                mask=rmask[:, None, None] & gmask[None, :, None], other=0)
+    s = tl.load(s_rows + grp[None, :], mask=rmask[:, None] & gmask[None, :], other=0)
+    return w, s
+
+
+@triton.jit
+def _tile_dot(w, s, x_row, grp, n_groups, acc):
+    """acc [R, G] += each group's weights times the word-ordered input, scaled by the group's factor."""
+    gmask = grp < n_groups
+    x_at = x_row + grp[:, None] * 32 + tl.arange(0, 4)[None, :]  # [G, 4]: code 0 of each word
+    part = tl.zeros(w.shape, dtype=tl.float32)
+    for k in tl.static_range(4):
+        x_low = tl.load(x_at + 4 * k, mask=gmask[:, None], other=0.0)[None, :, :]
+        x_high = tl.load(x_at + 4 * (k + 4), mask=gmask[:, None], other=0.0)[None, :, :]
+        pair = _code_pair(w, k)
+        part += (pair << 16).to(tl.float32, bitcast=True) * x_low  # two FMAs, not mul + fma + add
+        part += (pair & HIGH_HALF).to(tl.float32, bitcast=True) * x_high
+    return acc + tl.sum(part, axis=2) * _group_factor(s)
+
+
+@triton.jit
+def _rows_dot(w_rows, s_rows, x_row, K, rmask, GROUPS: tl.constexpr, PDL: tl.constexpr):
     """Packed MXFP4 rows times one word-ordered input -> [R] fp32.
 
     w_rows [R, 1, 1] pointers to each row's int32 words, s_rows [R, 1] to its scale codes, x_row to the input
-    (K features in word order, fp32 * 2**64).
+    (K features in word order, fp32 * 2**64). With PDL the first tile of weights is read before
+    `await_inputs`, while the kernel that writes the input still runs.
     """
     n_groups = K // 32
-    word = tl.arange(0, 4)
-    acc = tl.zeros([w_rows.shape[0], GROUPS], dtype=tl.float32)
-    for g0 in range(0, n_groups, GROUPS):
+    grp = tl.arange(0, GROUPS)
+    w, s = _load_tile(w_rows, s_rows, grp, n_groups, rmask)
+    await_inputs(PDL)
+    acc = _tile_dot(w, s, x_row, grp, n_groups, tl.zeros([w_rows.shape[0], GROUPS], dtype=tl.float32))
+    for g0 in range(GROUPS, n_groups, GROUPS):
         grp = g0 + tl.arange(0, GROUPS)
-        gmask = grp < n_groups
-        w = tl.load(w_rows + (grp[:, None] * 4 + word[None, :])[None, :, :],
-                    mask=rmask[:, None, None] & gmask[None, :, None], other=0)  # [R, G, 4]
-        s = tl.load(s_rows + grp[None, :], mask=rmask[:, None] & gmask[None, :], other=0)  # [R, G]
-        x_at = x_row + grp[:, None] * 32 + word[None, :]  # [G, 4]: code 0 of each word
-        part = tl.zeros(w.shape, dtype=tl.float32)
-        for k in tl.static_range(4):
-            x_low = tl.load(x_at + 4 * k, mask=gmask[:, None], other=0.0)[None, :, :]
-            x_high = tl.load(x_at + 4 * (k + 4), mask=gmask[:, None], other=0.0)[None, :, :]
-            pair = _code_pair(w, k)
-            part += (pair << 16).to(tl.float32, bitcast=True) * x_low  # two FMAs, not mul + fma + add
-            part += (pair & HIGH_HALF).to(tl.float32, bitcast=True) * x_high
-        acc += tl.sum(part, axis=2) * _group_factor(s)
+        w, s = _load_tile(w_rows, s_rows, grp, n_groups, rmask)
+        acc = _tile_dot(w, s, x_row, grp, n_groups, acc)
     return tl.sum(acc, axis=1)
 
 
 @triton.jit
-def _gate_up_gemv_kernel(
-    xw_ptr, idx_ptr, w_ptr, s_ptr, b_ptr, actw_ptr,
-    D, I, stride_xn, stride_we, stride_wr, stride_se, stride_sr, stride_be, stride_an,
-    limit, alpha,
-    K_ACT: tl.constexpr, BLOCK_I: tl.constexpr, GROUPS: tl.constexpr,
+def _slot_expert(
+    slot, idx_ptr, logits_ptr, reroute_ptr, zero_ptr, wts_ptr, E, write,
+    K_ACT: tl.constexpr, K_P2: tl.constexpr, BLOCK_E: tl.constexpr, ROUTED: tl.constexpr,
+    HAS_REROUTE: tl.constexpr, HAS_ZERO: tl.constexpr,
 ):
+    """The expert of a (token, choice) slot, as int64. Read from the indices, or (ROUTED) chosen here from the
+    token's router logits by `routing.top_k_softmax`, exactly as `route` chooses; then, where `write` (int) is 1,
+    the token's k indices and weights are stored (one program per token does it, for the capture and the sum)."""
+    if ROUTED:
+        token = slot // K_ACT
+        cols = tl.arange(0, BLOCK_E)
+        logits = tl.load(logits_ptr + token * E + cols, mask=cols < E, other=float("-inf")).to(tl.float32)
+        chosen, weights = top_k_softmax(logits[None, :], reroute_ptr, zero_ptr, E, K_ACT, K_P2, HAS_REROUTE,
+                                        HAS_ZERO)  # [1, K_P2] each
+        kcol = tl.arange(0, K_P2)[None, :]
+        expert = tl.sum(tl.where(kcol == slot % K_ACT, chosen, 0))
+        kmask = (kcol < K_ACT) & ((kcol * 0 + write) != 0)  # a vector mask (the interpreter needs one)
+        tl.store(idx_ptr + token * K_ACT + kcol, chosen.to(idx_ptr.dtype.element_ty), mask=kmask)
+        tl.store(wts_ptr + token * K_ACT + kcol, weights, mask=kmask)
+    else:
+        expert = tl.load(idx_ptr + slot)
+    return expert.to(tl.int64)
+
+
+@triton.jit
+def _gate_up_gemv_kernel(
+    xw_ptr, idx_ptr, logits_ptr, reroute_ptr, zero_ptr, wts_ptr, w_ptr, s_ptr, b_ptr, actw_ptr,
+    D, I, E, stride_xn, stride_we, stride_wr, stride_se, stride_sr, stride_be, stride_an,
+    limit, alpha,
+    K_ACT: tl.constexpr, K_P2: tl.constexpr, BLOCK_I: tl.constexpr, GROUPS: tl.constexpr, BLOCK_E: tl.constexpr,
+    ROUTED: tl.constexpr, HAS_REROUTE: tl.constexpr, HAS_ZERO: tl.constexpr, PDL: tl.constexpr,
+):
+    await_inputs(PDL)  # which expert's rows to read depends on the kernel before
     slot = tl.program_id(0)
     rows = tl.program_id(1) * (2 * BLOCK_I) + tl.arange(0, 2 * BLOCK_I)  # mlp1 rows: gate, linear, gate, ...
     rmask = rows < 2 * I
-    expert = tl.load(idx_ptr + slot).to(tl.int64)
+    write = ((slot % K_ACT == 0) & (tl.program_id(1) == 0)).to(tl.int32)  # one writer per token
+    expert = _slot_expert(slot, idx_ptr, logits_ptr, reroute_ptr, zero_ptr, wts_ptr, E, write, K_ACT, K_P2,
+                          BLOCK_E, ROUTED, HAS_REROUTE, HAS_ZERO)
     w_rows = w_ptr + expert * stride_we + rows[:, None, None] * stride_wr
     s_rows = s_ptr + expert * stride_se + rows[:, None] * stride_sr
-    out = _rows_dot(w_rows, s_rows, xw_ptr + (slot // K_ACT) * stride_xn, D, rmask, GROUPS)
+    out = _rows_dot(w_rows, s_rows, xw_ptr + (slot // K_ACT) * stride_xn, D, rmask, GROUPS, False)
     out += tl.load(b_ptr + expert * stride_be + rows, mask=rmask, other=0.0).to(tl.float32)
     gate, lin = tl.split(tl.reshape(out, [BLOCK_I, 2]))  # [BLOCK_I] each
     gate = tl.minimum(gate, limit)
@@ -152,17 +203,24 @@ def _gate_up_gemv_kernel(
 
 @triton.jit
 def _down_gemv_kernel(
-    actw_ptr, idx_ptr, w_ptr, s_ptr, b_ptr, out_ptr,
-    D, I, stride_an, stride_we, stride_wr, stride_se, stride_sr, stride_be, stride_on,
-    BLOCK_D: tl.constexpr, GROUPS: tl.constexpr,
+    actw_ptr, idx_ptr, logits_ptr, reroute_ptr, zero_ptr, w_ptr, s_ptr, b_ptr, out_ptr,
+    D, I, E, stride_an, stride_we, stride_wr, stride_se, stride_sr, stride_be, stride_on,
+    K_ACT: tl.constexpr, K_P2: tl.constexpr, BLOCK_D: tl.constexpr, GROUPS: tl.constexpr, BLOCK_E: tl.constexpr,
+    ROUTED: tl.constexpr, HAS_REROUTE: tl.constexpr, HAS_ZERO: tl.constexpr, PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
+    # Under PDL this kernel starts while gate/up runs. The routing was written two kernels back (gate/up waited
+    # for it before letting this kernel launch), so with PREFETCH the expert and its first weight tile are read
+    # before the wait inside _rows_dot; the activations, from gate/up, after it.
+    await_inputs(PDL and not PREFETCH)
     slot = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # output features
     rmask = rows < D
-    expert = tl.load(idx_ptr + slot).to(tl.int64)
+    expert = _slot_expert(slot, idx_ptr, logits_ptr, reroute_ptr, zero_ptr, idx_ptr, E, 0, K_ACT, K_P2,
+                          BLOCK_E, ROUTED, HAS_REROUTE, HAS_ZERO)
     w_rows = w_ptr + expert * stride_we + rows[:, None, None] * stride_wr
     s_rows = s_ptr + expert * stride_se + rows[:, None] * stride_sr
-    out = _rows_dot(w_rows, s_rows, actw_ptr + slot * stride_an, I, rmask, GROUPS)
+    out = _rows_dot(w_rows, s_rows, actw_ptr + slot * stride_an, I, rmask, GROUPS, PDL and PREFETCH)
     out += tl.load(b_ptr + expert * stride_be + rows, mask=rmask, other=0.0).to(tl.float32)
     tl.store(out_ptr + slot * stride_on + rows, out, mask=rmask)
 
@@ -339,32 +397,28 @@ def input_words(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Te
     return out
 
 
-def moe_decode_parts(
-    x_words: torch.Tensor, topk_indices: torch.Tensor,
-    mlp1_blocks: torch.Tensor, mlp1_scales: torch.Tensor, mlp1_bias: torch.Tensor,
-    mlp2_blocks: torch.Tensor, mlp2_scales: torch.Tensor, mlp2_bias: torch.Tensor,
-    limit: float = 7.0, alpha: float = 1.702, *, out: torch.Tensor | None = None, blocks: dict | None = None,
-) -> torch.Tensor:
-    """The decode kernels up to each chosen expert's output: x_words [N, D] (`input_words(x)`), topk_indices
-    [N, k] -> fp32 [N * k, D], row n * k + j = expert topk_indices[n, j] on token n, its bias included, not yet
-    weighted. `moe_experts` sums these with the routing weights; the decoder lets `add_rms_norm(weights=...)` do
-    it instead, so the sum costs no launch of its own."""
+def _check_decode_inputs(x_words, mlp1_blocks, mlp1_scales, mlp2_blocks, mlp2_scales):
     check(x_words.dim() == 2 and x_words.dtype == torch.float32 and x_words.stride(1) == 1,
           f"x_words must be float32 [N, D] with contiguous rows (from input_words), got {x_words.dtype} "
           f"{tuple(x_words.shape)}")
     check_runnable(x_words)
-    N, D = x_words.shape
-    check(topk_indices.dim() == 2 and topk_indices.shape[0] == N and not topk_indices.is_floating_point(),
-          f"topk_indices must be integers [N={N}, k], got {topk_indices.dtype} {tuple(topk_indices.shape)}")
-    k = topk_indices.shape[1]
+    D = x_words.shape[1]
     E, I = mlp1_blocks.shape[0], mlp1_blocks.shape[1] // 2
     check(D % 32 == 0 and I % 32 == 0, f"need D and I multiples of 32, got D={D}, I={I}")
     check_mxfp4("mlp1", mlp1_blocks, mlp1_scales, E, 2 * I, D)
     check_mxfp4("mlp2", mlp2_blocks, mlp2_scales, E, D, I)
-    check_same_device(x_words=x_words, topk_indices=topk_indices, mlp1_blocks=mlp1_blocks, mlp2_blocks=mlp2_blocks)
+
+
+def _launch_decode(
+    x_words, indices, logits, reroute_mask, zero_mask, weights_out, k,
+    mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias, limit, alpha, out, blocks, pdl,
+) -> torch.Tensor:
+    """Gate/up then down for every (token, choice) slot -> fp32 parts [N * k, D]. With `logits` the kernels
+    route themselves (and gate/up writes `indices` and `weights_out`); otherwise they read `indices`."""
+    N, D = x_words.shape
+    E, I = mlp1_blocks.shape[0], mlp1_blocks.shape[1] // 2
     cfg = {**DECODE_BLOCKS, **(blocks or {})}
     S = N * k
-    topk_indices = topk_indices.contiguous()
     parts = out if out is not None else torch.empty(S, D, device=x_words.device, dtype=torch.float32)
     check(parts.dtype == torch.float32 and tuple(parts.shape) == (S, D) and parts.stride(1) == 1,
           f"out must be float32 [{S}, {D}] with contiguous rows")
@@ -372,19 +426,89 @@ def moe_decode_parts(
         return parts
     actw = torch.empty(S, I, device=x_words.device, dtype=torch.float32)  # SwiGLU outputs in word order
     words1, words2 = _as_words("mlp1", mlp1_blocks), _as_words("mlp2", mlp2_blocks)
+    routed = logits is not None
+    logits = logits if routed else x_words  # placeholders for pointers a kernel never reads
+    reroute = reroute_mask if reroute_mask is not None else logits
+    zero = zero_mask if zero_mask is not None else logits
+    weights_out = weights_out if weights_out is not None else logits
+    flags = dict(K_ACT=k, K_P2=triton.next_power_of_2(k), BLOCK_E=triton.next_power_of_2(E), ROUTED=routed,
+                 HAS_REROUTE=reroute_mask is not None, HAS_ZERO=zero_mask is not None, PDL=use_pdl(pdl, x_words),
+                 launch_pdl=use_pdl(pdl, x_words))
     _gate_up_gemv_kernel[(S, triton.cdiv(I, cfg["BLOCK_I"]))](
-        x_words, topk_indices, words1, mlp1_scales, mlp1_bias, actw,
-        D, I, x_words.stride(0), words1.stride(0), words1.stride(1), mlp1_scales.stride(0), mlp1_scales.stride(1),
-        mlp1_bias.stride(0), actw.stride(0), float(limit), float(alpha),
-        K_ACT=k, BLOCK_I=cfg["BLOCK_I"], GROUPS=cfg["GROUPS_I"], num_warps=cfg["WARPS_I"],
+        x_words, indices, logits, reroute, zero, weights_out, words1, mlp1_scales, mlp1_bias, actw,
+        D, I, E, x_words.stride(0), words1.stride(0), words1.stride(1), mlp1_scales.stride(0),
+        mlp1_scales.stride(1), mlp1_bias.stride(0), actw.stride(0), float(limit), float(alpha),
+        BLOCK_I=cfg["BLOCK_I"], GROUPS=cfg["GROUPS_I"], num_warps=cfg["WARPS_I"], **flags,
     )
     _down_gemv_kernel[(S, triton.cdiv(D, cfg["BLOCK_D"]))](
-        actw, topk_indices, words2, mlp2_scales, mlp2_bias, parts,
-        D, I, actw.stride(0), words2.stride(0), words2.stride(1), mlp2_scales.stride(0), mlp2_scales.stride(1),
+        actw, indices, logits, reroute, zero, words2, mlp2_scales, mlp2_bias, parts,
+        D, I, E, actw.stride(0), words2.stride(0), words2.stride(1), mlp2_scales.stride(0), mlp2_scales.stride(1),
         mlp2_bias.stride(0), parts.stride(0),
-        BLOCK_D=cfg["BLOCK_D"], GROUPS=cfg["GROUPS_D"], num_warps=cfg["WARPS_D"],
+        BLOCK_D=cfg["BLOCK_D"], GROUPS=cfg["GROUPS_D"], num_warps=cfg["WARPS_D"], PREFETCH=cfg["PREFETCH_D"],
+        **flags,
     )
     return parts
+
+
+def moe_decode_parts(
+    x_words: torch.Tensor, topk_indices: torch.Tensor,
+    mlp1_blocks: torch.Tensor, mlp1_scales: torch.Tensor, mlp1_bias: torch.Tensor,
+    mlp2_blocks: torch.Tensor, mlp2_scales: torch.Tensor, mlp2_bias: torch.Tensor,
+    limit: float = 7.0, alpha: float = 1.702, *, out: torch.Tensor | None = None, blocks: dict | None = None,
+    pdl: bool = False,
+) -> torch.Tensor:
+    """The decode kernels up to each chosen expert's output: x_words [N, D] (`input_words(x)`), topk_indices
+    [N, k] -> fp32 [N * k, D], row n * k + j = expert topk_indices[n, j] on token n, its bias included, not yet
+    weighted. `moe_experts` sums these with the routing weights; the decoder lets `add_rms_norm(weights=...)` do
+    it instead, so the sum costs no launch of its own. `pdl`: programmatic dependent launch on Hopper
+    (kernels._common)."""
+    _check_decode_inputs(x_words, mlp1_blocks, mlp1_scales, mlp2_blocks, mlp2_scales)
+    N = x_words.shape[0]
+    check(topk_indices.dim() == 2 and topk_indices.shape[0] == N and not topk_indices.is_floating_point(),
+          f"topk_indices must be integers [N={N}, k], got {topk_indices.dtype} {tuple(topk_indices.shape)}")
+    check_same_device(x_words=x_words, topk_indices=topk_indices, mlp1_blocks=mlp1_blocks, mlp2_blocks=mlp2_blocks)
+    return _launch_decode(x_words, topk_indices.contiguous(), None, None, None, None, topk_indices.shape[1],
+                          mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias, limit, alpha,
+                          out, blocks, pdl)
+
+
+def moe_decode_routed(
+    x_words: torch.Tensor, router_logits: torch.Tensor, k: int,
+    mlp1_blocks: torch.Tensor, mlp1_scales: torch.Tensor, mlp1_bias: torch.Tensor,
+    mlp2_blocks: torch.Tensor, mlp2_scales: torch.Tensor, mlp2_bias: torch.Tensor,
+    limit: float = 7.0, alpha: float = 1.702, reroute_mask: torch.Tensor | None = None,
+    zero_mask: torch.Tensor | None = None, *, indices_out: torch.Tensor | None = None,
+    weights_out: torch.Tensor | None = None, out: torch.Tensor | None = None, blocks: dict | None = None,
+    pdl: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`route` and `moe_decode_parts` in the same two launches: router_logits [N, E] (contiguous; what
+    `add_rms_norm(router=...)` writes) -> (parts fp32 [N * k, D], indices int64 [N, k], weights fp32 [N, k]).
+
+    Every program chooses its slot's expert from the logits itself (`routing.top_k_softmax`, the choice `route`
+    makes, masks included), which spares the decoder a routing launch. `indices_out`/`weights_out` receive the
+    routing (CUDA graph buffers). Torch twin: `route_reference`, then `ossscope.ops.moe_experts(per_expert=True)`.
+    """
+    _check_decode_inputs(x_words, mlp1_blocks, mlp1_scales, mlp2_blocks, mlp2_scales)
+    N = x_words.shape[0]
+    E = mlp1_blocks.shape[0]
+    check(tuple(router_logits.shape) == (N, E) and router_logits.is_contiguous(),
+          f"router_logits must be contiguous [N={N}, E={E}], got {tuple(router_logits.shape)}")
+    check_float("router_logits", router_logits)
+    check_routing(E, k, reroute_mask, zero_mask)
+    indices = indices_out if indices_out is not None else torch.empty(N, k, device=x_words.device,
+                                                                      dtype=torch.int64)
+    weights = weights_out if weights_out is not None else torch.empty(N, k, device=x_words.device,
+                                                                      dtype=torch.float32)
+    check(tuple(indices.shape) == (N, k) and indices.is_contiguous() and not indices.is_floating_point(),
+          f"indices_out must be contiguous integers [{N}, {k}]")
+    check(tuple(weights.shape) == (N, k) and weights.is_contiguous() and weights.dtype == torch.float32,
+          f"weights_out must be contiguous float32 [{N}, {k}]")
+    check_same_device(x_words=x_words, router_logits=router_logits, mlp1_blocks=mlp1_blocks,
+                      reroute_mask=reroute_mask, zero_mask=zero_mask, indices_out=indices, weights_out=weights)
+    parts = _launch_decode(x_words, indices, router_logits, reroute_mask, zero_mask, weights, k, mlp1_blocks,
+                           mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias, limit, alpha, out, blocks,
+                           pdl)
+    return parts, indices, weights
 
 
 def moe_experts(

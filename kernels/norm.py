@@ -10,19 +10,32 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INPUT_SCALE, check, check_float, check_runnable, word_order
+from ._common import INPUT_SCALE, await_inputs, check, check_float, check_runnable, use_pdl, word_order
+
+# With a router, each program of a row computes this many router logits (and the norm again).
+ROUTER_EXPERTS_PER_PROGRAM = 4
 
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, delta_ptr, extra_ptr, scale_ptr, res_ptr, out_ptr, wts_ptr, dout_ptr, words_ptr, D, eps,
-    stride_x, stride_d, stride_r, stride_o,
+    x_ptr, delta_ptr, extra_ptr, scale_ptr, res_ptr, out_ptr, wts_ptr, dout_ptr, words_ptr,
+    rw_ptr, rb_ptr, logits_ptr, D, E, eps, stride_x, stride_d, stride_r, stride_o,
     BLOCK_D: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_EXTRA: tl.constexpr, PARTS: tl.constexpr,
-    DELTA_OUT: tl.constexpr, WORDS: tl.constexpr,
+    DELTA_OUT: tl.constexpr, WORDS: tl.constexpr, ROUTER: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr,
 ):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
+    # Program (row, 0) writes the outputs; with ROUTER, programs (row, j) each also give BLOCK_E router logits
+    # (all of them recompute the norm, which is cheap next to reading their slice of the router's weights).
+    first = (cols * 0 + tl.program_id(1)) == 0  # a vector, not a scalar: the interpreter's masks need that
+    if ROUTER:  # read while the kernel before still runs (PDL): weights only
+        experts = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+        emask = experts < E
+        router_w = tl.load(rw_ptr + experts[:, None] * D + cols[None, :], mask=emask[:, None] & mask[None, :],
+                           other=0.0)
+        router_b = tl.load(rb_ptr + experts, mask=emask, other=0.0)
+    await_inputs(PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_DELTA:  # the residual update, rounded to the stream's dtype at each step like the torch path
         if PARTS > 0:  # delta = sum over PARTS fp32 rows (the chosen experts' outputs) times their weights
@@ -32,21 +45,25 @@ def _rms_norm_kernel(
                 d += weight * tl.load(delta_ptr + (row * PARTS + j) * stride_d + cols, mask=mask, other=0.0)
             d = d.to(res_ptr.dtype.element_ty)
             if DELTA_OUT:
-                tl.store(dout_ptr + row * D + cols, d, mask=mask)
+                tl.store(dout_ptr + row * D + cols, d, mask=mask & first)
         else:
             d = tl.load(delta_ptr + row * stride_d + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + d.to(tl.float32)).to(res_ptr.dtype.element_ty)
         if HAS_EXTRA:
             x = (x.to(tl.float32) + tl.load(extra_ptr + cols, mask=mask, other=0.0).to(tl.float32))
             x = x.to(res_ptr.dtype.element_ty)
-        tl.store(res_ptr + row * stride_r + cols, x, mask=mask)
+        tl.store(res_ptr + row * stride_r + cols, x, mask=mask & first)
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
     scale = tl.load(scale_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     normed = (xf * rstd * scale).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + row * stride_o + cols, normed, mask=mask)
+    tl.store(out_ptr + row * stride_o + cols, normed, mask=mask & first)
     if WORDS:  # the same, as the MoE decode kernels want their input (kernels.moe.input_words)
-        tl.store(words_ptr + row * D + word_order(cols), normed.to(tl.float32) * INPUT_SCALE, mask=mask)
+        tl.store(words_ptr + row * D + word_order(cols), normed.to(tl.float32) * INPUT_SCALE, mask=mask & first)
+    if ROUTER:  # the router: logits = normed @ W.T + b, summed in fp32, rounded once to the model's dtype
+        logits = tl.sum(router_w.to(tl.float32) * normed.to(tl.float32)[None, :], axis=1) + router_b.to(tl.float32)
+        logits = logits.to(out_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(logits_ptr + row * E + experts, logits, mask=emask)
 
 
 def _rows(name: str, t: torch.Tensor, D: int) -> torch.Tensor:
@@ -56,8 +73,11 @@ def _rows(name: str, t: torch.Tensor, D: int) -> torch.Tensor:
     return flat
 
 
-def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """RMSNorm in fp32, result in x's dtype: x [..., D], scale [D] -> [..., D]. Twin: `ossscope.ops.rms_norm`."""
+def rms_norm(
+    x: torch.Tensor, scale: torch.Tensor, eps: float, *, out: torch.Tensor | None = None, pdl: bool = False
+) -> torch.Tensor:
+    """RMSNorm in fp32, result in x's dtype: x [..., D], scale [D] -> [..., D]. Twin: `ossscope.ops.rms_norm`.
+    `pdl`: programmatic dependent launch on Hopper (kernels._common)."""
     check_float("x", x)
     check_runnable(x)
     D = x.shape[-1]
@@ -66,10 +86,10 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float, *, out: torch.Ten
     out = out if out is not None else torch.empty_like(x)
     of = _rows("out", out, D)
     if xf.shape[0]:
-        _rms_norm_kernel[(xf.shape[0],)](
-            xf, xf, xf, scale, xf, of, xf, xf, xf, D, float(eps), xf.stride(0), 0, 0, of.stride(0),
+        _rms_norm_kernel[(xf.shape[0], 1)](
+            xf, xf, xf, scale, xf, of, xf, xf, xf, xf, xf, xf, D, 0, float(eps), xf.stride(0), 0, 0, of.stride(0),
             BLOCK_D=triton.next_power_of_2(D), HAS_DELTA=False, HAS_EXTRA=False, PARTS=0, DELTA_OUT=False,
-            WORDS=False, num_warps=4,
+            WORDS=False, ROUTER=False, BLOCK_E=1, PDL=use_pdl(pdl, x), num_warps=4, launch_pdl=use_pdl(pdl, x),
         )
     return out
 
@@ -78,6 +98,8 @@ def add_rms_norm(
     x: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor, eps: float, extra: torch.Tensor | None = None,
     *, weights: torch.Tensor | None = None, delta_out: torch.Tensor | None = None,
     words_out: torch.Tensor | None = None, out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
+    router: tuple[torch.Tensor, torch.Tensor] | None = None, logits_out: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual update and the next norm in one pass.
 
@@ -90,6 +112,10 @@ def add_rms_norm(
       and rounded to x's dtype (what `moe_experts` returns); `delta_out` [N, D] receives that sum.
     - `words_out` fp32 [N, D] receives the normed output as the MoE decode kernels want it
       (`kernels.moe.input_words`).
+    - `router` (weight [E, D], bias [E]) with `logits_out` fp32 [N, E]: receives the router's logits on the
+      normed output (torch's `F.linear(out, weight, bias)`: summed in fp32, rounded to x's dtype), for
+      `kernels.moe_decode_routed`. The row is then spread over E / ROUTER_EXPERTS_PER_PROGRAM programs.
+    `pdl`: programmatic dependent launch on Hopper (kernels._common).
     """
     check_float("x", x)
     check_runnable(x)
@@ -114,18 +140,37 @@ def add_rms_norm(
     if words_out is not None:
         check(D % 32 == 0 and words_out.dtype == torch.float32 and tuple(words_out.shape) == (rows, D)
               and words_out.is_contiguous(), f"words_out must be contiguous float32 [{rows}, {D}], D a multiple of 32")
+    n_programs = 1
+    if router is not None:
+        router_w, router_b = router
+        E = router_w.shape[0]
+        check(router_w.dim() == 2 and router_w.shape[1] == D and router_w.is_contiguous()
+              and tuple(router_b.shape) == (E,), f"router must be (weight [E, {D}] contiguous, bias [E]), got "
+              f"{tuple(router_w.shape)} and {tuple(router_b.shape)}")
+        check(logits_out is not None and logits_out.dtype == torch.float32
+              and tuple(logits_out.shape) == (rows, E) and logits_out.is_contiguous(),
+              f"with a router, logits_out must be contiguous float32 [{rows}, {E}]")
+        n_programs = triton.cdiv(E, ROUTER_EXPERTS_PER_PROGRAM)
+        check(residual_out is None or residual_out.data_ptr() != x.data_ptr(),
+              "with a router, residual_out cannot be x itself (several programs read each row of x)")
+    else:
+        check(logits_out is None, "logits_out goes with router")
     df = _rows("delta", delta, D)
     residual_out = residual_out if residual_out is not None else torch.empty_like(x)
     out = out if out is not None else torch.empty_like(x)
     rf, of = _rows("residual_out", residual_out, D), _rows("out", out, D)
     if rows:
-        _rms_norm_kernel[(rows,)](
+        _rms_norm_kernel[(rows, n_programs)](
             xf, df, extra if extra is not None else xf, scale, rf, of,
             weights if weights is not None else xf, delta_out if delta_out is not None else xf,
-            words_out if words_out is not None else xf, D, float(eps),
+            words_out if words_out is not None else xf, router[0] if router is not None else xf,
+            router[1] if router is not None else xf, logits_out if logits_out is not None else xf,
+            D, router[0].shape[0] if router is not None else 0, float(eps),
             xf.stride(0), df.stride(0), rf.stride(0), of.stride(0),
             BLOCK_D=triton.next_power_of_2(D), HAS_DELTA=True, HAS_EXTRA=extra is not None, PARTS=parts,
-            DELTA_OUT=delta_out is not None, WORDS=words_out is not None, num_warps=4,
+            DELTA_OUT=delta_out is not None, WORDS=words_out is not None, ROUTER=router is not None,
+            BLOCK_E=ROUTER_EXPERTS_PER_PROGRAM, PDL=use_pdl(pdl, x), num_warps=8 if router is not None else 4,
+            launch_pdl=use_pdl(pdl, x),
         )
     return residual_out, out
 

@@ -11,15 +11,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check, check_float, check_runnable
+from ._common import await_inputs, check, check_float, check_runnable, use_pdl
 
 
 @triton.jit
 def _qkv_rope_kernel(
     qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slot_ptr, pos_ptr, kpos_ptr,
     T, H, Hkv, stride_qkv_b, stride_qkv_t, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
-    HALF: tl.constexpr, HAS_SLOTS: tl.constexpr,
+    HALF: tl.constexpr, HAS_SLOTS: tl.constexpr, PDL: tl.constexpr,
 ):
+    await_inputs(PDL)
     pid_bt = tl.program_id(0)
     head = tl.program_id(1)  # 0..H-1 query heads, then Hkv key heads, then Hkv value heads
     b = pid_bt // T
@@ -54,12 +55,14 @@ def qkv_rope(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
     *, k_dst: torch.Tensor | None = None, v_dst: torch.Tensor | None = None, slots: torch.Tensor | None = None,
     positions: torch.Tensor | None = None, k_pos_dst: torch.Tensor | None = None, q_out: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """qkv [B, T, (H + 2 Hkv) Dh], cos/sin [T, Dh/2] fp32 -> q [B, T, H, Dh], k, v [B, T, Hkv, Dh] (k, q rotated).
 
     With k_dst/v_dst [B, S, Hkv, Dh] (a cache), slots [T] (long, on the device) and positions [T] and
     k_pos_dst [S]: token t's key and value go to slot slots[t] and k_pos_dst[slots[t]] = positions[t]; then
-    the returned k and v are the whole destination buffers.
+    the returned k and v are the whole destination buffers. `pdl`: programmatic dependent launch on Hopper
+    (kernels._common).
     """
     check_float("qkv", qkv)
     check_runnable(qkv)
@@ -92,6 +95,6 @@ def qkv_rope(
         k_pos_dst if has_slots else cos,
         T, H, Hkv, qkv.stride(0), qkv.stride(1), q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        HALF=half, HAS_SLOTS=has_slots, num_warps=1,
+        HALF=half, HAS_SLOTS=has_slots, PDL=use_pdl(pdl, qkv), num_warps=1, launch_pdl=use_pdl(pdl, qkv),
     )
     return q, k, v

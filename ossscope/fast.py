@@ -29,7 +29,8 @@ from .cache import KVCache
 
 RESIDUAL_HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
 _RESIDUAL_NAME = re.compile(r"^blocks\.(\d+)\.(" + "|".join(RESIDUAL_HOOKS) + r")$")
-_RECORD_NAME = re.compile(r"^blocks\.(\d+)\.(mlp\.hook_topk_indices|mlp\.hook_topk_weights|attn\.hook_sink)$")
+_RECORD_NAME = re.compile(
+    r"^blocks\.(\d+)\.(mlp\.hook_topk_indices|mlp\.hook_topk_weights|mlp\.hook_router_logits|attn\.hook_sink)$")
 
 
 def _kernels():
@@ -89,7 +90,8 @@ class GraphDecoder:
     """One-token decode steps over `cache`, replayed from a CUDA graph, recording into static buffers.
 
     After each `step(tokens)`:
-      router_indices [L, B, k] int64, router_weights [L, B, k] fp32 (after zero-ablation), sink [L, B, H] fp32;
+      router_indices [L, B, k] int64, router_weights [L, B, k] fp32 (after zero-ablation), router_logits
+      [L, B, E] fp32 (the values of the model's dtype, before ablation masks), sink [L, B, H] fp32;
       patterns[l] [B, H, S_l] fp32 if `pattern` (over the cache slots of layer l; `cache.layers[l].pos` gives
       each slot's position, -1 for empty); captured[name] [B, D] for residual hook names in `capture`
       (blocks.{l}.hook_resid_pre | hook_attn_out | hook_resid_mid | hook_mlp_out | hook_resid_post).
@@ -116,6 +118,7 @@ class GraphDecoder:
         self.position = torch.zeros(1, dtype=torch.long, device=dev)
         self.router_indices = torch.zeros(L, B, k, dtype=torch.long, device=dev)
         self.router_weights = torch.zeros(L, B, k, dtype=torch.float32, device=dev)
+        self.router_logits = torch.zeros(L, B, cfg.num_experts, dtype=torch.float32, device=dev)
         self.sink = torch.zeros(L, B, H, dtype=torch.float32, device=dev)
         self.patterns = [torch.zeros(B, H, lc.slots, device=dev) for lc in cache.layers] if pattern else None
         self.captured: dict[str, torch.Tensor] = {}
@@ -152,31 +155,35 @@ class GraphDecoder:
         sin = (freqs.sin() * m.rope_concentration).contiguous()
         ring_slot = torch.remainder(pos, self._ring_slots)
         x = F.embedding(self.tokens, m.embed.weight)  # [B, D]
-        h = kn.rms_norm(x, m.blocks[0].attn.norm.scale, eps)
+        # Every kernel below launches with PDL (kernels/_common.py): it starts while the one before runs.
+        h = kn.rms_norm(x, m.blocks[0].attn.norm.scale, eps, pdl=True)
         for layer, block in enumerate(m.blocks):
             attn, mlp, lc = block.attn, block.mlp, self.cache.layers[layer]
             self._keep(layer, "hook_resid_pre", x)
-            qkv = kn.linear(h, attn.qkv.weight, attn.qkv.bias)  # [B, (H + 2 Hkv) Dh]
+            qkv = kn.linear(h, attn.qkv.weight, attn.qkv.bias, pdl=True)  # [B, (H + 2 Hkv) Dh]
             q, _, _ = kn.qkv_rope(qkv.view(B, 1, -1), cos, sin, H, Hkv, k_dst=lc.k, v_dst=lc.v,
-                                  slots=ring_slot if lc.ring else pos, positions=pos, k_pos_dst=lc.pos)
+                                  slots=ring_slot if lc.ring else pos, positions=pos, k_pos_dst=lc.pos, pdl=True)
             z, _, _ = kn.attention_decode(
                 q, lc.k, lc.v, attn.sinks, pos, lc.pos, attn.window, need_pattern=self.patterns is not None,
-                sink_out=self.sink[layer], pattern_out=self.patterns[layer] if self.patterns is not None else None)
-            attn_out = kn.linear(z.view(B, -1), attn.out.weight, attn.out.bias)  # [B, D]
+                sink_out=self.sink[layer], pattern_out=self.patterns[layer] if self.patterns is not None else None,
+                pdl=True)
+            attn_out = kn.linear(z.view(B, -1), attn.out.weight, attn.out.bias, pdl=True)  # [B, D]
             self._keep(layer, "hook_attn_out", attn_out)
             h_words = torch.empty(B, h.shape[-1], device=h.device, dtype=torch.float32)  # h for the MoE kernels
-            x, h = kn.add_rms_norm(x, attn_out, mlp.norm.scale, eps, words_out=h_words)
+            # The norm also gives the router's logits, and the MoE kernels route from them themselves.
+            x, h = kn.add_rms_norm(x, attn_out, mlp.norm.scale, eps, words_out=h_words,
+                                   router=(mlp.gate.weight, mlp.gate.bias), logits_out=self.router_logits[layer],
+                                   pdl=True)
             self._keep(layer, "hook_resid_mid", x)
-            router_logits = F.linear(h, mlp.gate.weight, mlp.gate.bias)  # [B, E]
-            indices, weights = kn.route(router_logits, k, mlp.reroute_mask, mlp.zero_mask,
-                                        out=(self.router_indices[layer], self.router_weights[layer]))
-            parts = kn.moe_decode_parts(h_words, indices, mlp.mlp1_blocks, mlp.mlp1_scales, mlp.mlp1_bias,
-                                        mlp.mlp2_blocks, mlp.mlp2_scales, mlp.mlp2_bias, cfg.swiglu_limit,
-                                        cfg.swiglu_alpha)  # [B * k, D] fp32, each chosen expert's output
+            parts, _, weights = kn.moe_decode_routed(
+                h_words, self.router_logits[layer], k, mlp.mlp1_blocks, mlp.mlp1_scales, mlp.mlp1_bias,
+                mlp.mlp2_blocks, mlp.mlp2_scales, mlp.mlp2_bias, cfg.swiglu_limit, cfg.swiglu_alpha,
+                mlp.reroute_mask, mlp.zero_mask, indices_out=self.router_indices[layer],
+                weights_out=self.router_weights[layer], pdl=True)  # [B * k, D] fp32, each chosen expert's output
             next_norm = m.blocks[layer + 1].attn.norm if layer + 1 < len(m.blocks) else m.ln_final
             # The weighted sum over the k experts (the MoE output) happens inside the residual update.
             x, h = kn.add_rms_norm(x, parts, next_norm.scale, eps, extra=self.steering[layer], weights=weights,
-                                   delta_out=self._keep_at.get((layer, "hook_mlp_out")))
+                                   delta_out=self._keep_at.get((layer, "hook_mlp_out")), pdl=True)
             self._keep(layer, "hook_resid_post", x)
         return F.linear(h, m.unembed.weight)  # [B, V]
 
@@ -242,7 +249,8 @@ class GraphDecoder:
             if not match:
                 raise KeyError(f"{name!r} is not recorded by this GraphDecoder")
             layer, what = int(match.group(1)), match.group(2)
-            source = {"mlp.hook_topk_indices": indices, "mlp.hook_topk_weights": weights, "attn.hook_sink": sink}
+            source = {"mlp.hook_topk_indices": indices, "mlp.hook_topk_weights": weights, "attn.hook_sink": sink,
+                      "mlp.hook_router_logits": self.router_logits.to(self.model.dtype)}
             out[name] = source[what][layer].unsqueeze(1)
         return out
 

@@ -267,6 +267,30 @@ def test_linear_matches_torch(gen, batch, dtype):
         assert y is out and rel(y, ref) < (1e-5 if dtype == torch.float32 else 1e-3)
 
 
+@pytest.mark.parametrize("masks", ["none", "both"])
+def test_moe_decode_routed_matches_route_then_experts(gen, masks):
+    E, D, I, k, N = 12, 96, 160, 3, 2
+    packed = _experts(gen, E, D, I, torch.float32)
+    x = torch.randn(N, D, generator=gen)
+    logits = torch.randn(N, E, generator=gen)
+    reroute = torch.zeros(E, dtype=torch.bool)
+    reroute[torch.randperm(E, generator=gen)[:3]] = True
+    zero = ~reroute & (torch.rand(E, generator=gen) < 0.5)
+    r, z = (reroute, zero) if masks == "both" else (None, None)
+    indices = torch.full((N, k), -7, dtype=torch.int64)
+    weights = torch.full((N, k), float("nan"))
+    parts, _, _ = kernels.moe_decode_routed(kernels.input_words(x), logits, k, *packed, 7.0, 1.702, r, z,
+                                            indices_out=indices, weights_out=weights,
+                                            blocks={"BLOCK_I": 16, "GROUPS_I": 2, "BLOCK_D": 16, "GROUPS_D": 2})
+    ref_i, ref_w = route_reference(logits, k, r, z)
+    assert torch.equal(indices, ref_i)
+    torch.testing.assert_close(weights, ref_w, rtol=1e-6, atol=1e-7)
+    _, ref_out = ops.moe_experts(x, ref_i, ref_w, *packed, per_expert=True)
+    assert rel(parts, ref_out.reshape(N * k, D)) < 1e-5
+    with pytest.raises(ValueError, match="router_logits must be contiguous"):
+        kernels.moe_decode_routed(kernels.input_words(x), logits[:, :-1], k, *packed)
+
+
 # -- norm and RoPE -------------------------------------------------------------------------------------------
 
 
@@ -300,6 +324,19 @@ def test_rms_norm_and_fused_residual_add(gen, dtype):
     expected_words = torch.empty(5, D)
     expected_words[:, _word_order(D)] = normed.float() * 2.0**64
     assert torch.equal(words, expected_words)
+    # With the router: 10 experts spread over 3 programs per row (4, 4, 2), each redoing the norm.
+    router_w, router_b = torch.randn(10, D, generator=gen).to(dtype), torch.randn(10, generator=gen).to(dtype)
+    logits = torch.full((5, 10), float("nan"))
+    residual, normed = kernels.add_rms_norm(x2, x2.flip(0), scale[:D], 1e-5, router=(router_w, router_b),
+                                            logits_out=logits, words_out=words)
+    ref_residual, ref_normed = add_rms_norm_reference(x2, x2.flip(0), scale[:D], 1e-5)
+    assert torch.equal(residual, ref_residual)
+    torch.testing.assert_close(normed, ref_normed)
+    ref_logits = torch.nn.functional.linear(normed.float(), router_w.float(), router_b.float()).to(dtype).float()
+    torch.testing.assert_close(logits, ref_logits, rtol=2e-3 if dtype == torch.float16 else 1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot be x itself"):
+        kernels.add_rms_norm(x2, x2, scale[:D], 1e-5, router=(router_w, router_b), logits_out=logits,
+                             residual_out=x2)
 
 
 def test_qkv_rope_matches_twin_and_writes_cache_slots(gen):
@@ -366,7 +403,7 @@ def test_model_on_kernels_and_eager_graph_step_match_torch_path():
     for _ in range(3):  # crosses the ring buffer's wrap (window 4)
         token = torch.randint(0, cfg.vocab_size, (2, 1))
         names = ["blocks.1.hook_resid_mid", "blocks.1.mlp.hook_topk_indices", "blocks.0.attn.hook_sink",
-                 "blocks.0.hook_mlp_out"]
+                 "blocks.0.hook_mlp_out", "blocks.1.mlp.hook_router_logits", "blocks.1.mlp.hook_topk_weights"]
         with model.hooks([(n, lambda x, hook: seen.__setitem__(hook.name, x.clone())) for n in names]):
             ref = model(token, cache=ref_cache)[:, -1]
         assert rel(decoder.step(token[:, 0]), ref) < 1e-5
@@ -375,4 +412,7 @@ def test_model_on_kernels_and_eager_graph_step_match_torch_path():
         assert not torch.isin(decoder.router_indices[1], torch.tensor([0, 3])).any()
         torch.testing.assert_close(decoder.sink[0], seen[names[2]][..., 0])
         torch.testing.assert_close(decoder.captured["blocks.0.hook_mlp_out"], seen[names[3]][:, 0])
+        kept = decoder.kept(names[4:])
+        torch.testing.assert_close(kept[names[4]], seen[names[4]])
+        torch.testing.assert_close(kept[names[5]], seen[names[5]])
     assert cache.length == ref_cache.length == 9

@@ -1,0 +1,120 @@
+"""Batch-1 decode tok/s of the CUDA-graph decoder under variants, and where a step's time goes.
+
+One device visit: `python scripts/decode_ab.py --json $OUT/decode_ab.json`. On random weights of the
+gpt-oss-20b shape with a 1k-token context, it times the graph decoder (router + sink recorded, as a trace does)
+with programmatic dependent launch off and on, and with the MoE down kernel's weight prefetch off and on; checks
+each variant's logits against the first; then profiles one variant's graph replays and prints the GPU time of
+each kernel and the idle time between kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import json
+import os
+import time
+
+import torch
+from ossscope.kernels import moe
+
+from ossscope import fast
+from ossscope.bench import random_model_on_gpu
+from ossscope.config import resolve_config
+
+VARIANTS = {  # name -> (OSSSCOPE_PDL, MoE down prefetch)
+    "no PDL": ("0", False),
+    "PDL": ("1", False),
+    "PDL + down prefetch": ("1", True),
+    "no PDL again": ("0", False),  # the same as the first: shows whether steps are deterministic at all
+}
+
+
+@torch.no_grad()
+def time_decoder(model, prefilled, steps: int) -> tuple[float, torch.Tensor]:
+    """tok/s over `steps` graph steps from a copy of the `prefilled` cache, and the first step's logits."""
+    cache = copy.deepcopy(prefilled)
+    decoder = fast.GraphDecoder(model, cache)
+    token = torch.zeros(1, dtype=torch.long, device="cuda")
+    first = decoder.step(token).clone()
+    token = first.argmax(-1)
+    for _ in range(3):
+        token = decoder.step(token).argmax(-1)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        token = decoder.step(token).argmax(-1)
+        decoder.router_indices.clone(), decoder.router_weights.clone(), decoder.sink.clone()
+    torch.cuda.synchronize()
+    return steps / (time.perf_counter() - t0), first
+
+
+@torch.no_grad()
+def profile_steps(model, prefilled, steps: int = 20) -> dict:
+    """Kernel GPU time per step by kernel name, and the step's wall time minus its kernels (gaps)."""
+    cache = copy.deepcopy(prefilled)
+    decoder = fast.GraphDecoder(model, cache)
+    token = torch.zeros(1, dtype=torch.long, device="cuda")
+    for _ in range(3):
+        token = decoder.step(token).argmax(-1)
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(steps):
+            token = decoder.step(token).argmax(-1)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name = collections.defaultdict(lambda: [0, 0.0])
+    for e in kernels:
+        by_name[e.name][0] += 1
+        by_name[e.name][1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+    span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels))
+    busy = sum(v[1] for v in by_name.values())
+    rows = sorted(((n, c / steps, t / steps) for n, (c, t) in by_name.items()), key=lambda r: -r[2])
+    return {"us_per_step": span / steps, "kernel_us_per_step": busy / steps,
+            "kernels": [{"name": n[:80], "launches": c, "us": t} for n, c, t in rows]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="gpt-oss-20b")
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--profile", default="no PDL", choices=[*VARIANTS, "none"])
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    model = random_model_on_gpu(resolve_config(args.preset))
+    fast.use_kernels(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, args.context), device="cuda",
+                        generator=torch.Generator(device="cuda").manual_seed(0))
+    report: dict = {"device": torch.cuda.get_device_name(), "preset": args.preset, "context": args.context,
+                    "variants": {}}
+    prefilled = model.new_cache(1, args.context + args.steps + 16)
+    fast.prefill(model, ids, prefilled)
+    reference = None
+    for name, (pdl, prefetch) in VARIANTS.items():
+        os.environ["OSSSCOPE_PDL"] = pdl
+        moe.DECODE_BLOCKS["PREFETCH_D"] = prefetch
+        tok_s, first = time_decoder(model, prefilled, args.steps)
+        reference = first if reference is None else reference
+        diff = ((first.float() - reference.float()).norm() / reference.float().norm()).item()
+        report["variants"][name] = {"tok_s": tok_s, "rel_diff_vs_first": diff}
+        print(f"{name:24s} {tok_s:8.1f} tok/s   logits rel. diff vs first variant {diff:.2e}", flush=True)
+    if args.profile != "none":
+        pdl, prefetch = VARIANTS[args.profile]
+        os.environ["OSSSCOPE_PDL"] = pdl
+        moe.DECODE_BLOCKS["PREFETCH_D"] = prefetch
+        prof = profile_steps(model, prefilled)
+        report["profile"] = {"variant": args.profile, **prof}
+        print(f"\nprofile ({args.profile}): {prof['us_per_step']:.0f} us per step, "
+              f"{prof['kernel_us_per_step']:.0f} us in kernels")
+        for row in prof["kernels"][:12]:
+            print(f"  {row['us']:8.1f} us  {row['launches']:5.1f}x  {row['name']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
