@@ -22,6 +22,7 @@ def _rms_norm_kernel(
     rw_ptr, rb_ptr, logits_ptr, D, E, eps, stride_x, stride_d, stride_r, stride_o,
     BLOCK_D: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_EXTRA: tl.constexpr, PARTS: tl.constexpr,
     DELTA_OUT: tl.constexpr, WORDS: tl.constexpr, ROUTER: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
@@ -38,10 +39,10 @@ def _rms_norm_kernel(
     await_inputs(PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_DELTA:  # the residual update, rounded to the stream's dtype at each step like the torch path
-        if PARTS > 0:  # delta = sum over PARTS fp32 rows (the chosen experts' outputs) times their weights
+        if PARTS > 0:  # delta = sum over PARTS fp32 rows (the chosen experts' outputs, SPLIT rows each) x weights
             d = tl.zeros([BLOCK_D], dtype=tl.float32)
             for j in tl.static_range(PARTS):
-                weight = tl.load(wts_ptr + row * PARTS + j).to(tl.float32)
+                weight = tl.load(wts_ptr + row * (PARTS // SPLIT) + j // SPLIT).to(tl.float32)
                 d += weight * tl.load(delta_ptr + (row * PARTS + j) * stride_d + cols, mask=mask, other=0.0)
             d = d.to(res_ptr.dtype.element_ty)
             if DELTA_OUT:
@@ -89,7 +90,7 @@ def rms_norm(
         _rms_norm_kernel[(xf.shape[0], 1)](
             xf, xf, xf, scale, xf, of, xf, xf, xf, xf, xf, xf, D, 0, float(eps), xf.stride(0), 0, 0, of.stride(0),
             BLOCK_D=triton.next_power_of_2(D), HAS_DELTA=False, HAS_EXTRA=False, PARTS=0, DELTA_OUT=False,
-            WORDS=False, ROUTER=False, BLOCK_E=1, PDL=use_pdl(pdl, x), num_warps=4, launch_pdl=use_pdl(pdl, x),
+            WORDS=False, ROUTER=False, BLOCK_E=1, PDL=use_pdl(pdl, x), SPLIT=1, num_warps=4, launch_pdl=use_pdl(pdl, x),
         )
     return out
 
@@ -108,8 +109,9 @@ def add_rms_norm(
     `residual_out` may be x itself (in-place update).
 
     For the decoder's MoE, without launches of their own:
-    - `weights` [N, k]: delta is then fp32 [N * k, D] (`kernels.moe_decode_parts`), summed with these weights
-      and rounded to x's dtype (what `moe_experts` returns); `delta_out` [N, D] receives that sum.
+    - `weights` [N, k]: delta is then fp32 [N * k * splits, D] (`kernels.moe_decode_parts`, splits 1, or
+      `moe_decode_routed`), row (n * k + j) * splits + s weighted by weights[n, j]; the sum, rounded to x's
+      dtype, is what `moe_experts` returns; `delta_out` [N, D] receives it.
     - `words_out` fp32 [N, D] receives the normed output as the MoE decode kernels want it
       (`kernels.moe.input_words`).
     - `router` (weight [E, D], bias [E]) with `logits_out` fp32 [N, E]: receives the router's logits on the
@@ -123,13 +125,16 @@ def add_rms_norm(
     check(tuple(scale.shape) == (D,), f"scale must be [{D}], got {tuple(scale.shape)}")
     xf = _rows("x", x, D)
     rows = xf.shape[0]
-    parts = 0
+    parts, split = 0, 1
     if weights is not None:
         check(weights.dim() == 2 and weights.shape[0] == rows and weights.is_contiguous(),
               f"weights must be contiguous [{rows}, k], got {tuple(weights.shape)}")
-        parts = weights.shape[1]
-        check(delta.dtype == torch.float32 and tuple(delta.shape) == (rows * parts, D),
-              f"with weights, delta must be float32 [{rows * parts}, {D}], got {delta.dtype} {tuple(delta.shape)}")
+        k = weights.shape[1]
+        split = max(1, delta.shape[0] // max(1, rows * k))
+        check(delta.dtype == torch.float32 and delta.dim() == 2 and tuple(delta.shape) == (rows * k * split, D),
+              f"with weights, delta must be float32 [{rows} * {k} * splits, {D}], got {delta.dtype} "
+              f"{tuple(delta.shape)}")
+        parts = k * split
         check(delta_out is None or (tuple(delta_out.shape) == (rows, D) and delta_out.is_contiguous()),
               f"delta_out must be contiguous [{rows}, {D}]")
     else:
@@ -169,8 +174,8 @@ def add_rms_norm(
             xf.stride(0), df.stride(0), rf.stride(0), of.stride(0),
             BLOCK_D=triton.next_power_of_2(D), HAS_DELTA=True, HAS_EXTRA=extra is not None, PARTS=parts,
             DELTA_OUT=delta_out is not None, WORDS=words_out is not None, ROUTER=router is not None,
-            BLOCK_E=ROUTER_EXPERTS_PER_PROGRAM, PDL=use_pdl(pdl, x), num_warps=8 if router is not None else 4,
-            launch_pdl=use_pdl(pdl, x),
+            BLOCK_E=ROUTER_EXPERTS_PER_PROGRAM, PDL=use_pdl(pdl, x), SPLIT=split,
+            num_warps=8 if router is not None else 4, launch_pdl=use_pdl(pdl, x),
         )
     return residual_out, out
 

@@ -2,9 +2,11 @@
 
 One device visit: `python scripts/decode_ab.py --json $OUT/decode_ab.json`. On random weights of the
 gpt-oss-20b shape with a 1k-token context, it times the graph decoder (router + sink recorded, as a trace does)
-with programmatic dependent launch off and on, and with the MoE down kernel's weight prefetch off and on; checks
-each variant's logits against the first; then profiles one variant's graph replays and prints the GPU time of
-each kernel and the idle time between kernels.
+with programmatic dependent launch off and on, and with the MoE down kernel's weight prefetch off and on
+(VARIANTS), or with `--sweep` the MoE decode tiles of SWEEP; prints each variant's first logits against the
+first variant's (on random weights a one-ulp change can flip a routing choice, so only identical kernels give
+0); then, with `--profile NAME|best`, profiles that variant's graph replays and prints each kernel's GPU time
+per step (under PDL a kernel's time includes its wait for the one before).
 """
 
 from __future__ import annotations
@@ -23,11 +25,25 @@ from ossscope import fast
 from ossscope.bench import random_model_on_gpu
 from ossscope.config import resolve_config
 
-VARIANTS = {  # name -> (OSSSCOPE_PDL, MoE down prefetch)
-    "no PDL": ("0", False),
-    "PDL": ("1", False),
-    "PDL + down prefetch": ("1", True),
-    "no PDL again": ("0", False),  # the same as the first: shows whether steps are deterministic at all
+# name -> (OSSSCOPE_PDL, overrides of kernels.moe.DECODE_BLOCKS)
+VARIANTS = {
+    "no PDL": ("0", {"PREFETCH_D": False}),
+    "PDL": ("1", {"PREFETCH_D": False}),
+    "PDL + down prefetch": ("1", {"PREFETCH_D": True}),
+    "no PDL again": ("0", {"PREFETCH_D": False}),  # the same as the first: are steps deterministic at all?
+}
+# --sweep: the MoE decode tiles and split-K, each on top of the current defaults, under PDL.
+SWEEP = {
+    "defaults": {},
+    "D 16x16 2 warps split 2": {"BLOCK_D": 16, "WARPS_D": 2, "SPLIT_D": 2},
+    "D 16x16 2 warps split 3": {"BLOCK_D": 16, "WARPS_D": 2, "SPLIT_D": 3},
+    "D 32x16 4 warps split 2": {"BLOCK_D": 32, "WARPS_D": 4, "SPLIT_D": 2},
+    "D 16x8 2 warps split 2": {"BLOCK_D": 16, "GROUPS_D": 8, "WARPS_D": 2, "SPLIT_D": 2},
+    "I 32x16 2 warps": {"BLOCK_I": 32, "WARPS_I": 2},
+    "I 32x16 4 warps": {"BLOCK_I": 32, "WARPS_I": 4},
+    "I 32x8 4 warps": {"BLOCK_I": 32, "GROUPS_I": 8, "WARPS_I": 4},
+    "I 16x8 2 warps": {"GROUPS_I": 8},
+    "I 64x8 4 warps": {"BLOCK_I": 64, "GROUPS_I": 8, "WARPS_I": 4},
 }
 
 
@@ -81,7 +97,8 @@ def main() -> None:
     parser.add_argument("--preset", default="gpt-oss-20b")
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--profile", default="no PDL", choices=[*VARIANTS, "none"])
+    parser.add_argument("--profile", default="none", help="a variant (or 'best') to profile afterwards")
+    parser.add_argument("--sweep", action="store_true", help="time the SWEEP variants instead of VARIANTS")
     parser.add_argument("--json")
     args = parser.parse_args()
     model = random_model_on_gpu(resolve_config(args.preset))
@@ -93,18 +110,27 @@ def main() -> None:
     prefilled = model.new_cache(1, args.context + args.steps + 16)
     fast.prefill(model, ids, prefilled)
     reference = None
-    for name, (pdl, prefetch) in VARIANTS.items():
+    defaults = dict(moe.DECODE_BLOCKS)
+    variants = {name: ("1", blocks) for name, blocks in SWEEP.items()} if args.sweep else VARIANTS
+
+    def configure(name: str) -> None:
+        pdl, blocks = variants[name]
         os.environ["OSSSCOPE_PDL"] = pdl
-        moe.DECODE_BLOCKS["PREFETCH_D"] = prefetch
+        moe.DECODE_BLOCKS.clear()
+        moe.DECODE_BLOCKS.update({**defaults, **blocks})
+
+    for name in variants:
+        configure(name)
         tok_s, first = time_decoder(model, prefilled, args.steps)
         reference = first if reference is None else reference
         diff = ((first.float() - reference.float()).norm() / reference.float().norm()).item()
-        report["variants"][name] = {"tok_s": tok_s, "rel_diff_vs_first": diff}
-        print(f"{name:24s} {tok_s:8.1f} tok/s   logits rel. diff vs first variant {diff:.2e}", flush=True)
+        report["variants"][name] = {"tok_s": tok_s, "rel_diff_vs_first": diff, "blocks": dict(moe.DECODE_BLOCKS),
+                                    "pdl": os.environ["OSSSCOPE_PDL"]}
+        print(f"{name:26s} {tok_s:8.1f} tok/s   logits rel. diff vs first variant {diff:.2e}", flush=True)
+    if args.profile == "best":
+        args.profile = max(report["variants"], key=lambda n: report["variants"][n]["tok_s"])
     if args.profile != "none":
-        pdl, prefetch = VARIANTS[args.profile]
-        os.environ["OSSSCOPE_PDL"] = pdl
-        moe.DECODE_BLOCKS["PREFETCH_D"] = prefetch
+        configure(args.profile)
         prof = profile_steps(model, prefilled)
         report["profile"] = {"variant": args.profile, **prof}
         print(f"\nprofile ({args.profile}): {prof['us_per_step']:.0f} us per step, "
