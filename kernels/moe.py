@@ -270,15 +270,18 @@ def _down_gemv_kernel(
 @triton.jit
 def _combine_kernel(
     parts_ptr, wts_ptr, y_ptr, eo_ptr, D, stride_pn, stride_yn,
-    K_ACT: tl.constexpr, K_POW2: tl.constexpr, BLOCK: tl.constexpr, PER_EXPERT: tl.constexpr,
+    K_ACT: tl.constexpr, K_POW2: tl.constexpr, BLOCK: tl.constexpr, PER_EXPERT: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    """y[token] = sum over its k choices of routing weight * expert output (fp32 parts [N * k, D])."""
+    """y[token] = sum over its k choices of routing weight * expert output, from fp32 parts [N * k * SPLIT, D]
+    (each expert output the sum of its SPLIT rows, in order)."""
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     choice = tl.arange(0, K_POW2)
     slot = token * K_ACT + choice
     mask = (choice < K_ACT)[:, None] & (cols < D)[None, :]
-    parts = tl.load(parts_ptr + slot[:, None] * stride_pn + cols[None, :], mask=mask, other=0.0)  # [K, BLOCK]
+    parts = tl.zeros([K_POW2, BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        parts += tl.load(parts_ptr + (slot * SPLIT + s)[:, None] * stride_pn + cols[None, :], mask=mask, other=0.0)
     if PER_EXPERT:
         tl.store(eo_ptr + slot[:, None] * D + cols[None, :], parts.to(eo_ptr.dtype.element_ty), mask=mask)
     wts = tl.load(wts_ptr + slot, mask=choice < K_ACT, other=0.0).to(tl.float32)
@@ -523,16 +526,17 @@ def moe_decode_parts(
     pdl: bool = False,
 ) -> torch.Tensor:
     """The decode kernels up to each chosen expert's output: x_words [N, D] (`input_words(x)`), topk_indices
-    [N, k] -> fp32 [N * k, D], row n * k + j = expert topk_indices[n, j] on token n, its bias included, not yet
-    weighted. `moe_experts` sums these with the routing weights; the decoder lets `add_rms_norm(weights=...)` do
-    it instead, so the sum costs no launch of its own. `pdl`: programmatic dependent launch on Hopper
-    (kernels._common)."""
+    [N, k] -> fp32 [N * k * splits, D], splits = DECODE_BLOCKS["SPLIT_D"] (or `blocks`): the down projection's
+    reduction is split that many ways, and row (n * k + j) * splits + s holds part s of expert
+    topk_indices[n, j]'s output on token n (its bias in part 0), not yet weighted. `moe_experts` sums these with
+    the routing weights; `add_rms_norm(weights=...)` does it as part of the residual update, costing no launch of
+    its own. `pdl`: programmatic dependent launch on Hopper (kernels._common)."""
     _check_decode_inputs(x_words, mlp1_blocks, mlp1_scales, mlp2_blocks, mlp2_scales)
     N = x_words.shape[0]
     check(topk_indices.dim() == 2 and topk_indices.shape[0] == N and not topk_indices.is_floating_point(),
           f"topk_indices must be integers [N={N}, k], got {topk_indices.dtype} {tuple(topk_indices.shape)}")
     check_same_device(x_words=x_words, topk_indices=topk_indices, mlp1_blocks=mlp1_blocks, mlp2_blocks=mlp2_blocks)
-    cfg = {**DECODE_BLOCKS, **(blocks or {}), "SPLIT_D": 1}  # one row per slot: each expert's whole output
+    cfg = {**DECODE_BLOCKS, **(blocks or {})}
     return _launch_decode(x_words, topk_indices.contiguous(), None, None, None, None, topk_indices.shape[1],
                           mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias, limit, alpha,
                           out, cfg, pdl)
@@ -549,9 +553,7 @@ def moe_decode_routed(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`route` and `moe_decode_parts` in the same two launches: router_logits [N, E] (contiguous; what
     `add_rms_norm(router=...)` writes) -> (parts fp32 [N * k * splits, D], indices int64 [N, k], weights fp32
-    [N, k]), splits = DECODE_BLOCKS["SPLIT_D"] (or `blocks`): the down projection's reduction split that many
-    ways, row (n * k + j) * splits + s holding part s of expert indices[n, j]'s output on token n (its bias in
-    part 0). `add_rms_norm(weights=...)` sums them.
+    [N, k]), the parts laid out as `moe_decode_parts` lays them out.
 
     Every program chooses its slot's expert from the logits itself (`routing.top_k_softmax`, the choice `route`
     makes, masks included), which spares the decoder a routing launch. `indices_out`/`weights_out` receive the
@@ -634,6 +636,7 @@ def moe_experts(
         _combine_kernel[(N, triton.cdiv(D, 1024))](
             parts, topk_weights, y, expert_out, D, parts.stride(0), y.stride(0),
             K_ACT=k, K_POW2=triton.next_power_of_2(k), BLOCK=1024, PER_EXPERT=per_expert,
+            SPLIT=parts.shape[0] // (N * k),
         )
         return (y, expert_out) if per_expert else y
     cfg = {**PREFILL_BLOCKS, **(blocks or {})}

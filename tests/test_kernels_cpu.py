@@ -111,7 +111,7 @@ def _experts(gen, E, D, I, dtype):
 
 # Small tiles so the interpreter is quick and D, I are not multiples of them (BLOCK_K 64 against D = 96).
 SMALL_BLOCKS = {"BLOCK_M": 16, "BLOCK_N1": 32, "BLOCK_N2": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1,
-                "BLOCK_I": 32, "GROUPS_I": 2, "WARPS_I": 4, "BLOCK_D": 32, "GROUPS_D": 2, "WARPS_D": 4}
+                "BLOCK_I": 32, "GROUPS_I": 2, "WARPS_I": 4, "BLOCK_D": 32, "GROUPS_D": 2, "WARPS_D": 4, "SPLIT_D": 3}
 
 
 @pytest.mark.parametrize("N", [1, 3, 13])  # 1 and 3 tokens take the streaming kernels, 13 the grouped GEMMs
@@ -155,7 +155,7 @@ def test_moe_decode_parts_odd_k_and_word_order(gen):
     assert torch.equal(words, expected)
     indices, weights = route_reference(torch.randn(2, E, generator=gen), k)
     parts = kernels.moe_decode_parts(words, indices, *packed, blocks={"BLOCK_I": 16, "GROUPS_I": 2,
-                                                                      "BLOCK_D": 16, "GROUPS_D": 2})
+                                                                      "BLOCK_D": 16, "GROUPS_D": 2, "SPLIT_D": 1})
     _, ref_out = ops.moe_experts(x, indices, weights, *packed, per_expert=True)
     assert rel(parts, ref_out.reshape(2 * k, D)) < 1e-5
 

@@ -90,13 +90,37 @@ def test_moe_decode_parts_and_fused_norm_bf16(gen):
     _, h = kernels.add_rms_norm(x, torch.zeros_like(x), scale, 1e-5, words_out=words)
     assert torch.equal(words, kernels.input_words(h))
     indices, weights = route_reference(torch.randn(2, E, device=CUDA, generator=gen), k)
-    parts = kernels.moe_decode_parts(words, indices, *packed)
+    parts = kernels.moe_decode_parts(words, indices, *packed)  # split DECODE_BLOCKS["SPLIT_D"] ways
     ref_y, ref_out = ops.moe_experts(h.float(), indices, weights, *[t.float() if t.is_floating_point() else t
                                                                      for t in packed], per_expert=True)
-    assert rel(parts, ref_out.reshape(2 * k, D)) < 1e-2
+    assert rel(parts.view(2 * k, -1, D).sum(1), ref_out.reshape(2 * k, D)) < 1e-2
     y = torch.full_like(x, float("nan"))
     residual, _ = kernels.add_rms_norm(x, parts, scale, 1e-5, weights=weights.contiguous(), delta_out=y)
     assert rel(y, ref_y) < 1e-2 and rel(residual, x.float() + ref_y) < 1e-2
+
+
+def test_router_in_norm_and_moe_routing_itself_bf16(gen):
+    """The decoder's form with PDL launches: the norm gives the router logits, the MoE kernels route from them."""
+    E, D, I, k = 32, 2880, 2880, 4
+    packed = _experts(gen, E, D, I)
+    x, delta = (torch.randn(2, D, device=CUDA, generator=gen).bfloat16() for _ in range(2))
+    scale = torch.rand(D, device=CUDA, generator=gen) + 0.5
+    router_w = (torch.randn(E, D, device=CUDA, generator=gen) / D**0.5).bfloat16()
+    router_b = torch.randn(E, device=CUDA, generator=gen).bfloat16()
+    words, logits = torch.empty(2, D, device=CUDA), torch.full((2, E), float("nan"), device=CUDA)
+    _, h = kernels.add_rms_norm(x, delta, scale, 1e-5, words_out=words, router=(router_w, router_b),
+                                logits_out=logits, pdl=True)
+    ref_logits = torch.nn.functional.linear(h, router_w, router_b).float()
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-2, atol=1e-2)
+    reroute = torch.zeros(E, dtype=torch.bool, device=CUDA)
+    reroute[:3] = True
+    parts, indices, weights = kernels.moe_decode_routed(words, logits, k, *packed, reroute_mask=reroute, pdl=True)
+    ref_i, ref_w = route_reference(logits, k, reroute)
+    assert torch.equal(indices, ref_i)
+    torch.testing.assert_close(weights, ref_w)
+    _, ref_out = ops.moe_experts(h.float(), ref_i, ref_w, *[t.float() if t.is_floating_point() else t
+                                                            for t in packed], per_expert=True)
+    assert rel(parts.view(2 * k, -1, D).sum(1), ref_out.reshape(2 * k, D)) < 1e-2
 
 
 @pytest.mark.parametrize("N, K", [(5120, 2880), (2880, 4096), (37, 300)])
