@@ -47,16 +47,14 @@ from .routing import check_routing, top_k_softmax
 
 # Decode-sized inputs, up to this many (token, choice) slots, take the streaming kernels with DECODE_BLOCKS;
 # larger inputs group the slots by expert and take the tensor-core kernels with PREFILL_BLOCKS. Tile sizes are
-# from a sweep on an H100 (scripts/moe_sweep.py); `moe_experts(blocks=...)` overrides any of them. Decode:
+# from sweeps on an H100 (scripts/moe_sweep.py, scripts/decode_ab.py); `blocks=` overrides any of them. Decode:
 # BLOCK_I SwiGLU units (2 * BLOCK_I mlp1 rows) or BLOCK_D output rows per program, GROUPS_* 32-feature groups
-# per step, WARPS_* warps, SPLIT_* programs sharing each row's reduction (split-K: gate/up's last program to
-# finish adds the partial sums; down leaves SPLIT_D parts for `add_rms_norm` to add, and only in
-# `moe_decode_routed`); STAGES_*: software pipelining of the weight loads (Triton's `num_stages`: tiles in
-# flight through shared memory while the previous one is decoded); PREFETCH_D: under PDL, down reads its first
-# weight tile before waiting for gate/up.
+# per step, WARPS_* warps; SPLIT_D programs share each down row's reduction (split-K), leaving SPLIT_D parts
+# that `add_rms_norm(weights=...)` or `moe_experts` add up; PREFETCH_D: under PDL, down reads its first weight
+# tile before waiting for gate/up. (Split-K and software pipelining of gate/up were slower: docs/PERFORMANCE.md.)
 GEMV_MAX_SLOTS = 16
-DECODE_BLOCKS = {"BLOCK_I": 16, "GROUPS_I": 16, "WARPS_I": 2, "SPLIT_I": 1, "STAGES_I": 1, "BLOCK_D": 16,
-                 "GROUPS_D": 16, "WARPS_D": 2, "SPLIT_D": 2, "STAGES_D": 1, "PREFETCH_D": True}
+DECODE_BLOCKS = {"BLOCK_I": 16, "GROUPS_I": 16, "WARPS_I": 2, "BLOCK_D": 16, "GROUPS_D": 16, "WARPS_D": 2,
+                 "SPLIT_D": 2, "PREFETCH_D": True}
 PREFILL_BLOCKS = {"BLOCK_M": 128, "BLOCK_N1": 128, "BLOCK_N2": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 5}
 
 
@@ -133,8 +131,7 @@ def _tile_dot(w, s, x_row, grp, n_groups, acc):
 
 
 @triton.jit
-def _rows_dot(w_rows, s_rows, x_row, g_start, g_stop, rmask, GROUPS: tl.constexpr, PDL: tl.constexpr,
-              STAGES: tl.constexpr):
+def _rows_dot(w_rows, s_rows, x_row, g_start, g_stop, rmask, GROUPS: tl.constexpr, PDL: tl.constexpr):
     """Packed MXFP4 rows times one word-ordered input, over 32-feature groups g_start..g_stop-1 -> [R] fp32.
 
     w_rows [R, 1, 1] pointers to each row's int32 words, s_rows [R, 1] to its scale codes, x_row to the input
@@ -145,7 +142,7 @@ def _rows_dot(w_rows, s_rows, x_row, g_start, g_stop, rmask, GROUPS: tl.constexp
     w, s = _load_tile(w_rows, s_rows, grp, g_stop, rmask)
     await_inputs(PDL)
     acc = _tile_dot(w, s, x_row, grp, g_stop, tl.zeros([w_rows.shape[0], GROUPS], dtype=tl.float32))
-    for g0 in tl.range(g_start + GROUPS, g_stop, GROUPS, num_stages=STAGES):
+    for g0 in range(g_start + GROUPS, g_stop, GROUPS):
         grp = g0 + tl.arange(0, GROUPS)
         w, s = _load_tile(w_rows, s_rows, grp, g_stop, rmask)
         acc = _tile_dot(w, s, x_row, grp, g_stop, acc)
@@ -179,7 +176,7 @@ def _slot_expert(
 
 @triton.jit
 def _split_range(K, SPLIT: tl.constexpr):
-    """This program's share of the K / 32 feature groups when the reduction is split SPLIT ways (axis 2)."""
+    """This program's share of the K / 32 feature groups when the reduction is split SPLIT ways (grid axis 2)."""
     n_groups = K // 32
     chunk = tl.cdiv(n_groups, SPLIT)
     g_start = tl.program_id(2) * chunk
@@ -188,40 +185,23 @@ def _split_range(K, SPLIT: tl.constexpr):
 
 @triton.jit
 def _gate_up_gemv_kernel(
-    xw_ptr, idx_ptr, logits_ptr, reroute_ptr, zero_ptr, wts_ptr, w_ptr, s_ptr, b_ptr, actw_ptr, part_ptr, count_ptr,
+    xw_ptr, idx_ptr, logits_ptr, reroute_ptr, zero_ptr, wts_ptr, w_ptr, s_ptr, b_ptr, actw_ptr,
     D, I, E, stride_xn, stride_we, stride_wr, stride_se, stride_sr, stride_be, stride_an,
     limit, alpha,
     K_ACT: tl.constexpr, K_P2: tl.constexpr, BLOCK_I: tl.constexpr, GROUPS: tl.constexpr, BLOCK_E: tl.constexpr,
     ROUTED: tl.constexpr, HAS_REROUTE: tl.constexpr, HAS_ZERO: tl.constexpr, PDL: tl.constexpr,
-    SPLIT: tl.constexpr, STAGES: tl.constexpr,
 ):
     await_inputs(PDL)  # which expert's rows to read depends on the kernel before
     slot = tl.program_id(0)
     rows = tl.program_id(1) * (2 * BLOCK_I) + tl.arange(0, 2 * BLOCK_I)  # mlp1 rows: gate, linear, gate, ...
     rmask = rows < 2 * I
-    write = ((slot % K_ACT == 0) & (tl.program_id(1) == 0) & (tl.program_id(2) == 0)).to(tl.int32)
+    write = ((slot % K_ACT == 0) & (tl.program_id(1) == 0)).to(tl.int32)  # one writer per token
     expert = _slot_expert(slot, idx_ptr, logits_ptr, reroute_ptr, zero_ptr, wts_ptr, E, write, K_ACT, K_P2,
                           BLOCK_E, ROUTED, HAS_REROUTE, HAS_ZERO)
     w_rows = w_ptr + expert * stride_we + rows[:, None, None] * stride_wr
     s_rows = s_ptr + expert * stride_se + rows[:, None] * stride_sr
-    g_start, g_stop = _split_range(D, SPLIT)
-    out = _rows_dot(w_rows, s_rows, xw_ptr + (slot // K_ACT) * stride_xn, g_start, g_stop, rmask, GROUPS, False,
-                    STAGES)
-    if SPLIT == 1:
-        _swiglu_store(out, expert, rows, rmask, slot, b_ptr, actw_ptr, I, stride_be, stride_an, limit, alpha,
-                      BLOCK_I)
-    else:  # split-K: each program leaves its partial sums; the last of the SPLIT to finish adds them up
-        tile = slot * tl.num_programs(1) + tl.program_id(1)
-        offs = tl.arange(0, 2 * BLOCK_I)
-        tl.store(part_ptr + (tile * SPLIT + tl.program_id(2)) * (2 * BLOCK_I) + offs, out)
-        tl.debug_barrier()  # every thread's partial is written before one thread counts it
-        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
-        if arrived == SPLIT - 1:
-            parts = tl.load(part_ptr + (tile * SPLIT + tl.arange(0, SPLIT))[:, None] * (2 * BLOCK_I) + offs[None, :],
-                            cache_modifier=".cg")  # from L2: another SM wrote them
-            tl.atomic_xchg(count_ptr + tile, 0)  # ready for the next launch
-            _swiglu_store(tl.sum(parts, axis=0), expert, rows, rmask, slot, b_ptr, actw_ptr, I, stride_be,
-                          stride_an, limit, alpha, BLOCK_I)
+    out = _rows_dot(w_rows, s_rows, xw_ptr + (slot // K_ACT) * stride_xn, 0, D // 32, rmask, GROUPS, False)
+    _swiglu_store(out, expert, rows, rmask, slot, b_ptr, actw_ptr, I, stride_be, stride_an, limit, alpha, BLOCK_I)
 
 
 @triton.jit
@@ -244,7 +224,7 @@ def _down_gemv_kernel(
     D, I, E, stride_an, stride_we, stride_wr, stride_se, stride_sr, stride_be, stride_on,
     K_ACT: tl.constexpr, K_P2: tl.constexpr, BLOCK_D: tl.constexpr, GROUPS: tl.constexpr, BLOCK_E: tl.constexpr,
     ROUTED: tl.constexpr, HAS_REROUTE: tl.constexpr, HAS_ZERO: tl.constexpr, PDL: tl.constexpr,
-    PREFETCH: tl.constexpr, SPLIT: tl.constexpr, STAGES: tl.constexpr,
+    PREFETCH: tl.constexpr, SPLIT: tl.constexpr,
 ):
     # Under PDL this kernel starts while gate/up runs. The routing was written two kernels back (gate/up waited
     # for it before letting this kernel launch), so with PREFETCH the expert and its first weight tile are read
@@ -258,8 +238,7 @@ def _down_gemv_kernel(
     w_rows = w_ptr + expert * stride_we + rows[:, None, None] * stride_wr
     s_rows = s_ptr + expert * stride_se + rows[:, None] * stride_sr
     g_start, g_stop = _split_range(I, SPLIT)
-    out = _rows_dot(w_rows, s_rows, actw_ptr + slot * stride_an, g_start, g_stop, rmask, GROUPS, PDL and PREFETCH,
-                    STAGES)
+    out = _rows_dot(w_rows, s_rows, actw_ptr + slot * stride_an, g_start, g_stop, rmask, GROUPS, PDL and PREFETCH)
     # Split-K: part s of slot j goes to row j * SPLIT + s (the bias in part 0); the reader adds them up.
     first = (rows * 0 + tl.program_id(2)) == 0  # a vector, not a scalar: the interpreter's masks need that
     bias = tl.load(b_ptr + expert * stride_be + rows, mask=rmask & first, other=0.0)
@@ -454,21 +433,6 @@ def _check_decode_inputs(x_words, mlp1_blocks, mlp1_scales, mlp2_blocks, mlp2_sc
     check_mxfp4("mlp2", mlp2_blocks, mlp2_scales, E, D, I)
 
 
-# Arrival counters of the split-K gate/up programs, per device: zero between launches (the last program of each
-# tile resets its counter), so one buffer serves every layer. Kernels on one stream at a time may share it.
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    have = _COUNTERS.get(device)
-    if have is None or have.numel() < n:
-        check(not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()),
-              "the MoE decode kernels need their counters allocated before CUDA graph capture: run the same "
-              "call once outside the capture first (a warm-up step)")
-        have = _COUNTERS[device] = torch.zeros(max(n, 4096), device=device, dtype=torch.int32)
-    return have
-
-
 def _launch_decode(
     x_words, indices, logits, reroute_mask, zero_mask, weights_out, k,
     mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias, limit, alpha, out, cfg, pdl,
@@ -478,9 +442,8 @@ def _launch_decode(
     `indices`."""
     N, D = x_words.shape
     E, I = mlp1_blocks.shape[0], mlp1_blocks.shape[1] // 2
-    split_i, split_d = cfg["SPLIT_I"], cfg["SPLIT_D"]
-    check(split_i >= 1 and split_i & (split_i - 1) == 0 and split_d >= 1,
-          f"SPLIT_I must be a power of two and SPLIT_D positive, got {split_i} and {split_d}")
+    split_d = cfg["SPLIT_D"]
+    check(split_d >= 1, f"SPLIT_D must be positive, got {split_d}")
     S = N * k
     parts = out if out is not None else torch.empty(S * split_d, D, device=x_words.device, dtype=torch.float32)
     check(parts.dtype == torch.float32 and tuple(parts.shape) == (S * split_d, D) and parts.stride(1) == 1,
@@ -488,10 +451,6 @@ def _launch_decode(
     if S == 0:
         return parts
     actw = torch.empty(S, I, device=x_words.device, dtype=torch.float32)  # SwiGLU outputs in word order
-    tiles = triton.cdiv(I, cfg["BLOCK_I"])
-    partial = torch.empty(S * tiles * split_i * 2 * cfg["BLOCK_I"] if split_i > 1 else 1, device=x_words.device,
-                          dtype=torch.float32)  # split-K partial sums of gate/up
-    counters = _counters(x_words.device, S * tiles) if split_i > 1 else partial
     words1, words2 = _as_words("mlp1", mlp1_blocks), _as_words("mlp2", mlp2_blocks)
     routed = logits is not None
     logits = logits if routed else x_words  # placeholders for pointers a kernel never reads
@@ -501,19 +460,18 @@ def _launch_decode(
     flags = dict(K_ACT=k, K_P2=triton.next_power_of_2(k), BLOCK_E=triton.next_power_of_2(E), ROUTED=routed,
                  HAS_REROUTE=reroute_mask is not None, HAS_ZERO=zero_mask is not None, PDL=use_pdl(pdl, x_words),
                  launch_pdl=use_pdl(pdl, x_words))
-    _gate_up_gemv_kernel[(S, tiles, split_i)](
-        x_words, indices, logits, reroute, zero, weights_out, words1, mlp1_scales, mlp1_bias, actw, partial, counters,
+    _gate_up_gemv_kernel[(S, triton.cdiv(I, cfg["BLOCK_I"]))](
+        x_words, indices, logits, reroute, zero, weights_out, words1, mlp1_scales, mlp1_bias, actw,
         D, I, E, x_words.stride(0), words1.stride(0), words1.stride(1), mlp1_scales.stride(0),
         mlp1_scales.stride(1), mlp1_bias.stride(0), actw.stride(0), float(limit), float(alpha),
-        BLOCK_I=cfg["BLOCK_I"], GROUPS=cfg["GROUPS_I"], num_warps=cfg["WARPS_I"], SPLIT=split_i,
-        STAGES=cfg["STAGES_I"], **flags,
+        BLOCK_I=cfg["BLOCK_I"], GROUPS=cfg["GROUPS_I"], num_warps=cfg["WARPS_I"], **flags,
     )
     _down_gemv_kernel[(S, triton.cdiv(D, cfg["BLOCK_D"]), split_d)](
         actw, indices, logits, reroute, zero, words2, mlp2_scales, mlp2_bias, parts,
         D, I, E, actw.stride(0), words2.stride(0), words2.stride(1), mlp2_scales.stride(0), mlp2_scales.stride(1),
         mlp2_bias.stride(0), parts.stride(0),
         BLOCK_D=cfg["BLOCK_D"], GROUPS=cfg["GROUPS_D"], num_warps=cfg["WARPS_D"], PREFETCH=cfg["PREFETCH_D"],
-        SPLIT=split_d, STAGES=cfg["STAGES_D"], **flags,
+        SPLIT=split_d, **flags,
     )
     return parts
 

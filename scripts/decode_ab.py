@@ -35,15 +35,11 @@ VARIANTS = {
 # --sweep: the MoE decode tiles and split-K, each on top of the current defaults, under PDL.
 SWEEP = {
     "defaults": {},
-    "D 16x16 2 warps split 2": {"BLOCK_D": 16, "WARPS_D": 2, "SPLIT_D": 2},
-    "D 16x16 2 warps split 3": {"BLOCK_D": 16, "WARPS_D": 2, "SPLIT_D": 3},
-    "D 32x16 4 warps split 2": {"BLOCK_D": 32, "WARPS_D": 4, "SPLIT_D": 2},
-    "D 16x8 2 warps split 2": {"BLOCK_D": 16, "GROUPS_D": 8, "WARPS_D": 2, "SPLIT_D": 2},
-    "I 32x16 2 warps": {"BLOCK_I": 32, "WARPS_I": 2},
-    "I 32x16 4 warps": {"BLOCK_I": 32, "WARPS_I": 4},
-    "I 32x8 4 warps": {"BLOCK_I": 32, "GROUPS_I": 8, "WARPS_I": 4},
-    "I 16x8 2 warps": {"GROUPS_I": 8},
-    "I 64x8 4 warps": {"BLOCK_I": 64, "GROUPS_I": 8, "WARPS_I": 4},
+    "down 8 rows x 1 warp, no split": {"BLOCK_D": 8, "WARPS_D": 1, "SPLIT_D": 1},
+    "down split 3": {"SPLIT_D": 3},
+    "down 32 groups a step": {"GROUPS_D": 32},
+    "gate/up 8 groups a step": {"GROUPS_I": 8},
+    "gate/up 32 units x 4 warps": {"BLOCK_I": 32, "WARPS_I": 4},
 }
 
 
