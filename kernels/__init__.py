@@ -11,7 +11,6 @@
 | `linear` (decode-sized batches)  | `torch.nn.functional.linear`                 |
 | `rms_norm`, `add_rms_norm`       | `ossscope.ops.rms_norm`, `norm.add_rms_norm_reference` |
 | `qkv_rope`                       | `ossscope.ops.apply_rope`                    |
-| `qkv_project_rope` (one decode token) | `linear`, then `qkv_rope`               |
 
 The decoder launches them with `pdl=True` (programmatic dependent launch on Hopper: kernels/_common.py).
 Importing this package imports Triton; `ossscope` itself never imports it, so CPU-only installs without
@@ -22,11 +21,10 @@ from .attention import attention, attention_decode, attention_prefill
 from .linear import linear
 from .moe import dequantize, group_by_expert, input_words, moe_decode_parts, moe_decode_routed, moe_experts
 from .norm import add_rms_norm, rms_norm
-from .rope import qkv_project_rope, qkv_rope
+from .rope import qkv_rope
 from .routing import route
 
-__all__ = [
-    "attention", "attention_decode", "attention_prefill",
-    "moe_experts", "moe_decode_parts", "moe_decode_routed", "input_words", "dequantize", "group_by_expert",
-    "route", "linear", "rms_norm", "add_rms_norm", "qkv_rope", "qkv_project_rope",
-]
+__all__ = ["attention", "attention_decode", "attention_prefill", "moe_experts", "moe_decode_parts", "moe_decode_routed",
+           "input_words",
+           "dequantize", "group_by_expert", "linear",
+           "route", "rms_norm", "add_rms_norm", "qkv_rope"]

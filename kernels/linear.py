@@ -32,41 +32,28 @@ def default_blocks(N: int) -> dict:
 
 
 @triton.jit
-def first_tile(w_ptr, rows, rmask, K, stride_wn, BLOCK_K: tl.constexpr):
-    """The weight rows' first BLOCK_K inputs [ROWS, BLOCK_K]: what a GEMV program reads before `await_inputs`."""
-    cols = tl.arange(0, BLOCK_K)
-    return tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=rmask[:, None] & (cols < K)[None, :],
-                   other=0.0)
-
-
-@triton.jit
-def gemv_rows(x_ptr, w_ptr, rows, rmask, K, stride_wn, w_first, BLOCK_K: tl.constexpr):
-    """fp32 dot products of weight rows `rows` with one input row x [K] -> [ROWS]; `w_first` = `first_tile`."""
-    first = tl.arange(0, BLOCK_K)
-    x = tl.load(x_ptr + first, mask=first < K, other=0.0)
-    acc = w_first.to(tl.float32) * x.to(tl.float32)[None, :]  # [ROWS, BLOCK_K]
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        kmask = cols < K
-        w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=rmask[:, None] & kmask[None, :],
-                    other=0.0)
-        x = tl.load(x_ptr + cols, mask=kmask, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    return tl.sum(acc, axis=1)
-
-
-@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_xb, stride_wn, stride_yb,
     BATCH: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # output features, [ROWS]
     rmask = rows < N
+    first = tl.arange(0, BLOCK_K)
     # The first weight tile is read before waiting on the kernel that writes x (see _common.await_inputs).
-    w_first = first_tile(w_ptr, rows, rmask, K, stride_wn, BLOCK_K)
+    w_first = tl.load(w_ptr + rows[:, None] * stride_wn + first[None, :],
+                      mask=rmask[:, None] & (first < K)[None, :], other=0.0)
     await_inputs(PDL)
     for b in tl.static_range(BATCH):  # the batch shares the weight tiles through L1
-        y = gemv_rows(x_ptr + b * stride_xb, w_ptr, rows, rmask, K, stride_wn, w_first, BLOCK_K)
+        x = tl.load(x_ptr + b * stride_xb + first, mask=first < K, other=0.0)
+        acc = w_first.to(tl.float32) * x.to(tl.float32)[None, :]  # [ROWS, BLOCK_K]
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            kmask = cols < K
+            w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=rmask[:, None] & kmask[None, :],
+                        other=0.0)
+            x = tl.load(x_ptr + b * stride_xb + cols, mask=kmask, other=0.0)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        y = tl.sum(acc, axis=1)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
         tl.store(y_ptr + b * stride_yb + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)

@@ -160,9 +160,9 @@ class GraphDecoder:
         for layer, block in enumerate(m.blocks):
             attn, mlp, lc = block.attn, block.mlp, self.cache.layers[layer]
             self._keep(layer, "hook_resid_pre", x)
-            # The qkv projection, RoPE and the KV-cache write in one kernel: q [B, 1, H, Dh]
-            q = kn.qkv_project_rope(h, attn.qkv.weight, attn.qkv.bias, cos, sin, H, Hkv, k_dst=lc.k, v_dst=lc.v,
-                                    slot=ring_slot if lc.ring else pos, position=pos, k_pos_dst=lc.pos, pdl=True)
+            qkv = kn.linear(h, attn.qkv.weight, attn.qkv.bias, pdl=True)  # [B, (H + 2 Hkv) Dh]
+            q, _, _ = kn.qkv_rope(qkv.view(B, 1, -1), cos, sin, H, Hkv, k_dst=lc.k, v_dst=lc.v,
+                                  slots=ring_slot if lc.ring else pos, positions=pos, k_pos_dst=lc.pos, pdl=True)
             z, _, _ = kn.attention_decode(
                 q, lc.k, lc.v, attn.sinks, pos, lc.pos, attn.window, need_pattern=self.patterns is not None,
                 sink_out=self.sink[layer], pattern_out=self.patterns[layer] if self.patterns is not None else None,

@@ -365,32 +365,6 @@ def test_qkv_rope_matches_twin_and_writes_cache_slots(gen):
     assert (k_pos >= 0).sum() == T
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_qkv_project_rope_matches_linear_then_rope(gen, batch):
-    cfg = ossscope.PRESETS["tiny"]
-    H, Hkv, Dh, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, 72  # D: not a block multiple
-    N = (H + 2 * Hkv) * Dh
-    x = torch.randn(batch, D, generator=gen)
-    w, b = torch.randn(N, D, generator=gen) / D**0.5, torch.randn(N, generator=gen)
-    position, slot = torch.tensor([11]), torch.tensor([3])
-    cos, sin = ops.rope_tables(cfg, position)
-    caches = [(torch.full((batch, 6, Hkv, Dh), float("nan")), torch.full((batch, 6, Hkv, Dh), float("nan")),
-               torch.full((6,), -1)) for _ in range(2)]
-    (k_ref, v_ref, pos_ref), (k, v, pos) = caches
-    qkv = kernels.linear(x, w, b, blocks={"ROWS": 4, "BLOCK_K": 32})
-    q_ref, _, _ = kernels.qkv_rope(qkv.view(batch, 1, N), cos, sin, H, Hkv, k_dst=k_ref, v_dst=v_ref, slots=slot,
-                                   positions=position, k_pos_dst=pos_ref)
-    q = kernels.qkv_project_rope(x, w, b, cos, sin, H, Hkv, k_dst=k, v_dst=v, slot=slot, position=position,
-                                 k_pos_dst=pos, block_k=32, pairs=4)
-    assert torch.equal(q, q_ref)  # the same sums in the same order, the same rotation
-    assert torch.equal(k[:, 3], k_ref[:, 3]) and torch.equal(v[:, 3], v_ref[:, 3])
-    assert torch.equal(pos, pos_ref) and pos[3] == 11 and (pos >= 0).sum() == 1
-    assert k[:, :3].isnan().all() and v[:, 4:].isnan().all()  # no other slot touched
-    with pytest.raises(ValueError, match="pairs must be"):
-        kernels.qkv_project_rope(x, w, b, cos, sin, H, Hkv, k_dst=k, v_dst=v, slot=slot, position=position,
-                                 k_pos_dst=pos, pairs=3)
-
-
 # -- input checks ----------------------------------------------------------------------------------------------
 
 

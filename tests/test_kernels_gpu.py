@@ -133,26 +133,6 @@ def test_linear_bf16(gen, N, K, batch):
     assert rel(y, torch.nn.functional.linear(x.float(), w.float(), b.float())) < 1e-2
 
 
-def test_qkv_project_rope_bf16_20b_shapes(gen):
-    B, D, H, Hkv, Dh = 2, 2880, 64, 8, 64
-    N = (H + 2 * Hkv) * Dh
-    x = torch.randn(B, D, device=CUDA, generator=gen).bfloat16()
-    w = (torch.randn(N, D, device=CUDA, generator=gen) / D**0.5).bfloat16()
-    b = torch.randn(N, device=CUDA, generator=gen).bfloat16()
-    position, slot = torch.tensor([700], device=CUDA), torch.tensor([60], device=CUDA)
-    cos, sin = ops.rope_tables(ossscope.PRESETS["gpt-oss-20b"], position)
-    (k_ref, v_ref), (k, v) = ((torch.zeros(B, 128, Hkv, Dh, device=CUDA, dtype=torch.bfloat16) for _ in range(2))
-                              for _ in range(2))
-    pos_ref, pos = torch.full((128,), -1, device=CUDA), torch.full((128,), -1, device=CUDA)
-    qkv = torch.nn.functional.linear(x.float(), w.float(), b.float()).bfloat16()
-    q_ref, _, _ = kernels.qkv_rope(qkv.view(B, 1, N), cos, sin, H, Hkv, k_dst=k_ref, v_dst=v_ref, slots=slot,
-                                   positions=position, k_pos_dst=pos_ref)
-    q = kernels.qkv_project_rope(x, w, b, cos, sin, H, Hkv, k_dst=k, v_dst=v, slot=slot, position=position,
-                                 k_pos_dst=pos, pdl=True)
-    assert rel(q, q_ref) < 1e-2 and rel(k, k_ref) < 1e-2 and rel(v, v_ref) < 1e-2
-    assert torch.equal(pos, pos_ref)
-
-
 @pytest.mark.parametrize("window", [None, 128])
 def test_attention_prefill_bf16(gen, window):
     B, T, H, Hkv, Dh = 2, 1000, 64, 8, 64
