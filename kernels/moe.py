@@ -8,18 +8,20 @@ nibbles by the even input features and high nibbles by the odd ones and never in
 Two shapes of work, two pairs of kernels:
 - decode (few slots, pure bandwidth): `input_words` puts the input in the order the weight words want it,
   then one program per (slot, tile of rows) streams the expert's rows as int32 words and reduces on CUDA cores
-  (gate/up with the SwiGLU, then down with its bias), giving each choice's expert output in fp32
-  (`moe_decode_parts`); `moe_experts` sums them with the routing weights. The decoder has its residual norms
-  do both ends instead (`add_rms_norm(words_out=..., weights=...)`), so they cost no launches.
+  (gate/up with the SwiGLU, then down with its bias, its reduction split SPLIT_D ways), giving each choice's
+  expert output in fp32 parts (`moe_decode_parts`); `moe_experts` sums them with the routing weights. The
+  decoder has its residual norms do both ends instead (`add_rms_norm(words_out=..., weights=...)`), so they
+  cost no launches, and lets the kernels choose their experts from the router logits themselves
+  (`moe_decode_routed`), so routing costs none either.
 - prefill (many slots): slots are grouped by expert and padded to BLOCK_M rows; each program multiplies a
   BLOCK_M x BLOCK_K token tile by a BLOCK_N x BLOCK_K weight tile on the tensor cores. The weight tile is read
   as packed bytes and decoded in registers, its low and high nibbles joined back into feature order, so the
   token tile loads contiguously. Gate/up computes gate and linear units together (adjacent mlp1 rows) and
   applies the clamped SwiGLU in its epilogue; down adds the bias, multiplies by the routing weight and sums
   over k with fp32 atomics. The grouping needs no host sync (a fixed worst-case block count).
-Measured on an H100 (docs/bench/h100-moe-decode-sweep.json and h100-moe-sweep.json, scripts/moe_sweep.py):
-decode 49 us per layer at the 20b shape (1.07 TB/s; latency, not instruction issue or bandwidth, bounds it:
-docs/PERFORMANCE.md); prefill 2.4 ms at 2,048 tokens (169 TFLOP/s) and 6.9 ms at 8,192 (237 TFLOP/s).
+Measured on an H100 (docs/bench/, scripts/moe_sweep.py, scripts/decode_ab.py): decode 48 us per layer at the
+20b shape alone, about 45 us in the decoder (1.1 TB/s; what bounds it is open: docs/PERFORMANCE.md); prefill
+2.3-2.8 ms at 2,048 tokens (145-175 TFLOP/s) and 6.9 ms at 8,192 (237 TFLOP/s).
 Torch twin: `ossscope.ops.moe_experts`.
 """
 
