@@ -186,6 +186,20 @@ def _split_range(K, SPLIT: tl.constexpr):
 
 
 @triton.jit
+def _swiglu_store(out, expert, rows, rmask, slot, b_ptr, actw_ptr, I, stride_be, stride_an, limit, alpha,
+                  BLOCK_I: tl.constexpr):
+    """Gate/up rows' sums -> bias, clamped SwiGLU, rounded to the model's dtype, stored in word order."""
+    out += tl.load(b_ptr + expert * stride_be + rows, mask=rmask, other=0.0).to(tl.float32)
+    gate, lin = tl.split(tl.reshape(out, [BLOCK_I, 2]))  # [BLOCK_I] each
+    gate = tl.minimum(gate, limit)
+    lin = tl.minimum(tl.maximum(lin, -limit), limit)
+    h = gate * tl.sigmoid(alpha * gate) * (lin + 1.0)
+    h = h.to(b_ptr.dtype.element_ty).to(tl.float32)  # rounded to the model's dtype, as the reference does
+    units = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    tl.store(actw_ptr + slot * stride_an + word_order(units), h * INPUT_SCALE, mask=units < I)
+
+
+@triton.jit
 def _gate_up_gemv_kernel(
     xw_ptr, idx_ptr, logits_ptr, reroute_ptr, zero_ptr, wts_ptr, w_ptr, s_ptr, b_ptr, actw_ptr,
     D, I, E, stride_xn, stride_we, stride_wr, stride_se, stride_sr, stride_be, stride_an,
@@ -204,20 +218,6 @@ def _gate_up_gemv_kernel(
     s_rows = s_ptr + expert * stride_se + rows[:, None] * stride_sr
     out = _rows_dot(w_rows, s_rows, xw_ptr + (slot // K_ACT) * stride_xn, 0, D // 32, rmask, GROUPS, False)
     _swiglu_store(out, expert, rows, rmask, slot, b_ptr, actw_ptr, I, stride_be, stride_an, limit, alpha, BLOCK_I)
-
-
-@triton.jit
-def _swiglu_store(out, expert, rows, rmask, slot, b_ptr, actw_ptr, I, stride_be, stride_an, limit, alpha,
-                  BLOCK_I: tl.constexpr):
-    """Gate/up rows' sums -> bias, clamped SwiGLU, rounded to the model's dtype, stored in word order."""
-    out += tl.load(b_ptr + expert * stride_be + rows, mask=rmask, other=0.0).to(tl.float32)
-    gate, lin = tl.split(tl.reshape(out, [BLOCK_I, 2]))  # [BLOCK_I] each
-    gate = tl.minimum(gate, limit)
-    lin = tl.minimum(tl.maximum(lin, -limit), limit)
-    h = gate * tl.sigmoid(alpha * gate) * (lin + 1.0)
-    h = h.to(b_ptr.dtype.element_ty).to(tl.float32)  # rounded to the model's dtype, as the reference does
-    units = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-    tl.store(actw_ptr + slot * stride_an + word_order(units), h * INPUT_SCALE, mask=units < I)
 
 
 @triton.jit
