@@ -483,14 +483,13 @@ def moe_decode_parts(
     mlp1_blocks: torch.Tensor, mlp1_scales: torch.Tensor, mlp1_bias: torch.Tensor,
     mlp2_blocks: torch.Tensor, mlp2_scales: torch.Tensor, mlp2_bias: torch.Tensor,
     limit: float = 7.0, alpha: float = 1.702, *, out: torch.Tensor | None = None, blocks: dict | None = None,
-    pdl: bool = False,
 ) -> torch.Tensor:
     """The decode kernels up to each chosen expert's output: x_words [N, D] (`input_words(x)`), topk_indices
     [N, k] -> fp32 [N * k * splits, D], splits = DECODE_BLOCKS["SPLIT_D"] (or `blocks`): the down projection's
     reduction is split that many ways, and row (n * k + j) * splits + s holds part s of expert
     topk_indices[n, j]'s output on token n (its bias in part 0), not yet weighted. `moe_experts` sums these with
     the routing weights; `add_rms_norm(weights=...)` does it as part of the residual update, costing no launch of
-    its own. `pdl`: programmatic dependent launch on Hopper (kernels._common)."""
+    its own."""
     _check_decode_inputs(x_words, mlp1_blocks, mlp1_scales, mlp2_blocks, mlp2_scales)
     N = x_words.shape[0]
     check(topk_indices.dim() == 2 and topk_indices.shape[0] == N and not topk_indices.is_floating_point(),
@@ -499,7 +498,7 @@ def moe_decode_parts(
     cfg = {**DECODE_BLOCKS, **(blocks or {})}
     return _launch_decode(x_words, topk_indices.contiguous(), None, None, None, None, topk_indices.shape[1],
                           mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias, limit, alpha,
-                          out, cfg, pdl)
+                          out, cfg, False)
 
 
 def moe_decode_routed(

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import await_inputs, check, check_float, check_runnable, check_same_device, use_pdl
+from ._common import check, check_float, check_runnable, check_same_device
 
 
 @triton.jit
@@ -52,9 +52,8 @@ def top_k_softmax(
 def _route_kernel(
     logits_ptr, reroute_ptr, zero_ptr, idx_ptr, w_ptr, N, E, stride_ln,
     K_ACT: tl.constexpr, K_P2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-    HAS_REROUTE: tl.constexpr, HAS_ZERO: tl.constexpr, PDL: tl.constexpr,
+    HAS_REROUTE: tl.constexpr, HAS_ZERO: tl.constexpr,
 ):
-    await_inputs(PDL)
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     rmask = rows < N
     cols = tl.arange(0, BLOCK_E)
@@ -81,15 +80,13 @@ def check_routing(E: int, k: int, reroute_mask: torch.Tensor | None, zero_mask: 
 def route(
     router_logits: torch.Tensor, k: int, reroute_mask: torch.Tensor | None = None,
     zero_mask: torch.Tensor | None = None, *, out: tuple[torch.Tensor, torch.Tensor] | None = None,
-    pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose k experts per token and their mixing weights.
 
     router_logits [..., E] -> indices [..., k] int64 (best first), weights [..., k] fp32 (softmax over the k
     chosen logits). reroute_mask [E] bool: those experts are never chosen. zero_mask [E] bool: chosen as usual,
     but their weight becomes 0 and the others keep theirs. `out` = (indices, weights) buffers to write into
-    (CUDA graphs capture them); they must be contiguous with the result's shape. `pdl`: programmatic dependent
-    launch on Hopper (kernels._common).
+    (CUDA graphs capture them); they must be contiguous with the result's shape.
     """
     check_float("router_logits", router_logits)
     check_runnable(router_logits)
@@ -115,8 +112,7 @@ def route(
             logits, reroute_mask if reroute_mask is not None else logits,
             zero_mask if zero_mask is not None else logits, indices, weights, N, E, logits.stride(0),
             K_ACT=k, K_P2=triton.next_power_of_2(k), BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(E),
-            HAS_REROUTE=reroute_mask is not None, HAS_ZERO=zero_mask is not None, PDL=use_pdl(pdl, logits),
-            num_warps=4, launch_pdl=use_pdl(pdl, logits),
+            HAS_REROUTE=reroute_mask is not None, HAS_ZERO=zero_mask is not None, num_warps=4,
         )
     return indices, weights
 

@@ -179,7 +179,7 @@ class GraphDecoder:
                 h_words, self.router_logits[layer], k, mlp.mlp1_blocks, mlp.mlp1_scales, mlp.mlp1_bias,
                 mlp.mlp2_blocks, mlp.mlp2_scales, mlp.mlp2_bias, cfg.swiglu_limit, cfg.swiglu_alpha,
                 mlp.reroute_mask, mlp.zero_mask, indices_out=self.router_indices[layer],
-                weights_out=self.router_weights[layer], pdl=True)  # [B * k, D] fp32, each chosen expert's output
+                weights_out=self.router_weights[layer], pdl=True)  # fp32 [B * k * splits, D]: the experts' outputs
             next_norm = m.blocks[layer + 1].attn.norm if layer + 1 < len(m.blocks) else m.ln_final
             # The weighted sum over the k experts (the MoE output) happens inside the residual update.
             x, h = kn.add_rms_norm(x, parts, next_norm.scale, eps, extra=self.steering[layer], weights=weights,
