@@ -186,15 +186,21 @@ def _split_range(K, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _swiglu_store(out, expert, rows, rmask, slot, b_ptr, actw_ptr, I, stride_be, stride_an, limit, alpha,
-                  BLOCK_I: tl.constexpr):
-    """Gate/up rows' sums -> bias, clamped SwiGLU, rounded to the model's dtype, stored in word order."""
+def _swiglu(out, expert, rows, rmask, b_ptr, stride_be, limit, alpha, BLOCK_I: tl.constexpr):
+    """Gate/up rows' sums [2 BLOCK_I] -> bias, clamped SwiGLU, rounded to the model's dtype: [BLOCK_I] fp32."""
     out += tl.load(b_ptr + expert * stride_be + rows, mask=rmask, other=0.0).to(tl.float32)
     gate, lin = tl.split(tl.reshape(out, [BLOCK_I, 2]))  # [BLOCK_I] each
     gate = tl.minimum(gate, limit)
     lin = tl.minimum(tl.maximum(lin, -limit), limit)
     h = gate * tl.sigmoid(alpha * gate) * (lin + 1.0)
-    h = h.to(b_ptr.dtype.element_ty).to(tl.float32)  # rounded to the model's dtype, as the reference does
+    return h.to(b_ptr.dtype.element_ty).to(tl.float32)  # rounded to the model's dtype, as the reference does
+
+
+@triton.jit
+def _swiglu_store(out, expert, rows, rmask, slot, b_ptr, actw_ptr, I, stride_be, stride_an, limit, alpha,
+                  BLOCK_I: tl.constexpr):
+    """Gate/up rows' sums -> `_swiglu`, stored in word order."""
+    h = _swiglu(out, expert, rows, rmask, b_ptr, stride_be, limit, alpha, BLOCK_I)
     units = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     tl.store(actw_ptr + slot * stride_an + word_order(units), h * INPUT_SCALE, mask=units < I)
 
@@ -555,8 +561,9 @@ def moe_experts(
     of weight * (mlp2(swiglu(mlp1(x))) + biases); with per_expert also expert_out [N, k, D] (unweighted).
     `out` [N, D] receives y (for CUDA graphs); `blocks` overrides the tile sizes (tests use small ones).
     Decode-sized inputs (N * k <= GEMV_MAX_SLOTS) take the streaming kernels (captured in the decoder's CUDA
-    graph); larger inputs group the slots by expert first and run the tensor-core GEMMs. Neither path waits for
-    the GPU (no host-synchronizing op), so prefill queues the next layers while this one runs.
+    graph): bf16 on fp8 tensor cores where the GPU has them (`moe_tc`), else on CUDA cores. Larger inputs group
+    the slots by expert first and run the tensor-core GEMMs. Neither path waits for the GPU (no
+    host-synchronizing op), so prefill queues the next layers while this one runs.
     """
     check(x.dim() == 2, f"x must be [N, D], got shape {tuple(x.shape)}")
     N, D = x.shape
@@ -590,8 +597,15 @@ def moe_experts(
     if N == 0:
         return (y, expert_out) if per_expert else y
     if S <= GEMV_MAX_SLOTS:
-        parts = moe_decode_parts(input_words(x), topk_indices, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks,
-                                 mlp2_scales, mlp2_bias, limit, alpha, blocks=blocks)
+        from . import moe_tc  # imports this module
+
+        if moe_tc.available(x):  # bf16 on fp8 tensor cores
+            parts, _, _ = moe_tc.moe_decode_slices(moe_tc.input_slices(x), topk_indices, mlp1_blocks, mlp1_scales,
+                                                   mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias, limit, alpha,
+                                                   blocks=blocks)
+        else:
+            parts = moe_decode_parts(input_words(x), topk_indices, mlp1_blocks, mlp1_scales, mlp1_bias,
+                                     mlp2_blocks, mlp2_scales, mlp2_bias, limit, alpha, blocks=blocks)
         _combine_kernel[(N, triton.cdiv(D, 1024))](
             parts, topk_weights, y, expert_out, D, parts.stride(0), y.stride(0),
             K_ACT=k, K_POW2=triton.next_power_of_2(k), BLOCK=1024, PER_EXPERT=per_expert,

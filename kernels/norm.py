@@ -11,32 +11,23 @@ import triton
 import triton.language as tl
 
 from ._common import INPUT_SCALE, await_inputs, check, check_float, check_runnable, use_pdl, word_order
+from .moe_tc import SLICES, TILE_GROUPS, _check_slices, store_slices
 
 # With a router, each program of a row computes this many router logits (and the norm again).
 ROUTER_EXPERTS_PER_PROGRAM = 4
+# The tensor-core MoE decode's input format (kernels/moe_tc.py), as constants the kernel can read.
+_SLICES, _TILE_GROUPS = tl.constexpr(SLICES), tl.constexpr(TILE_GROUPS)
 
 
 @triton.jit
-def _rms_norm_kernel(
-    x_ptr, delta_ptr, extra_ptr, scale_ptr, res_ptr, out_ptr, wts_ptr, dout_ptr, words_ptr,
-    rw_ptr, rb_ptr, logits_ptr, D, E, eps, stride_x, stride_d, stride_r, stride_o,
-    BLOCK_D: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_EXTRA: tl.constexpr, PARTS: tl.constexpr,
-    DELTA_OUT: tl.constexpr, WORDS: tl.constexpr, ROUTER: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr,
+def _normed_row(
+    x_ptr, delta_ptr, extra_ptr, scale_ptr, res_ptr, out_ptr, wts_ptr, dout_ptr, words_ptr, row, cols, mask, first,
+    D, eps, stride_x, stride_d, stride_r, stride_o, BLOCK_D: tl.constexpr, HAS_DELTA: tl.constexpr,
+    HAS_EXTRA: tl.constexpr, PARTS: tl.constexpr, DELTA_OUT: tl.constexpr, WORDS: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    # Program (row, 0) writes the outputs; with ROUTER, programs (row, j) each also give BLOCK_E router logits
-    # (all of them recompute the norm, which is cheap next to reading their slice of the router's weights).
-    first = (cols * 0 + tl.program_id(1)) == 0  # a vector, not a scalar: the interpreter's masks need that
-    if ROUTER:  # read while the kernel before still runs (PDL): weights only
-        experts = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
-        emask = experts < E
-        router_w = tl.load(rw_ptr + experts[:, None] * D + cols[None, :], mask=emask[:, None] & mask[None, :],
-                           other=0.0)
-        router_b = tl.load(rb_ptr + experts, mask=emask, other=0.0)
-    await_inputs(PDL)
+    """The residual update and the norm of one row -> normed [BLOCK_D] (the model's dtype); the outputs are
+    stored where `first` (by one program of the row)."""
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_DELTA:  # the residual update, rounded to the stream's dtype at each step like the torch path
         if PARTS > 0:  # delta = sum over PARTS fp32 rows (the chosen experts' outputs, SPLIT rows each) x weights
@@ -61,10 +52,57 @@ def _rms_norm_kernel(
     tl.store(out_ptr + row * stride_o + cols, normed, mask=mask & first)
     if WORDS:  # the same, as the MoE decode kernels want their input (kernels.moe.input_words)
         tl.store(words_ptr + row * D + word_order(cols), normed.to(tl.float32) * INPUT_SCALE, mask=mask & first)
-    if ROUTER:  # the router: logits = normed @ W.T + b, summed in fp32, rounded once to the model's dtype
-        logits = tl.sum(router_w.to(tl.float32) * normed.to(tl.float32)[None, :], axis=1) + router_b.to(tl.float32)
-        logits = logits.to(out_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(logits_ptr + row * E + experts, logits, mask=emask)
+    return normed
+
+
+@triton.jit
+def _store_row_slices(bt_ptr, xe_ptr, normed, row, D, stride_bt, BLOCK_D: tl.constexpr):
+    """The normed row as the MoE tensor-core decode wants it (kernels.moe_tc.input_slices)."""
+    grp = tl.arange(0, BLOCK_D // 32)
+    store_slices(bt_ptr + row * stride_bt, xe_ptr + row * (D // 32), tl.reshape(normed.to(tl.float32),
+                 [BLOCK_D // 32, 32]), grp, grp < D // 32, tl.cdiv(D // 32, _TILE_GROUPS) * 32 * _TILE_GROUPS,
+                 _SLICES, _TILE_GROUPS)
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, delta_ptr, extra_ptr, scale_ptr, res_ptr, out_ptr, wts_ptr, dout_ptr, words_ptr,
+    rw_ptr, rb_ptr, logits_ptr, bt_ptr, xe_ptr, D, E, eps, stride_x, stride_d, stride_r, stride_o, stride_bt,
+    BLOCK_D: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_EXTRA: tl.constexpr, PARTS: tl.constexpr,
+    DELTA_OUT: tl.constexpr, WORDS: tl.constexpr, ROUTER: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr,
+    SPLIT: tl.constexpr, SLICES: tl.constexpr,
+):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    # Program (row, 0) writes the outputs; with ROUTER, programs (row, j) each also give BLOCK_E router logits
+    # (all of them recompute the norm, which is cheap next to reading their slice of the router's weights),
+    # and with SLICES too, the row's last program writes the slices.
+    first = (cols * 0 + tl.program_id(1)) == 0  # a vector, not a scalar: the interpreter's masks need that
+    args = (x_ptr, delta_ptr, extra_ptr, scale_ptr, res_ptr, out_ptr, wts_ptr, dout_ptr, words_ptr, row, cols, mask,
+            first, D, eps, stride_x, stride_d, stride_r, stride_o)
+    if ROUTER:  # read while the kernel before still runs (PDL): weights only
+        experts = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+        emask = experts < E
+        router_w = tl.load(rw_ptr + experts[:, None] * D + cols[None, :], mask=emask[:, None] & mask[None, :],
+                           other=0.0)
+        router_b = tl.load(rb_ptr + experts, mask=emask, other=0.0)
+    await_inputs(PDL)
+    if ROUTER:
+        if SLICES and tl.program_id(1) == tl.num_programs(1) - 1:
+            # Its own program and its own copy of the norm: the router's copy sits in the layout of the router's
+            # weights, and regrouping that copy into 32-feature groups costs 10 us.
+            normed = _normed_row(*args, BLOCK_D, HAS_DELTA, HAS_EXTRA, PARTS, DELTA_OUT, WORDS, SPLIT)
+            _store_row_slices(bt_ptr, xe_ptr, normed, row, D, stride_bt, BLOCK_D)
+        else:  # the router: logits = normed @ W.T + b, summed in fp32, rounded once to the model's dtype
+            normed = _normed_row(*args, BLOCK_D, HAS_DELTA, HAS_EXTRA, PARTS, DELTA_OUT, WORDS, SPLIT)
+            logits = tl.sum(router_w.to(tl.float32) * normed.to(tl.float32)[None, :], axis=1)
+            logits = (logits + router_b.to(tl.float32)).to(out_ptr.dtype.element_ty).to(tl.float32)
+            tl.store(logits_ptr + row * E + experts, logits, mask=emask)
+    else:
+        normed = _normed_row(*args, BLOCK_D, HAS_DELTA, HAS_EXTRA, PARTS, DELTA_OUT, WORDS, SPLIT)
+        if SLICES:
+            _store_row_slices(bt_ptr, xe_ptr, normed, row, D, stride_bt, BLOCK_D)
 
 
 def _rows(name: str, t: torch.Tensor, D: int) -> torch.Tensor:
@@ -88,9 +126,10 @@ def rms_norm(
     of = _rows("out", out, D)
     if xf.shape[0]:
         _rms_norm_kernel[(xf.shape[0], 1)](
-            xf, xf, xf, scale, xf, of, xf, xf, xf, xf, xf, xf, D, 0, float(eps), xf.stride(0), 0, 0, of.stride(0),
-            BLOCK_D=triton.next_power_of_2(D), HAS_DELTA=False, HAS_EXTRA=False, PARTS=0, DELTA_OUT=False,
-            WORDS=False, ROUTER=False, BLOCK_E=1, PDL=use_pdl(pdl, x), SPLIT=1, num_warps=4, launch_pdl=use_pdl(pdl, x),
+            xf, xf, xf, scale, xf, of, xf, xf, xf, xf, xf, xf, xf, xf, D, 0, float(eps), xf.stride(0), 0, 0,
+            of.stride(0), 0, BLOCK_D=triton.next_power_of_2(D), HAS_DELTA=False, HAS_EXTRA=False, PARTS=0,
+            DELTA_OUT=False, WORDS=False, ROUTER=False, BLOCK_E=1, PDL=use_pdl(pdl, x), SPLIT=1, SLICES=False,
+            num_warps=4, launch_pdl=use_pdl(pdl, x),
         )
     return out
 
@@ -100,7 +139,7 @@ def add_rms_norm(
     *, weights: torch.Tensor | None = None, delta_out: torch.Tensor | None = None,
     words_out: torch.Tensor | None = None, out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
     router: tuple[torch.Tensor, torch.Tensor] | None = None, logits_out: torch.Tensor | None = None,
-    pdl: bool = False,
+    slices_out: tuple[torch.Tensor, torch.Tensor] | None = None, pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual update and the next norm in one pass.
 
@@ -113,7 +152,8 @@ def add_rms_norm(
       `moe_decode_routed`), row (n * k + j) * splits + s weighted by weights[n, j]; the sum, rounded to x's
       dtype, is what `moe_experts` returns; `delta_out` [N, D] receives it.
     - `words_out` fp32 [N, D] receives the normed output as the MoE decode kernels want it
-      (`kernels.moe.input_words`).
+      (`kernels.moe.input_words`); `slices_out` (bt, exponents) from `kernels.moe_tc.new_slices(N, D)` receives
+      it as the tensor-core decode wants it (`kernels.moe_tc.input_slices`).
     - `router` (weight [E, D], bias [E]) with `logits_out` fp32 [N, E]: receives the router's logits on the
       normed output (torch's `F.linear(out, weight, bias)`: summed in fp32, rounded to x's dtype), for
       `kernels.moe_decode_routed`. The row is then spread over E / ROUTER_EXPERTS_PER_PROGRAM programs.
@@ -145,6 +185,9 @@ def add_rms_norm(
     if words_out is not None:
         check(D % 32 == 0 and words_out.dtype == torch.float32 and tuple(words_out.shape) == (rows, D)
               and words_out.is_contiguous(), f"words_out must be contiguous float32 [{rows}, {D}], D a multiple of 32")
+    if slices_out is not None:
+        check(D % 32 == 0, f"slices_out needs D a multiple of 32, got {D}")
+        slices_out = _check_slices("slices_out", slices_out, rows, D)
     n_programs = 1
     if router is not None:
         router_w, router_b = router
@@ -155,7 +198,7 @@ def add_rms_norm(
         check(logits_out is not None and logits_out.dtype == torch.float32
               and tuple(logits_out.shape) == (rows, E) and logits_out.is_contiguous(),
               f"with a router, logits_out must be contiguous float32 [{rows}, {E}]")
-        n_programs = triton.cdiv(E, ROUTER_EXPERTS_PER_PROGRAM)
+        n_programs = triton.cdiv(E, ROUTER_EXPERTS_PER_PROGRAM) + (slices_out is not None)
         check(residual_out is None or residual_out.data_ptr() != x.data_ptr(),
               "with a router, residual_out cannot be x itself (several programs read each row of x)")
     else:
@@ -170,11 +213,13 @@ def add_rms_norm(
             weights if weights is not None else xf, delta_out if delta_out is not None else xf,
             words_out if words_out is not None else xf, router[0] if router is not None else xf,
             router[1] if router is not None else xf, logits_out if logits_out is not None else xf,
+            slices_out[0] if slices_out is not None else xf, slices_out[1] if slices_out is not None else xf,
             D, router[0].shape[0] if router is not None else 0, float(eps),
             xf.stride(0), df.stride(0), rf.stride(0), of.stride(0),
+            slices_out[0].stride(0) if slices_out is not None else 0,
             BLOCK_D=triton.next_power_of_2(D), HAS_DELTA=True, HAS_EXTRA=extra is not None, PARTS=parts,
             DELTA_OUT=delta_out is not None, WORDS=words_out is not None, ROUTER=router is not None,
-            BLOCK_E=ROUTER_EXPERTS_PER_PROGRAM, PDL=use_pdl(pdl, x), SPLIT=split,
+            BLOCK_E=ROUTER_EXPERTS_PER_PROGRAM, PDL=use_pdl(pdl, x), SPLIT=split, SLICES=slices_out is not None,
             num_warps=8 if router is not None else 4, launch_pdl=use_pdl(pdl, x),
         )
     return residual_out, out

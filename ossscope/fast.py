@@ -132,6 +132,12 @@ class GraphDecoder:
             self._keep_at[(int(match.group(1)), match.group(2))] = self.captured[name]
         self.steering = torch.zeros(L, D, dtype=model.dtype, device=dev)  # graph input: one vector per layer
         self._steering_src: list[torch.Tensor | None] = [None] * L
+        # bf16 models decode their experts on fp8 tensor cores where the GPU has them (kernels/moe_tc.py), from
+        # input slices kept in zeroed buffers that the kernels only ever overwrite in place.
+        self.tensor_cores = self.kernels.moe_tc.available(torch.empty(0, dtype=model.dtype, device=dev))
+        if self.tensor_cores:
+            self._h_slices = self.kernels.moe_tc.new_slices(B, D, dev)
+            self._act_slices = self.kernels.moe_tc.new_slices(B * k, cfg.intermediate_size, dev)
         rings = {lc.slots for lc in cache.layers if lc.ring}
         self._ring_slots = rings.pop() if rings else 1
         self.logits: torch.Tensor | None = None
@@ -169,17 +175,24 @@ class GraphDecoder:
                 pdl=True)
             attn_out = kn.linear(z.view(B, -1), attn.out.weight, attn.out.bias, pdl=True)  # [B, D]
             self._keep(layer, "hook_attn_out", attn_out)
-            h_words = torch.empty(B, h.shape[-1], device=h.device, dtype=torch.float32)  # h for the MoE kernels
             # The norm also gives the router's logits, and the MoE kernels route from them themselves.
-            x, h = kn.add_rms_norm(x, attn_out, mlp.norm.scale, eps, words_out=h_words,
-                                   router=(mlp.gate.weight, mlp.gate.bias), logits_out=self.router_logits[layer],
-                                   pdl=True)
-            self._keep(layer, "hook_resid_mid", x)
-            parts, _, weights = kn.moe_decode_routed(
-                h_words, self.router_logits[layer], k, mlp.mlp1_blocks, mlp.mlp1_scales, mlp.mlp1_bias,
-                mlp.mlp2_blocks, mlp.mlp2_scales, mlp.mlp2_bias, cfg.swiglu_limit, cfg.swiglu_alpha,
-                mlp.reroute_mask, mlp.zero_mask, indices_out=self.router_indices[layer],
-                weights_out=self.router_weights[layer], pdl=True)  # fp32 [B * k * splits, D]: the experts' outputs
+            experts = (mlp.mlp1_blocks, mlp.mlp1_scales, mlp.mlp1_bias, mlp.mlp2_blocks, mlp.mlp2_scales,
+                       mlp.mlp2_bias, cfg.swiglu_limit, cfg.swiglu_alpha)
+            routing = dict(indices_out=self.router_indices[layer], weights_out=self.router_weights[layer], pdl=True)
+            router = dict(router=(mlp.gate.weight, mlp.gate.bias), logits_out=self.router_logits[layer], pdl=True)
+            if self.tensor_cores:
+                x, h = kn.add_rms_norm(x, attn_out, mlp.norm.scale, eps, slices_out=self._h_slices, **router)
+                self._keep(layer, "hook_resid_mid", x)
+                parts, _, weights = kn.moe_decode_slices(
+                    self._h_slices, None, *experts, router_logits=self.router_logits[layer], k=k,
+                    reroute_mask=mlp.reroute_mask, zero_mask=mlp.zero_mask, act_slices=self._act_slices, **routing)
+            else:
+                h_words = torch.empty(B, h.shape[-1], device=h.device, dtype=torch.float32)  # h for the MoE kernels
+                x, h = kn.add_rms_norm(x, attn_out, mlp.norm.scale, eps, words_out=h_words, **router)
+                self._keep(layer, "hook_resid_mid", x)
+                parts, _, weights = kn.moe_decode_routed(h_words, self.router_logits[layer], k, *experts,
+                                                         mlp.reroute_mask, mlp.zero_mask, **routing)
+            # parts: fp32 [B * k * splits, D], the chosen experts' outputs (kernels/moe.py)
             next_norm = m.blocks[layer + 1].attn.norm if layer + 1 < len(m.blocks) else m.ln_final
             # The weighted sum over the k experts (the MoE output) happens inside the residual update.
             x, h = kn.add_rms_norm(x, parts, next_norm.scale, eps, extra=self.steering[layer], weights=weights,

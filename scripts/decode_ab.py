@@ -2,8 +2,8 @@
 
 One device visit: `python scripts/decode_ab.py --json $OUT/decode_ab.json`. On random weights of the
 gpt-oss-20b shape with a 1k-token context, it times the graph decoder (router + sink recorded, as a trace does)
-with programmatic dependent launch off and on, and with the MoE down kernel's weight prefetch off and on
-(VARIANTS), or with `--sweep` the MoE decode tiles of SWEEP; prints each variant's first logits against the
+with the MoE on CUDA cores and on fp8 tensor cores, with and without programmatic dependent launch (VARIANTS),
+or with `--sweep` the tensor-core MoE decode's blocks of SWEEP; prints each variant's first logits against the
 first variant's (on random weights a one-ulp change can flip a routing choice, so only identical kernels give
 0); then, with `--profile NAME|best`, profiles that variant's graph replays and prints each kernel's GPU time
 per step (under PDL a kernel's time includes its wait for the one before).
@@ -19,27 +19,29 @@ import os
 import time
 
 import torch
-from ossscope.kernels import moe
+from ossscope.kernels import moe_tc
 
 from ossscope import fast
 from ossscope.bench import random_model_on_gpu
 from ossscope.config import resolve_config
 
-# name -> (OSSSCOPE_PDL, overrides of kernels.moe.DECODE_BLOCKS)
+# name -> (environment, overrides of kernels.moe_tc.TC_BLOCKS). OSSSCOPE_MOE_DECODE=cuda_cores: the CUDA-core
+# MoE kernels (kernels/moe.py) instead of the fp8 tensor-core ones (kernels/moe_tc.py).
 VARIANTS = {
-    "no PDL": ("0", {"PREFETCH_D": False}),
-    "PDL": ("1", {"PREFETCH_D": False}),
-    "PDL + down prefetch": ("1", {"PREFETCH_D": True}),
-    "no PDL again": ("0", {"PREFETCH_D": False}),  # the same as the first: are steps deterministic at all?
+    "CUDA cores": ({"OSSSCOPE_PDL": "1", "OSSSCOPE_MOE_DECODE": "cuda_cores"}, {}),
+    "tensor cores": ({"OSSSCOPE_PDL": "1", "OSSSCOPE_MOE_DECODE": "auto"}, {}),
+    "tensor cores, no PDL": ({"OSSSCOPE_PDL": "0", "OSSSCOPE_MOE_DECODE": "auto"}, {}),
+    "CUDA cores, no PDL": ({"OSSSCOPE_PDL": "0", "OSSSCOPE_MOE_DECODE": "cuda_cores"}, {}),
+    "CUDA cores again": ({"OSSSCOPE_PDL": "1", "OSSSCOPE_MOE_DECODE": "cuda_cores"}, {}),  # steps deterministic?
 }
-# --sweep: the MoE decode tiles and split-K, each on top of the current defaults, under PDL.
+# --sweep: the tensor-core MoE decode's blocks, each on top of the current defaults, under PDL.
 SWEEP = {
     "defaults": {},
-    "down 8 rows x 1 warp, no split": {"BLOCK_D": 8, "WARPS_D": 1, "SPLIT_D": 1},
+    "down split 1": {"SPLIT_D": 1},
     "down split 3": {"SPLIT_D": 3},
-    "down 32 groups a step": {"GROUPS_D": 32},
-    "gate/up 8 groups a step": {"GROUPS_I": 8},
-    "gate/up 32 units x 4 warps": {"BLOCK_I": 32, "WARPS_I": 4},
+    "2 stages": {"STAGES": 2},
+    "4 stages": {"STAGES": 4},
+    "down 128 rows, split 4": {"BLOCK_D": 128, "SPLIT_D": 4},
 }
 
 
@@ -106,22 +108,23 @@ def main() -> None:
     prefilled = model.new_cache(1, args.context + args.steps + 16)
     fast.prefill(model, ids, prefilled)
     reference = None
-    defaults = dict(moe.DECODE_BLOCKS)
-    variants = {name: ("1", blocks) for name, blocks in SWEEP.items()} if args.sweep else VARIANTS
+    defaults = dict(moe_tc.TC_BLOCKS)
+    sweep_env = {"OSSSCOPE_PDL": "1", "OSSSCOPE_MOE_DECODE": "auto"}
+    variants = {name: (sweep_env, blocks) for name, blocks in SWEEP.items()} if args.sweep else VARIANTS
 
     def configure(name: str) -> None:
-        pdl, blocks = variants[name]
-        os.environ["OSSSCOPE_PDL"] = pdl
-        moe.DECODE_BLOCKS.clear()
-        moe.DECODE_BLOCKS.update({**defaults, **blocks})
+        env, blocks = variants[name]
+        os.environ.update(env)
+        moe_tc.TC_BLOCKS.clear()
+        moe_tc.TC_BLOCKS.update({**defaults, **blocks})
 
     for name in variants:
         configure(name)
         tok_s, first = time_decoder(model, prefilled, args.steps)
         reference = first if reference is None else reference
         diff = ((first.float() - reference.float()).norm() / reference.float().norm()).item()
-        report["variants"][name] = {"tok_s": tok_s, "rel_diff_vs_first": diff, "blocks": dict(moe.DECODE_BLOCKS),
-                                    "pdl": os.environ["OSSSCOPE_PDL"]}
+        report["variants"][name] = {"tok_s": tok_s, "rel_diff_vs_first": diff, "blocks": dict(moe_tc.TC_BLOCKS),
+                                    "env": variants[name][0]}
         print(f"{name:26s} {tok_s:8.1f} tok/s   logits rel. diff vs first variant {diff:.2e}", flush=True)
     if args.profile == "best":
         args.profile = max(report["variants"], key=lambda n: report["variants"][n]["tok_s"])
@@ -131,7 +134,7 @@ def main() -> None:
         report["profile"] = {"variant": args.profile, **prof}
         print(f"\nprofile ({args.profile}): {prof['us_per_step']:.0f} us per step, "
               f"{prof['kernel_us_per_step']:.0f} us in kernels")
-        for row in prof["kernels"][:12]:
+        for row in prof["kernels"][:9]:
             print(f"  {row['us']:8.1f} us  {row['launches']:5.1f}x  {row['name']}")
     if args.json:
         with open(args.json, "w") as f:

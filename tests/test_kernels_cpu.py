@@ -295,6 +295,85 @@ def test_moe_decode_routed_matches_route_then_experts(gen, masks, split_d):
         kernels.moe_decode_routed(kernels.input_words(x), logits[:, :-1], k, *packed)
 
 
+# -- MoE decode on fp8 tensor cores (kernels/moe_tc.py) -----------------------------------------------------
+
+
+def test_input_slices_match_twin_and_hold_bf16_exactly(gen):
+    x = torch.randn(3, 320, generator=gen)  # 10 groups: a whole tile of 8 and part of another
+    x[0, :32] = 0.0  # an all-zero group
+    x[1, 40:50] *= 1e-3  # inputs about 2**10 below their group's largest
+    x = x.bfloat16()
+    bt, xe = kernels.input_slices(x)
+    ref_bt, ref_xe = kernels.moe_tc.slices_reference(x)
+    assert torch.equal(bt.view(torch.uint8), ref_bt.view(torch.uint8)) and torch.equal(xe, ref_xe)
+    value, groups = kernels.moe_tc.slices_value(bt, xe).view(3, 10, 32), x.float().view(3, 10, 32)
+    largest = groups.abs().amax(-1, keepdim=True)
+    within = groups.abs() >= largest / 256  # within 2**8 of the group's largest: exact
+    assert within.sum() < within.numel() and torch.equal(value[within], groups[within])
+    assert ((value - groups).abs() <= largest * 2.0**-16).all()
+    # Written in place into used buffers: every place that can be nonzero is overwritten.
+    again = kernels.input_slices(x.flip(0), out=(bt, xe))
+    flip_bt, flip_xe = kernels.moe_tc.slices_reference(x.flip(0))
+    assert torch.equal(again[0].view(torch.uint8), flip_bt.view(torch.uint8)) and torch.equal(again[1], flip_xe)
+    with pytest.raises(ValueError, match="out\\[0\\] must be contiguous float8_e4m3fn"):
+        kernels.input_slices(x, out=(bt[:, :, :-32].contiguous(), xe))
+
+
+@pytest.mark.parametrize("masks,split_d", [("none", 1), ("both", 3)])
+def test_moe_decode_slices_matches_cuda_core_kernels(gen, masks, split_d):
+    E, D, I, k, N = 12, 96, 160, 3, 2  # 3 and 5 groups: both tiles partial
+    packed = _experts(gen, E, D, I, torch.bfloat16)
+    x = torch.randn(N, D, generator=gen).bfloat16()
+    logits = torch.randn(N, E, generator=gen)
+    reroute = torch.zeros(E, dtype=torch.bool)
+    reroute[torch.randperm(E, generator=gen)[:3]] = True
+    zero = ~reroute & (torch.rand(E, generator=gen) < 0.5)
+    r, z = (reroute, zero) if masks == "both" else (None, None)
+    blocks = {"BLOCK_D": 32, "SPLIT_D": split_d, "STAGES": 1}
+    indices = torch.full((N, k), -7, dtype=torch.int64)
+    weights = torch.full((N, k), float("nan"))
+    parts = torch.full((N * k * split_d, D), float("nan"))
+    act = kernels.moe_tc.new_slices(N * k, I, "cpu")
+    got = kernels.moe_decode_slices(kernels.input_slices(x), None, *packed, 7.0, 1.702, router_logits=logits, k=k,
+                                    reroute_mask=r, zero_mask=z, indices_out=indices, weights_out=weights,
+                                    out=parts, act_slices=act, blocks=blocks)
+    assert got[0] is parts and got[1] is indices and got[2] is weights
+    ref_i, ref_w = route_reference(logits, k, r, z)
+    assert torch.equal(indices, ref_i)
+    torch.testing.assert_close(weights, ref_w, rtol=1e-6, atol=1e-7)
+    out = parts.view(N * k, split_d, D).sum(1).double()
+    # Down is exact on the activations it was given (their slices): fp64 reference on the same values.
+    w2 = mxfp4.dequantize(packed[3], packed[4], torch.float64)
+    act_values = kernels.moe_tc.slices_value(*act).double()
+    ref_down = torch.stack([w2[e] @ act_values[s] + packed[5][e].double() for s, e in enumerate(ref_i.view(-1))])
+    assert rel(out, ref_down) < 1e-6
+    # The whole of it matches the CUDA-core kernels (fp32 sums), up to 1-ulp flips of bf16 activations where
+    # the two sums differ in their last bits (one flip among these 160 units moves an output by about 1e-4).
+    words, _, _ = kernels.moe_decode_routed(kernels.input_words(x), logits, k, *packed, 7.0, 1.702, r, z)
+    assert rel(out, words.view(N * k, -1, D).sum(1)) < 1e-3
+    # Given the indices instead of logits: the same computation.
+    again, none_i, none_w = kernels.moe_decode_slices(kernels.input_slices(x), ref_i, *packed, blocks=blocks)
+    assert torch.equal(again, parts) and none_i is None and none_w is None
+    with pytest.raises(ValueError, match="either topk_indices, or router_logits"):
+        kernels.moe_decode_slices(kernels.input_slices(x), ref_i, *packed, router_logits=logits, k=k)
+    with pytest.raises(ValueError, match="act_slices\\[0\\] must be"):
+        kernels.moe_decode_slices(kernels.input_slices(x), ref_i, *packed,
+                                  act_slices=kernels.moe_tc.new_slices(1, I, "cpu"))
+
+
+def test_moe_experts_bf16_decode_takes_tensor_cores(gen, monkeypatch):
+    E, D, I, k, N = 5, 96, 160, 2, 3
+    packed = _experts(gen, E, D, I, torch.bfloat16)
+    x = torch.randn(N, D, generator=gen).bfloat16()
+    indices, weights = route_reference(torch.randn(N, E, generator=gen), k)
+    assert kernels.moe_tc.available(x)
+    y, expert_out = kernels.moe_experts(x, indices, weights, *packed, per_expert=True)
+    monkeypatch.setenv("OSSSCOPE_MOE_DECODE", "cuda_cores")
+    assert not kernels.moe_tc.available(x)
+    y_cc, expert_out_cc = kernels.moe_experts(x, indices, weights, *packed, per_expert=True)
+    assert rel(y, y_cc) < 4e-3 and rel(expert_out, expert_out_cc) < 4e-3  # bf16 outputs, 1-ulp flips at most
+
+
 # -- norm and RoPE -------------------------------------------------------------------------------------------
 
 
@@ -331,11 +410,15 @@ def test_rms_norm_and_fused_residual_add(gen, dtype):
     # With the router: 10 experts spread over 3 programs per row (4, 4, 2), each redoing the norm.
     router_w, router_b = torch.randn(10, D, generator=gen).to(dtype), torch.randn(10, generator=gen).to(dtype)
     logits = torch.full((5, 10), float("nan"))
+    slices = kernels.moe_tc.new_slices(5, D, "cpu")
     residual, normed = kernels.add_rms_norm(x2, x2.flip(0), scale[:D], 1e-5, router=(router_w, router_b),
-                                            logits_out=logits, words_out=words)
+                                            logits_out=logits, words_out=words, slices_out=slices)
     ref_residual, ref_normed = add_rms_norm_reference(x2, x2.flip(0), scale[:D], 1e-5)
     assert torch.equal(residual, ref_residual)
     torch.testing.assert_close(normed, ref_normed)
+    ref_slices = kernels.moe_tc.slices_reference(normed)  # what the tensor-core decode reads
+    assert torch.equal(slices[0].view(torch.uint8), ref_slices[0].view(torch.uint8))
+    assert torch.equal(slices[1], ref_slices[1])
     ref_logits = torch.nn.functional.linear(normed.float(), router_w.float(), router_b.float()).to(dtype).float()
     torch.testing.assert_close(logits, ref_logits, rtol=2e-3 if dtype == torch.float16 else 1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="cannot be x itself"):
@@ -390,10 +473,15 @@ def test_wrappers_name_bad_inputs(gen):
 # -- the model on the kernels ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("splits", [{}, {"SPLIT_D": 3}])
-def test_model_on_kernels_and_eager_graph_step_match_torch_path(monkeypatch, splits):
+@pytest.mark.parametrize("splits,tensor_cores", [({}, False), ({"SPLIT_D": 3}, False), ({"SPLIT_D": 3}, True)])
+def test_model_on_kernels_and_eager_graph_step_match_torch_path(monkeypatch, splits, tensor_cores):
     for key, value in splits.items():  # the decoder's MoE with its reductions split (split-K)
         monkeypatch.setitem(kernels.moe.DECODE_BLOCKS, key, value)
+        monkeypatch.setitem(kernels.moe_tc.TC_BLOCKS, key, value)
+    # The fp32 model takes the CUDA-core MoE kernels; forced onto the tensor-core ones (made for bf16, which
+    # the interpreter cannot run the attention of), its inputs are cut to 16 bits: a looser match.
+    monkeypatch.setattr(kernels.moe_tc, "available", lambda x: tensor_cores)
+    tol = 3e-4 if tensor_cores else 1e-5
     cfg = ossscope.PRESETS["tiny"].replace(num_hidden_layers=2, sliding_window=4)
     model = ossscope.random_model(cfg, seed=int(torch.randint(0, 1000, ())), device="cpu", dtype=torch.float32)
     ids = torch.randint(0, cfg.vocab_size, (2, 6))
@@ -404,6 +492,7 @@ def test_model_on_kernels_and_eager_graph_step_match_torch_path(monkeypatch, spl
     fast.use_kernels(model, False)
     decoder = fast.GraphDecoder(model, cache, capture=["blocks.1.hook_resid_mid", "blocks.0.hook_mlp_out"],
                                 graph=False)
+    assert decoder.tensor_cores == tensor_cores
     model.set_ablation({1: [0, 3]}, "reroute")
     model.set_steering(0, torch.randn(cfg.hidden_size))
     seen: dict[str, torch.Tensor] = {}
@@ -413,13 +502,14 @@ def test_model_on_kernels_and_eager_graph_step_match_torch_path(monkeypatch, spl
                  "blocks.0.hook_mlp_out", "blocks.1.mlp.hook_router_logits", "blocks.1.mlp.hook_topk_weights"]
         with model.hooks([(n, lambda x, hook: seen.__setitem__(hook.name, x.clone())) for n in names]):
             ref = model(token, cache=ref_cache)[:, -1]
-        assert rel(decoder.step(token[:, 0]), ref) < 1e-5
-        torch.testing.assert_close(decoder.captured["blocks.1.hook_resid_mid"], seen[names[0]][:, 0])
+        assert rel(decoder.step(token[:, 0]), ref) < tol
+        close = dict(rtol=5e-3, atol=5e-3) if tensor_cores else {}
+        torch.testing.assert_close(decoder.captured["blocks.1.hook_resid_mid"], seen[names[0]][:, 0], **close)
         assert torch.equal(decoder.router_indices[1], seen[names[1]][:, 0])
         assert not torch.isin(decoder.router_indices[1], torch.tensor([0, 3])).any()
         torch.testing.assert_close(decoder.sink[0], seen[names[2]][..., 0])
-        torch.testing.assert_close(decoder.captured["blocks.0.hook_mlp_out"], seen[names[3]][:, 0])
+        torch.testing.assert_close(decoder.captured["blocks.0.hook_mlp_out"], seen[names[3]][:, 0], **close)
         kept = decoder.kept(names[4:])
-        torch.testing.assert_close(kept[names[4]], seen[names[4]])
-        torch.testing.assert_close(kept[names[5]], seen[names[5]])
+        torch.testing.assert_close(kept[names[4]], seen[names[4]], **close)
+        torch.testing.assert_close(kept[names[5]], seen[names[5]], **close)
     assert cache.length == ref_cache.length == 9

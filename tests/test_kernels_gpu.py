@@ -123,6 +123,39 @@ def test_router_in_norm_and_moe_routing_itself_bf16(gen):
     assert rel(parts.view(2 * k, -1, D).sum(1), ref_out.reshape(2 * k, D)) < 1e-2
 
 
+def test_moe_decode_on_tensor_cores_bf16(gen):
+    """The decoder's tensor-core MoE: slices from the norm, routing in the kernels, exact sums on fp8 tensor
+    cores (Hopper keeps 13 mantissa bits of them: the slices keep every sum within that)."""
+    E, D, I, k = 32, 2880, 2880, 4
+    packed = _experts(gen, E, D, I)
+    x, delta = (torch.randn(2, D, device=CUDA, generator=gen).bfloat16() for _ in range(2))
+    scale = torch.rand(D, device=CUDA, generator=gen) + 0.5
+    router_w = (torch.randn(E, D, device=CUDA, generator=gen) / D**0.5).bfloat16()
+    router_b = torch.randn(E, device=CUDA, generator=gen).bfloat16()
+    slices = kernels.moe_tc.new_slices(2, D, CUDA)
+    logits = torch.full((2, E), float("nan"), device=CUDA)
+    _, h = kernels.add_rms_norm(x, delta, scale, 1e-5, slices_out=slices, router=(router_w, router_b),
+                                logits_out=logits, pdl=True)
+    ref_bt, ref_xe = kernels.moe_tc.slices_reference(h)
+    assert torch.equal(slices[0].view(torch.uint8), ref_bt.view(torch.uint8)) and torch.equal(slices[1], ref_xe)
+    assert torch.equal(kernels.input_slices(h)[0].view(torch.uint8), ref_bt.view(torch.uint8))
+    reroute = torch.zeros(E, dtype=torch.bool, device=CUDA)
+    reroute[:3] = True
+    act = kernels.moe_tc.new_slices(2 * k, I, CUDA)
+    parts, indices, weights = kernels.moe_decode_slices(slices, None, *packed, router_logits=logits, k=k,
+                                                        reroute_mask=reroute, act_slices=act, pdl=True)
+    ref_i, ref_w = route_reference(logits, k, reroute)
+    assert torch.equal(indices, ref_i)
+    torch.testing.assert_close(weights, ref_w)
+    out = parts.view(2 * k, -1, D).sum(1).double()
+    w2 = mxfp4.dequantize(packed[3], packed[4], torch.float64)
+    act_values = kernels.moe_tc.slices_value(*act).double()
+    ref_down = torch.stack([w2[e] @ act_values[s] + packed[5][e].double() for s, e in enumerate(ref_i.view(-1))])
+    assert rel(out, ref_down) < 1e-6  # fp32-exact: the tensor cores' sums lost nothing
+    words, _, _ = kernels.moe_decode_routed(kernels.input_words(h), logits, k, *packed, reroute_mask=reroute)
+    assert rel(out, words.view(2 * k, -1, D).sum(1)) < 2e-4  # the CUDA-core kernels, up to 1-ulp activation flips
+
+
 @pytest.mark.parametrize("N, K", [(5120, 2880), (2880, 4096), (37, 300)])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_linear_bf16(gen, N, K, batch):
@@ -252,6 +285,26 @@ def test_graph_decoder_matches_torch_path_and_takes_new_settings_without_recaptu
         torch.testing.assert_close(decoder.sink[1], kept[names[3]][:, 0])
         length = ref_cache.length  # layer 1 is a full-attention layer: slot order = position order
         torch.testing.assert_close(decoder.patterns[1][:, :, :length], kept[names[4]][:, 0])
+
+
+def test_bf16_graph_decoder_on_tensor_cores_is_as_close_to_fp32_as_on_cuda_cores(monkeypatch):
+    truth_model = _model(torch.float32)
+    model = ossscope.random_model(truth_model.config, device="cuda", dtype=torch.bfloat16)
+    model.load_state_dict(truth_model.state_dict())
+    cfg = model.config
+    tokens = torch.randint(0, cfg.vocab_size, (2, 28), device=CUDA)
+    truth = truth_model(tokens)[:, 20:]  # the logits of steps 20..27, from the fp32 model
+    fast.use_kernels(model)
+    errors = {}
+    for path in ("cuda_cores", "auto"):
+        monkeypatch.setenv("OSSSCOPE_MOE_DECODE", path)
+        cache = model.new_cache(2, 40)
+        fast.prefill(model, tokens[:, :20], cache)
+        decoder = fast.GraphDecoder(model, cache)
+        assert decoder.tensor_cores == (path == "auto")
+        logits = [decoder.step(tokens[:, 20 + i]).clone() for i in range(8)]
+        errors[path] = rel(torch.stack(logits, 1), truth)
+    assert errors["auto"] < 1.5 * errors["cuda_cores"] + 5e-3, errors
 
 
 def test_fast_step_in_generation_matches_torch_records():
