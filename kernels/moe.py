@@ -19,9 +19,10 @@ Two shapes of work, two pairs of kernels:
   token tile loads contiguously. Gate/up computes gate and linear units together (adjacent mlp1 rows) and
   applies the clamped SwiGLU in its epilogue; down adds the bias, multiplies by the routing weight and sums
   over k with fp32 atomics. The grouping needs no host sync (a fixed worst-case block count).
-Measured on an H100 (docs/bench/, scripts/moe_sweep.py, scripts/decode_ab.py): decode 48 us per layer at the
-20b shape alone, about 45 us in the decoder (1.1 TB/s; what bounds it is open: docs/PERFORMANCE.md); prefill
-2.3-2.8 ms at 2,048 tokens (145-175 TFLOP/s) and 6.9 ms at 8,192 (237 TFLOP/s).
+Measured on an H100 (docs/bench/, scripts/moe_sweep.py, scripts/decode_ab.py): decode 47 us per layer at the
+20b shape, 1.1 TB/s, bound by the ~4.7 instructions each weight code costs on CUDA cores; bf16 models on GPUs
+with fp8 tensor cores therefore decode with kernels/moe_tc.py (36 us), fp16/fp32 models and older GPUs here.
+Prefill 2.3-2.8 ms at 2,048 tokens (145-175 TFLOP/s) and 6.9 ms at 8,192 (237 TFLOP/s).
 Torch twin: `ossscope.ops.moe_experts`.
 """
 
