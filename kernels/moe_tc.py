@@ -12,10 +12,10 @@ that, not memory, bounds them at about 1.1 TB/s. Here the codes go to the tensor
   to an integer, slice 1 the remainder times 16 rounded, and so on. Every slice value is an integer of
   magnitude <= 16, which e4m3 holds exactly.
 - Why slices: Hopper's fp8 tensor cores keep only 13 mantissa bits of their sums (a first version with x as
-  two e4m3 pieces of full precision was off by 2.6e-5 of the largest output on an H100). A weight (an integer <= 12 in units of 2**-7) times a slice value
-  is an integer <= 192 in those units, and a group's 32 of them sum to less than 2**13: every sum the tensor
-  core forms is exact. The slices of one group are combined (times 16**-p) and scaled (block scale times
-  2**(h + 3)) in fp32, like the CUDA-core kernels' sums.
+  two e4m3 pieces of full precision was off by 2.6e-5 of the largest output on an H100). A weight (an integer
+  <= 12 in units of 2**-7) times a slice value is an integer <= 192 in those units, and a group's 32 of them
+  sum to less than 2**13: every sum the tensor core forms is exact. The slices of one group are combined
+  (times 16**-p) and scaled (block scale times 2**(h + 3)) in fp32, like the CUDA-core kernels' sums.
 - Exactness: a bf16 input has 8 significant bits, so 4 slices hold every input within 2**8 of its group's
   largest exactly; smaller ones are rounded to 2**(h - 16), below 1/128 of a bf16 ulp of that largest input.
   On an H100 the outputs differ from an fp64 reference by about 1e-6 of their largest (docs/PERFORMANCE.md);
