@@ -442,6 +442,27 @@ def _check_decode_inputs(x_words, mlp1_blocks, mlp1_scales, mlp2_blocks, mlp2_sc
     check_mxfp4("mlp2", mlp2_blocks, mlp2_scales, E, D, I)
 
 
+def _parts_buffer(out: torch.Tensor | None, slots: int, split_d: int, D: int, device) -> torch.Tensor:
+    """The decode kernels' fp32 output parts [slots * split_d, D]: `out`, checked, or a new tensor."""
+    check(split_d >= 1, f"SPLIT_D must be positive, got {split_d}")
+    parts = out if out is not None else torch.empty(slots * split_d, D, device=device, dtype=torch.float32)
+    check(parts.dtype == torch.float32 and tuple(parts.shape) == (slots * split_d, D) and parts.stride(1) == 1,
+          f"out must be float32 [{slots * split_d}, {D}] with contiguous rows")
+    return parts
+
+
+def _routing_outputs(N: int, k: int, device, indices_out: torch.Tensor | None,
+                     weights_out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where self-routing kernels write the routing: indices int [N, k], weights fp32 [N, k] (given, or new)."""
+    indices = indices_out if indices_out is not None else torch.empty(N, k, device=device, dtype=torch.int64)
+    weights = weights_out if weights_out is not None else torch.empty(N, k, device=device, dtype=torch.float32)
+    check(tuple(indices.shape) == (N, k) and indices.is_contiguous() and not indices.is_floating_point(),
+          f"indices_out must be contiguous integers [{N}, {k}]")
+    check(tuple(weights.shape) == (N, k) and weights.is_contiguous() and weights.dtype == torch.float32,
+          f"weights_out must be contiguous float32 [{N}, {k}]")
+    return indices, weights
+
+
 def _launch_decode(
     x_words, indices, logits, reroute_mask, zero_mask, weights_out, k,
     mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias, limit, alpha, out, cfg, pdl,
@@ -452,11 +473,8 @@ def _launch_decode(
     N, D = x_words.shape
     E, I = mlp1_blocks.shape[0], mlp1_blocks.shape[1] // 2
     split_d = cfg["SPLIT_D"]
-    check(split_d >= 1, f"SPLIT_D must be positive, got {split_d}")
     S = N * k
-    parts = out if out is not None else torch.empty(S * split_d, D, device=x_words.device, dtype=torch.float32)
-    check(parts.dtype == torch.float32 and tuple(parts.shape) == (S * split_d, D) and parts.stride(1) == 1,
-          f"out must be float32 [{S * split_d}, {D}] with contiguous rows")
+    parts = _parts_buffer(out, S, split_d, D, x_words.device)
     if S == 0:
         return parts
     actw = torch.empty(S, I, device=x_words.device, dtype=torch.float32)  # SwiGLU outputs in word order
@@ -532,14 +550,7 @@ def moe_decode_routed(
           f"router_logits must be contiguous [N={N}, E={E}], got {tuple(router_logits.shape)}")
     check_float("router_logits", router_logits)
     check_routing(E, k, reroute_mask, zero_mask)
-    indices = indices_out if indices_out is not None else torch.empty(N, k, device=x_words.device,
-                                                                      dtype=torch.int64)
-    weights = weights_out if weights_out is not None else torch.empty(N, k, device=x_words.device,
-                                                                      dtype=torch.float32)
-    check(tuple(indices.shape) == (N, k) and indices.is_contiguous() and not indices.is_floating_point(),
-          f"indices_out must be contiguous integers [{N}, {k}]")
-    check(tuple(weights.shape) == (N, k) and weights.is_contiguous() and weights.dtype == torch.float32,
-          f"weights_out must be contiguous float32 [{N}, {k}]")
+    indices, weights = _routing_outputs(N, k, x_words.device, indices_out, weights_out)
     check_same_device(x_words=x_words, router_logits=router_logits, mlp1_blocks=mlp1_blocks,
                       reroute_mask=reroute_mask, zero_mask=zero_mask, indices_out=indices, weights_out=weights)
     cfg = {**DECODE_BLOCKS, **(blocks or {})}

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from ._common import await_inputs, check, check_mxfp4, check_runnable, check_same_device, interpreting, use_pdl
-from .moe import _slot_expert, _swiglu
+from .moe import _parts_buffer, _routing_outputs, _slot_expert, _swiglu
 from .routing import check_routing
 
 SLICES = 4  # fixed-point slices of each input group (4 bits each)
@@ -335,13 +335,7 @@ def moe_decode_slices(
               and router_logits.is_floating_point(),
               f"router_logits must be contiguous floats [N={N}, E={E}], got {tuple(router_logits.shape)}")
         check_routing(E, k, reroute_mask, zero_mask)
-        indices = indices_out if indices_out is not None else torch.empty(N, k, device=bt.device, dtype=torch.int64)
-        weights = weights_out if weights_out is not None else torch.empty(N, k, device=bt.device,
-                                                                          dtype=torch.float32)
-        check(tuple(indices.shape) == (N, k) and indices.is_contiguous() and not indices.is_floating_point(),
-              f"indices_out must be contiguous integers [{N}, {k}]")
-        check(tuple(weights.shape) == (N, k) and weights.is_contiguous() and weights.dtype == torch.float32,
-              f"weights_out must be contiguous float32 [{N}, {k}]")
+        indices, weights = _routing_outputs(N, k, bt.device, indices_out, weights_out)
     else:
         check(topk_indices is not None and topk_indices.dim() == 2 and topk_indices.shape[0] == N
               and not topk_indices.is_floating_point(),
@@ -353,11 +347,8 @@ def moe_decode_slices(
                       reroute_mask=reroute_mask, zero_mask=zero_mask, indices=indices)
     cfg = {**TC_BLOCKS, **(blocks or {})}
     split_d = cfg["SPLIT_D"]
-    check(split_d >= 1, f"SPLIT_D must be positive, got {split_d}")
     S = N * k
-    parts = out if out is not None else torch.empty(S * split_d, D, device=bt.device, dtype=torch.float32)
-    check(parts.dtype == torch.float32 and tuple(parts.shape) == (S * split_d, D) and parts.stride(1) == 1,
-          f"out must be float32 [{S * split_d}, {D}] with contiguous rows")
+    parts = _parts_buffer(out, S, split_d, D, bt.device)
     act_bt, act_xe = (_check_slices("act_slices", act_slices, S, I) if act_slices is not None
                       else new_slices(S, I, bt.device))
     if S == 0:

@@ -99,14 +99,19 @@ def test_moe_decode_parts_and_fused_norm_bf16(gen):
     assert rel(y, ref_y) < 1e-2 and rel(residual, x.float() + ref_y) < 1e-2
 
 
+def _norm_inputs(gen, E, D):
+    """Two rows of residual and delta, a norm scale, and a router (weight, bias) of E experts: bf16."""
+    x, delta = (torch.randn(2, D, device=CUDA, generator=gen).bfloat16() for _ in range(2))
+    scale = torch.rand(D, device=CUDA, generator=gen) + 0.5
+    router_w = (torch.randn(E, D, device=CUDA, generator=gen) / D**0.5).bfloat16()
+    return x, delta, scale, router_w, torch.randn(E, device=CUDA, generator=gen).bfloat16()
+
+
 def test_router_in_norm_and_moe_routing_itself_bf16(gen):
     """The decoder's form with PDL launches: the norm gives the router logits, the MoE kernels route from them."""
     E, D, I, k = 32, 2880, 2880, 4
     packed = _experts(gen, E, D, I)
-    x, delta = (torch.randn(2, D, device=CUDA, generator=gen).bfloat16() for _ in range(2))
-    scale = torch.rand(D, device=CUDA, generator=gen) + 0.5
-    router_w = (torch.randn(E, D, device=CUDA, generator=gen) / D**0.5).bfloat16()
-    router_b = torch.randn(E, device=CUDA, generator=gen).bfloat16()
+    x, delta, scale, router_w, router_b = _norm_inputs(gen, E, D)
     words, logits = torch.empty(2, D, device=CUDA), torch.full((2, E), float("nan"), device=CUDA)
     _, h = kernels.add_rms_norm(x, delta, scale, 1e-5, words_out=words, router=(router_w, router_b),
                                 logits_out=logits, pdl=True)
@@ -128,10 +133,7 @@ def test_moe_decode_on_tensor_cores_bf16(gen):
     cores (Hopper keeps 13 mantissa bits of them: the slices keep every sum within that)."""
     E, D, I, k = 32, 2880, 2880, 4
     packed = _experts(gen, E, D, I)
-    x, delta = (torch.randn(2, D, device=CUDA, generator=gen).bfloat16() for _ in range(2))
-    scale = torch.rand(D, device=CUDA, generator=gen) + 0.5
-    router_w = (torch.randn(E, D, device=CUDA, generator=gen) / D**0.5).bfloat16()
-    router_b = torch.randn(E, device=CUDA, generator=gen).bfloat16()
+    x, delta, scale, router_w, router_b = _norm_inputs(gen, E, D)
     slices = kernels.moe_tc.new_slices(2, D, CUDA)
     logits = torch.full((2, E), float("nan"), device=CUDA)
     _, h = kernels.add_rms_norm(x, delta, scale, 1e-5, slices_out=slices, router=(router_w, router_b),
