@@ -347,6 +347,19 @@ def test_moe_decode_slices_matches_cuda_core_kernels(gen, masks, split_d):
     act_values = kernels.moe_tc.slices_value(*act).double()
     ref_down = torch.stack([w2[e] @ act_values[s] + packed[5][e].double() for s, e in enumerate(ref_i.view(-1))])
     assert rel(out, ref_down) < 1e-6
+    # Gate/up: each activation is the SwiGLU of the exact sum rounded to bf16 (to nearest on the GPU; this
+    # interpreter's bf16 conversion truncates, so either is accepted), up to rare last-bit flips, as far as
+    # the slices hold it (exactly within 2**8 of its group's largest, to 2**-16 of that largest below).
+    w1 = mxfp4.dequantize(packed[0], packed[1], torch.float64)
+    pre = torch.stack([w1[e] @ x[s // k].double() + packed[2][e].double() for s, e in enumerate(ref_i.view(-1))])
+    exact = ops.swiglu(pre, 7.0, 1.702).float()
+    nearest, toward_zero = exact.bfloat16().float(), (exact.view(torch.int32) & -65536).view(torch.float32)
+    got_act = act_values.float().view(N * k, I // 32, 32)
+    largest = nearest.view(N * k, I // 32, 32).abs().amax(-1, keepdim=True)
+    within = nearest.view(N * k, I // 32, 32).abs() >= largest / 256
+    rounded = (got_act == nearest.view_as(got_act)) | (got_act == toward_zero.view_as(got_act))
+    assert rounded[within].float().mean() > 0.99
+    assert ((got_act - nearest.view_as(got_act)).abs() <= largest * 2.0**-7).all()
     # The whole of it matches the CUDA-core kernels (fp32 sums), up to 1-ulp flips of bf16 activations where
     # the two sums differ in their last bits (one flip among these 160 units moves an output by about 1e-4).
     words, _, _ = kernels.moe_decode_routed(kernels.input_words(x), logits, k, *packed, 7.0, 1.702, r, z)
