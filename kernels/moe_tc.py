@@ -19,7 +19,9 @@ that, not memory, bounds them at about 1.1 TB/s. Here the codes go to the tensor
 - Exactness: a bf16 input has 8 significant bits, so 4 slices hold every input within 2**8 of its group's
   largest exactly; smaller ones are rounded to 2**(h - 16), below 1/128 of a bf16 ulp of that largest input.
   On an H100 the outputs differ from an fp64 reference by about 1e-6 of their largest (docs/PERFORMANCE.md);
-  fp16 and fp32 inputs have more significant bits, so those models keep the CUDA-core kernels.
+  fp16 and fp32 inputs have more significant bits, so those models keep the CUDA-core kernels. The combined
+  factor 2**(s - 124 + h) must stay a normal fp32 (block scale code s plus h + 3 within 1..254); checkpoint
+  scales sit near 120 and activations near 2**0, far inside that.
 - Layout: a dot takes TILE_GROUPS groups at a time, the weights in their stored byte order with the low
   nibbles of a tile first and the high nibbles after (so no bytes are interleaved), against a block-diagonal
   input `bt` [SLICES * TILE_GROUPS, K padded] whose row p * TILE_GROUPS + g holds slice p of group g (of its
