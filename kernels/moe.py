@@ -435,11 +435,16 @@ def _check_decode_inputs(x_words, mlp1_blocks, mlp1_scales, mlp2_blocks, mlp2_sc
           f"x_words must be float32 [N, D] with contiguous rows (from input_words), got {x_words.dtype} "
           f"{tuple(x_words.shape)}")
     check_runnable(x_words)
-    D = x_words.shape[1]
+    _check_decode_weights(x_words.shape[1], mlp1_blocks, mlp1_scales, mlp2_blocks, mlp2_scales)
+
+
+def _check_decode_weights(D: int, mlp1_blocks, mlp1_scales, mlp2_blocks, mlp2_scales) -> tuple[int, int]:
+    """Packed expert weights for inputs of D features -> (E, I), both projections checked."""
     E, I = mlp1_blocks.shape[0], mlp1_blocks.shape[1] // 2
     check(D % 32 == 0 and I % 32 == 0, f"need D and I multiples of 32, got D={D}, I={I}")
     check_mxfp4("mlp1", mlp1_blocks, mlp1_scales, E, 2 * I, D)
     check_mxfp4("mlp2", mlp2_blocks, mlp2_scales, E, D, I)
+    return E, I
 
 
 def _parts_buffer(out: torch.Tensor | None, slots: int, split_d: int, D: int, device) -> torch.Tensor:

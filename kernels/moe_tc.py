@@ -45,8 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import await_inputs, check, check_mxfp4, check_runnable, check_same_device, interpreting, use_pdl
-from .moe import _parts_buffer, _routing_outputs, _slot_expert, _swiglu
+from ._common import await_inputs, check, check_runnable, check_same_device, interpreting, use_pdl
+from .moe import _check_decode_weights, _parts_buffer, _routing_outputs, _slot_expert, _swiglu
 from .routing import check_routing
 
 SLICES = 4  # fixed-point slices of each input group (4 bits each)
@@ -152,6 +152,15 @@ def input_slices(x: torch.Tensor, *, out: tuple[torch.Tensor, torch.Tensor] | No
     return bt, xe
 
 
+def _slice_places(K: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each input feature f < K: its group's row within a slice's TILE_GROUPS rows, and its place in a slice
+    row (within each tile of groups, the even features first, then the odd ones; see `store_slices`)."""
+    f = torch.arange(K, device=device)
+    tile, local = f // (32 * TILE_GROUPS), f % (32 * TILE_GROUPS)
+    place = tile * 32 * TILE_GROUPS + torch.where(local % 2 == 0, local // 2, 16 * TILE_GROUPS + local // 2)
+    return (f // 32) % TILE_GROUPS, place
+
+
 def slices_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch twin of `input_slices` (the same rounding, spelled out on whole tensors)."""
     N, K = x.shape
@@ -161,10 +170,7 @@ def slices_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     h = h.clamp_min(-100)
     v = groups * torch.exp2((3 - h).float())[..., None]
     bt, xe = new_slices(N, K, x.device)
-    f = torch.arange(K, device=x.device)
-    tile, local = f // (32 * TILE_GROUPS), f % (32 * TILE_GROUPS)
-    place = tile * 32 * TILE_GROUPS + torch.where(local % 2 == 0, local // 2, 16 * TILE_GROUPS + local // 2)
-    row = (f // 32) % TILE_GROUPS
+    row, place = _slice_places(K, x.device)
     for p in range(SLICES):
         q = torch.floor(v + 0.5)
         bt[:, p * TILE_GROUPS + row, place] = q.reshape(N, K).to(bt.dtype)
@@ -176,10 +182,7 @@ def slices_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def slices_value(bt: torch.Tensor, xe: torch.Tensor) -> torch.Tensor:
     """The fp32 values [N, K] that slices (bt, exponents) stand for (for tests and checks)."""
     N, K = xe.shape[0], xe.shape[1] * 32
-    f = torch.arange(K, device=bt.device)
-    tile, local = f // (32 * TILE_GROUPS), f % (32 * TILE_GROUPS)
-    place = tile * 32 * TILE_GROUPS + torch.where(local % 2 == 0, local // 2, 16 * TILE_GROUPS + local // 2)
-    row = (f // 32) % TILE_GROUPS
+    row, place = _slice_places(K, bt.device)
     v = torch.zeros(N, K, dtype=torch.float64, device=bt.device)
     for p in range(SLICES):
         v += bt[:, p * TILE_GROUPS + row, place].double() * 16.0**-p
@@ -322,11 +325,8 @@ def moe_decode_slices(
     zeroed pair works, and stays fit for reuse); new ones are made if None. Torch twin:
     `ossscope.ops.moe_experts(per_expert=True)` (after `routing.route_reference` for router logits).
     """
-    E, I = mlp1_blocks.shape[0], mlp1_blocks.shape[1] // 2
     D = mlp2_blocks.shape[1]
-    check(D % 32 == 0 and I % 32 == 0, f"need D and I multiples of 32, got D={D}, I={I}")
-    check_mxfp4("mlp1", mlp1_blocks, mlp1_scales, E, 2 * I, D)
-    check_mxfp4("mlp2", mlp2_blocks, mlp2_scales, E, D, I)
+    E, I = _check_decode_weights(D, mlp1_blocks, mlp1_scales, mlp2_blocks, mlp2_scales)
     N = x_slices[1].shape[0] if isinstance(x_slices, tuple) and len(x_slices) == 2 else -1
     bt, xe = _check_slices("x_slices", x_slices, N, D)
     check_runnable(bt)
