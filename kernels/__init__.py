@@ -9,6 +9,7 @@
 | `moe_decode_slices` (+ `input_slices`) | the two rows above (`moe_tc.slices_reference`) |
 | `dequantize`                     | `ossscope.mxfp4.dequantize`                  |
 | `attention` / `_prefill` / `_decode` | `ossscope.ops.attention`                 |
+| `attention_decode_step`          | `qkv_rope` then `attention_decode`           |
 | `linear` (decode-sized batches)  | `torch.nn.functional.linear`                 |
 | `rms_norm`, `add_rms_norm`       | `ossscope.ops.rms_norm`, `norm.add_rms_norm_reference` |
 | `qkv_rope`                       | `ossscope.ops.apply_rope`                    |
@@ -19,7 +20,7 @@ Triton keep working. The wrappers validate their inputs and raise ValueError nam
 """
 
 from . import moe_tc
-from .attention import attention, attention_decode, attention_prefill
+from .attention import attention, attention_decode, attention_decode_step, attention_prefill, decode_counters
 from .linear import linear
 from .moe import dequantize, group_by_expert, input_words, moe_decode_parts, moe_decode_routed, moe_experts
 from .moe_tc import input_slices, moe_decode_slices
@@ -27,7 +28,8 @@ from .norm import add_rms_norm, rms_norm
 from .rope import qkv_rope
 from .routing import route
 
-__all__ = ["attention", "attention_decode", "attention_prefill", "moe_experts", "moe_decode_parts", "moe_decode_routed",
+__all__ = ["attention", "attention_decode", "attention_decode_step", "attention_prefill", "decode_counters",
+           "moe_experts", "moe_decode_parts", "moe_decode_routed",
            "input_words", "input_slices", "moe_decode_slices", "moe_tc",
            "dequantize", "group_by_expert", "linear",
            "route", "rms_norm", "add_rms_norm", "qkv_rope"]

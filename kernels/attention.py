@@ -1,20 +1,23 @@
-"""Attention with a learned sink per head and an optional sliding window, in two kernels.
+"""Attention with a learned sink per head and an optional sliding window: a prefill and a decode kernel.
 
 Index legend: B batch, Tq queries, Tk keys, H query heads, Hkv key/value heads, G = H / Hkv, Dh head dim.
 Visibility follows positions, as in `ossscope.ops.attention` (the torch twin): key j is visible to query i iff
 0 <= k_pos[j] <= q_pos[i] and (no window or q_pos[i] - k_pos[j] < window); k_pos = -1 is an empty cache slot.
 
-The sink is one more logit in each row's softmax with no value vector. Both kernels start the online softmax
-with the sink as the running maximum (denominator 1, output 0), so the sink sits in the denominator for free,
-a row that sees no key ends with z = 0 and sink mass 1, and the sink mass is exp(sink - max) / denominator.
+The sink is one more logit in each row's softmax with no value vector. The kernels start the online softmax
+with the sink as the running maximum (denominator 1, output 0), or merge it in at the end, so the sink sits in
+the denominator for free, a row that sees no key ends with z = 0 and sink mass 1, and the sink mass is
+exp(sink - max) / denominator.
 
 - prefill: flash-attention style, one program per (query block, query head); it reads kv head h // G in
   place (repeated K/V are never materialized) and skips key blocks that no query of its block can see, using
   each key block's position range, so sliding layers cost O(T * window).
 - decode (one query per sequence): the cache is split into chunks; one program per (sequence, kv head, chunk)
-  handles all G query heads of that kv head as the rows of one tensor-core tile, and a second kernel merges
-  the chunks' partial softmax states with the sink. With need_pattern, the first kernel also writes the
-  scaled logits and the second turns them into probabilities, so the pattern costs one extra pass over Tk.
+  handles all G query heads of that kv head as the rows of one tensor-core tile and leaves its partial softmax
+  state; the last program of each (sequence, kv head) to finish (an atomic count) merges the states with the
+  sink, so one kernel does it all. With need_pattern, the programs also write the scaled logits and the
+  merging program turns them into probabilities. `attention_decode_step` also does the step's RoPE and cache
+  write (what `kernels.qkv_rope` does), from the qkv projection: the decoder's attention is one launch a layer.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import triton
 import triton.language as tl
 
 from ._common import await_inputs, check, check_float, check_runnable, check_same_device, dot, use_pdl
+from .rope import rotate
 
 LOG2E = 1.4426950408889634
 
@@ -96,12 +100,135 @@ def _prefill_kernel(
 
 
 @triton.jit
+def _attend_chunk(
+    q, k_ptr, v_ptr, kpos_ptr, pat_ptr, b, hk, heads, gmask, qpos, start, stop, window, qk_scale,
+    skb, skt, skh, svb, svt, svh, spb, sph, new_slot, k_new, v_new,
+    G_P2: tl.constexpr, DH: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    WRITE_PATTERN: tl.constexpr, IEEE: tl.constexpr, HAS_NEW: tl.constexpr,
+):
+    """Online softmax of q [G_P2, DH] (the G query heads of kv head hk, pre-scaled by qk_scale later) over the
+    cache keys start..stop-1 -> (running max m [G_P2], denominator l [G_P2], unnormalized output acc [G_P2, DH]),
+    log2 domain, no sink. With HAS_NEW, cache slot new_slot holds k_new / v_new [DH] at position qpos instead of
+    what the cache has there (the step's own key, written to the cache by the same kernel)."""
+    d = tl.arange(0, DH)
+    m_i = tl.full([G_P2], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([G_P2], dtype=tl.float32)
+    acc = tl.zeros([G_P2, DH], dtype=tl.float32)
+    for n0 in range(start, stop, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < stop
+        kpos = tl.load(kpos_ptr + offs_n, mask=nmask, other=-1)
+        kt = tl.load(k_ptr + b * skb + offs_n[None, :] * skt + hk * skh + d[:, None], mask=nmask[None, :], other=0.0)
+        v = tl.load(v_ptr + b * svb + offs_n[:, None] * svt + hk * svh + d[None, :], mask=nmask[:, None], other=0.0)
+        if HAS_NEW:
+            is_new = offs_n == new_slot
+            kpos = tl.where(is_new, qpos, kpos)
+            kt = tl.where(is_new[None, :], k_new[:, None], kt)
+            v = tl.where(is_new[:, None], v_new[None, :], v)
+        visible = (kpos >= 0) & (kpos <= qpos)
+        if HAS_WINDOW:
+            visible = visible & (qpos - kpos < window)
+        s = dot(q, kt, tl.zeros([G_P2, BLOCK_N], dtype=tl.float32), IEEE) * qk_scale
+        s = tl.where(visible[None, :], s, float("-inf"))
+        if WRITE_PATTERN:
+            tl.store(pat_ptr + b * spb + heads[:, None] * sph + offs_n[None, :], s,
+                     mask=gmask[:, None] & nmask[None, :])
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: keep exp2 away from -inf - -inf
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _finish_heads(
+    m_i, l_i, acc, sink_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, count_ptr, z_ptr, sm_ptr, pat_ptr,
+    b, hk, split, H, Tk, szb, szh, ssb, spb, sph,
+    G: tl.constexpr, G_P2: tl.constexpr, G8: tl.constexpr, DH: tl.constexpr, SPLITS: tl.constexpr,
+    SPLITS_P2: tl.constexpr, MERGE: tl.constexpr, WRITE_PATTERN: tl.constexpr,
+):
+    """Merge the chunks' softmax states of the G heads of kv head hk with the sink: z, sink mass and (with
+    WRITE_PATTERN) the probabilities in place of the scaled logits. With one chunk this program has it all;
+    otherwise each program leaves its state and the last of the kv head's programs to arrive (an atomic count,
+    reset for the next use) merges them, so no second kernel is needed."""
+    d = tl.arange(0, DH)
+    g = tl.arange(0, G_P2)
+    heads = hk * G + g
+    gmask = g < G
+    sink = tl.load(sink_ptr + heads, mask=gmask, other=0.0).to(tl.float32) * 1.4426950408889634  # log2 domain
+    if SPLITS == 1:
+        m_all = tl.maximum(m_i, sink)
+        w = tl.exp2(m_i - m_all)  # 0 if no key was visible
+        denom = l_i * w + tl.exp2(sink - m_all)
+        _store_heads(acc * w[:, None] / denom[:, None], tl.exp2(sink - m_all) / denom, m_all, denom, z_ptr, sm_ptr,
+                     pat_ptr, b, heads, gmask, Tk, szb, szh, ssb, spb, sph, DH, WRITE_PATTERN)
+    else:
+        rows = (b * H + heads) * SPLITS + split  # partial state of (b, head, split)
+        tl.store(part_m_ptr + rows, m_i, mask=gmask)
+        tl.store(part_l_ptr + rows, l_i, mask=gmask)
+        tl.store(part_acc_ptr + rows[:, None] * DH + d[None, :], acc, mask=gmask[:, None])
+        tl.debug_barrier()  # every thread's stores before the release below
+        arrived = tl.atomic_add(count_ptr + b * (H // G) + hk, 1, sem="acq_rel")
+        if arrived == SPLITS - 1:  # the last program of this kv head: the others' states are visible now
+            g8 = tl.arange(0, G8)
+            heads8 = hk * G + g8
+            hmask = g8 < G
+            sink8 = tl.load(sink_ptr + heads8, mask=hmask, other=0.0).to(tl.float32) * 1.4426950408889634
+            first = (b * H + heads8) * SPLITS  # [G8]
+            m_all = sink8
+            for s0 in tl.static_range(0, SPLITS_P2, MERGE):
+                sp = s0 + tl.arange(0, MERGE)
+                mask = hmask[:, None] & (sp < SPLITS)[None, :]
+                m = tl.load(part_m_ptr + first[:, None] + sp[None, :], mask=mask, other=float("-inf"),
+                            cache_modifier=".cg")
+                m_all = tl.maximum(m_all, tl.max(m, axis=1))
+            denom = tl.exp2(sink8 - m_all)
+            z = tl.zeros([G8, DH], dtype=tl.float32)
+            for s0 in tl.static_range(0, SPLITS_P2, MERGE):
+                sp = s0 + tl.arange(0, MERGE)
+                mask = hmask[:, None] & (sp < SPLITS)[None, :]
+                m = tl.load(part_m_ptr + first[:, None] + sp[None, :], mask=mask, other=float("-inf"),
+                            cache_modifier=".cg")
+                l_part = tl.load(part_l_ptr + first[:, None] + sp[None, :], mask=mask, other=0.0,
+                                 cache_modifier=".cg")
+                w = tl.exp2(m - m_all[:, None])  # 0 for chunks that saw no key
+                denom += tl.sum(l_part * w, axis=1)
+                part = tl.load(part_acc_ptr + (first[:, None, None] + sp[None, :, None]) * DH + d[None, None, :],
+                               mask=mask[:, :, None], other=0.0, cache_modifier=".cg")  # [G8, MERGE, DH]
+                z += tl.sum(part * w[:, :, None], axis=1)
+            _store_heads(z / denom[:, None], tl.exp2(sink8 - m_all) / denom, m_all, denom, z_ptr, sm_ptr, pat_ptr,
+                         b, heads8, hmask, Tk, szb, szh, ssb, spb, sph, DH, WRITE_PATTERN)
+            tl.store(count_ptr + b * (H // G) + hk, 0)
+
+
+@triton.jit
+def _store_heads(z, sink_mass, m_all, denom, z_ptr, sm_ptr, pat_ptr, b, heads, hmask, Tk, szb, szh, ssb, spb, sph,
+                 DH: tl.constexpr, WRITE_PATTERN: tl.constexpr):
+    """Write z [R, DH] and the sink mass [R] of heads [R]; with WRITE_PATTERN turn their rows of scaled logits
+    (log2 domain) into probabilities."""
+    d = tl.arange(0, DH)
+    tl.store(z_ptr + b * szb + heads[:, None] * szh + d[None, :], z.to(z_ptr.dtype.element_ty), mask=hmask[:, None])
+    tl.store(sm_ptr + b * ssb + heads, sink_mass, mask=hmask)
+    if WRITE_PATTERN:
+        rows = pat_ptr + b * spb + heads[:, None] * sph
+        for n0 in range(0, Tk, 128):
+            offs = n0 + tl.arange(0, 128)
+            mask = hmask[:, None] & (offs < Tk)[None, :]
+            s = tl.load(rows + offs[None, :], mask=mask, other=float("-inf"), cache_modifier=".cg")
+            tl.store(rows + offs[None, :], tl.exp2(s - m_all[:, None]) / denom[:, None], mask=mask)
+
+
+@triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, qpos_ptr, kpos_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, pat_ptr,
-    Tk, Hkv, chunk, window, qk_scale,
-    sqb, sqh, skb, skt, skh, svb, svt, svh, spb, sph,
-    G: tl.constexpr, G_P2: tl.constexpr, DH: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, WRITE_PATTERN: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, qpos_ptr, kpos_ptr, sink_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, count_ptr, z_ptr,
+    sm_ptr, pat_ptr, Tk, H, Hkv, chunk, window, qk_scale,
+    sqb, sqh, skb, skt, skh, svb, svt, svh, szb, szh, ssb, spb, sph,
+    G: tl.constexpr, G_P2: tl.constexpr, G8: tl.constexpr, DH: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, MERGE: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    WRITE_PATTERN: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
     await_inputs(PDL)
     pid_bk = tl.program_id(0)
@@ -114,69 +241,66 @@ def _decode_split_kernel(
     d = tl.arange(0, DH)
     q = tl.load(q_ptr + b * sqb + heads[:, None] * sqh + d[None, :], mask=gmask[:, None], other=0.0)
     qpos = tl.load(qpos_ptr)
-    m_i = tl.full([G_P2], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([G_P2], dtype=tl.float32)
-    acc = tl.zeros([G_P2, DH], dtype=tl.float32)
     start = split * chunk
-    stop = tl.minimum(start + chunk, Tk)
-    for n0 in range(start, stop, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs_n < stop
-        kpos = tl.load(kpos_ptr + offs_n, mask=nmask, other=-1)
-        visible = (kpos >= 0) & (kpos <= qpos)
-        if HAS_WINDOW:
-            visible = visible & (qpos - kpos < window)
-        kt = tl.load(k_ptr + b * skb + offs_n[None, :] * skt + hk * skh + d[:, None], mask=nmask[None, :], other=0.0)
-        s = dot(q, kt, tl.zeros([G_P2, BLOCK_N], dtype=tl.float32), IEEE) * qk_scale
-        s = tl.where(visible[None, :], s, float("-inf"))
-        if WRITE_PATTERN:
-            tl.store(pat_ptr + b * spb + heads[:, None] * sph + offs_n[None, :], s,
-                     mask=gmask[:, None] & nmask[None, :])
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: keep exp2 away from -inf - -inf
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + b * svb + offs_n[:, None] * svt + hk * svh + d[None, :], mask=nmask[:, None], other=0.0)
-        acc = dot(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
-        m_i = m_new
-    row = (b * Hkv * G + heads) * SPLITS + split  # partial state of (b, head, split)
-    tl.store(part_m_ptr + row, m_i, mask=gmask)
-    tl.store(part_l_ptr + row, l_i, mask=gmask)
-    tl.store(part_acc_ptr + row[:, None] * DH + d[None, :], acc, mask=gmask[:, None])
+    m_i, l_i, acc = _attend_chunk(
+        q, k_ptr, v_ptr, kpos_ptr, pat_ptr, b, hk, heads, gmask, qpos, start, tl.minimum(start + chunk, Tk), window,
+        qk_scale, skb, skt, skh, svb, svt, svh, spb, sph, -1, q, q, G_P2, DH, BLOCK_N, HAS_WINDOW, WRITE_PATTERN, IEEE,
+        False)
+    _finish_heads(m_i, l_i, acc, sink_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, count_ptr, z_ptr, sm_ptr, pat_ptr,
+                  b, hk, split, H, Tk, szb, szh, ssb, spb, sph, G, G_P2, G8, DH, SPLITS, SPLITS_P2, MERGE,
+                  WRITE_PATTERN)
 
 
 @triton.jit
-def _decode_combine_kernel(
-    sink_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, z_ptr, sm_ptr, pat_ptr,
-    H, Tk, szb, szh, ssb, spb, sph,
-    DH: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_N: tl.constexpr,
-    WRITE_PATTERN: tl.constexpr, PDL: tl.constexpr,
+def _decode_step_kernel(
+    qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, kpos_ptr, slot_ptr, pos_ptr, sink_ptr, part_m_ptr, part_l_ptr,
+    part_acc_ptr, count_ptr, z_ptr, sm_ptr, pat_ptr, Tk, H, Hkv, chunk, window, qk_scale,
+    sqkv, skb, skt, skh, svb, svt, svh, szb, szh, ssb, spb, sph,
+    G: tl.constexpr, G_P2: tl.constexpr, G8: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, MERGE: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    WRITE_PATTERN: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
     await_inputs(PDL)
-    pid = tl.program_id(0)  # b * H + h
-    b = pid // H
-    h = pid % H
-    sp = tl.arange(0, SPLITS_P2)
-    spmask = sp < SPLITS
-    d = tl.arange(0, DH)
-    m = tl.load(part_m_ptr + pid * SPLITS + sp, mask=spmask, other=float("-inf"))
-    l_part = tl.load(part_l_ptr + pid * SPLITS + sp, mask=spmask, other=0.0)
-    acc = tl.load(part_acc_ptr + (pid * SPLITS + sp)[:, None] * DH + d[None, :], mask=spmask[:, None], other=0.0)
-    sink = tl.load(sink_ptr + h).to(tl.float32) * 1.4426950408889634
-    m_all = tl.maximum(tl.max(m, axis=0), sink)
-    w = tl.exp2(m - m_all)  # 0 for chunks that saw no key
-    denom = tl.sum(l_part * w, axis=0) + tl.exp2(sink - m_all)
-    z = tl.sum(acc * w[:, None], axis=0) / denom
-    tl.store(z_ptr + b * szb + h * szh + d, z.to(z_ptr.dtype.element_ty))
-    tl.store(sm_ptr + b * ssb + h, tl.exp2(sink - m_all) / denom)
-    if WRITE_PATTERN:
-        row = pat_ptr + b * spb + h * sph
-        for n0 in range(0, Tk, BLOCK_N):
-            offs = n0 + tl.arange(0, BLOCK_N)
-            nmask = offs < Tk
-            s = tl.load(row + offs, mask=nmask, other=float("-inf"))
-            tl.store(row + offs, tl.exp2(s - m_all) / denom, mask=nmask)
+    pid_bk = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bk // Hkv
+    hk = pid_bk % Hkv
+    g = tl.arange(0, G_P2)
+    gmask = g < G
+    heads = hk * G + g
+    DH: tl.constexpr = 2 * HALF
+    hh = tl.arange(0, HALF)
+    cos = tl.load(cos_ptr + hh)
+    sin = tl.load(sin_ptr + hh)
+    row = qkv_ptr + b * sqkv
+    # q of the G heads and the new key, rotated and rounded to the model's dtype as `qkv_rope` leaves them
+    q1 = tl.load(row + heads[:, None] * DH + hh[None, :], mask=gmask[:, None], other=0.0)
+    q2 = tl.load(row + heads[:, None] * DH + HALF + hh[None, :], mask=gmask[:, None], other=0.0)
+    r1, r2 = rotate(q1.to(tl.float32), q2.to(tl.float32), cos[None, :], sin[None, :])
+    q = tl.reshape(tl.permute(tl.join(r1.to(q1.dtype), r2.to(q1.dtype)), (0, 2, 1)), [G_P2, DH])
+    k1 = tl.load(row + (H + hk) * DH + hh)
+    k2 = tl.load(row + (H + hk) * DH + HALF + hh)
+    kr1, kr2 = rotate(k1.to(tl.float32), k2.to(tl.float32), cos, sin)
+    kr1, kr2 = kr1.to(k_ptr.dtype.element_ty), kr2.to(k_ptr.dtype.element_ty)
+    k_new = tl.reshape(tl.permute(tl.join(kr1, kr2), (1, 0)), [DH])
+    v_new = tl.load(row + (H + Hkv + hk) * DH + tl.arange(0, DH)).to(v_ptr.dtype.element_ty)
+    qpos = tl.load(pos_ptr)
+    slot = tl.load(slot_ptr)
+    start = split * chunk
+    stop = tl.minimum(start + chunk, Tk)
+    if (slot >= start) & (slot < stop):  # the program whose chunk holds the new slot writes it to the cache
+        tl.store(k_ptr + b * skb + slot * skt + hk * skh + hh, kr1)
+        tl.store(k_ptr + b * skb + slot * skt + hk * skh + HALF + hh, kr2)
+        tl.store(v_ptr + b * svb + slot * svt + hk * svh + tl.arange(0, DH), v_new)
+        if (b == 0) & (hk == 0):
+            tl.store(kpos_ptr + slot, qpos)
+    m_i, l_i, acc = _attend_chunk(
+        q, k_ptr, v_ptr, kpos_ptr, pat_ptr, b, hk, heads, gmask, qpos, start, stop, window, qk_scale,
+        skb, skt, skh, svb, svt, svh, spb, sph, slot, k_new, v_new, G_P2, DH, BLOCK_N, HAS_WINDOW, WRITE_PATTERN,
+        IEEE, True)
+    _finish_heads(m_i, l_i, acc, sink_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, count_ptr, z_ptr, sm_ptr, pat_ptr,
+                  b, hk, split, H, Tk, szb, szh, ssb, spb, sph, G, G_P2, G8, DH, SPLITS, SPLITS_P2, MERGE,
+                  WRITE_PATTERN)
 
 
 def _check_inputs(q, k, v, sinks, q_pos, k_pos, window):
@@ -250,60 +374,129 @@ def decode_splits(batch: int, kv_heads: int, keys: int, block_n: int = 64, targe
     return max(1, min(blocks, triton.cdiv(target_programs, max(1, batch * kv_heads)), 64))
 
 
+def _decode_outputs(B: int, H: int, Dh: int, Hkv: int, Tk: int, splits: int, need_pattern: bool, dev, dtype,
+                    out, sink_out, pattern_out, counters):
+    """Check or make attention_decode(_step)'s outputs and scratch: z [B, H, Dh] view, sink mass, pattern, the
+    chunks' partial states and the arrival counts."""
+    z = out if out is not None else torch.empty(B, 1, H, Dh, device=dev, dtype=dtype)
+    check(z.shape[0] == B and z.numel() == B * H * Dh and z.stride(-1) == 1,
+          f"out must hold [{B}, 1, {H}, {Dh}] with a contiguous last dimension")
+    z3 = z.view(B, H, Dh) if z.dim() != 3 else z
+    sm = sink_out if sink_out is not None else torch.empty(B, H, device=dev, dtype=torch.float32)
+    check(tuple(sm.shape) == (B, H) and sm.dtype == torch.float32 and sm.stride(-1) == 1,
+          f"sink_out must be fp32 [{B}, {H}] with a contiguous last dimension")
+    pattern = None
+    if need_pattern:
+        pattern = pattern_out if pattern_out is not None else torch.empty(B, H, Tk, device=dev, dtype=torch.float32)
+        check(tuple(pattern.shape) == (B, H, Tk) and pattern.dtype == torch.float32 and pattern.stride(-1) == 1,
+              f"pattern_out must be fp32 [{B}, {H}, {Tk}] with a contiguous last dimension")
+    if counters is None:
+        counters = torch.zeros(B * Hkv, device=dev, dtype=torch.int32)
+    check(counters.dtype == torch.int32 and counters.is_contiguous() and counters.numel() >= B * Hkv,
+          f"counters must be contiguous int32 with at least {B * Hkv} zeros (from decode_counters)")
+    part_m = torch.empty(B * H * splits, device=dev, dtype=torch.float32)
+    part_acc = torch.empty(B * H * splits, Dh, device=dev, dtype=torch.float32)
+    return z, z3, sm, pattern, (part_m, torch.empty_like(part_m), part_acc, counters)
+
+
+def decode_counters(batch: int, kv_heads: int, device) -> torch.Tensor:
+    """Zeroed arrival counts for `attention_decode(_step)(counters=...)`: the kernels leave them zeroed, so a
+    CUDA-graph caller keeps one buffer (for every layer) instead of zeroing a new one each call."""
+    return torch.zeros(batch * kv_heads, dtype=torch.int32, device=device)
+
+
+def _split_plan(B: int, Hkv: int, Tk: int, block_n: int, splits: int | None) -> tuple[int, int, dict]:
+    splits = splits or decode_splits(B, Hkv, Tk, block_n)
+    chunk = triton.cdiv(triton.cdiv(Tk, splits), block_n) * block_n
+    splits = max(1, triton.cdiv(Tk, chunk))
+    splits_p2 = triton.next_power_of_2(splits)
+    return splits, chunk, dict(SPLITS=splits, SPLITS_P2=splits_p2, MERGE=min(splits_p2, 16))
+
+
 def attention_decode(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, q_pos: torch.Tensor,
     k_pos: torch.Tensor, window: int | None, need_pattern: bool = False, *, block_n: int = 64,
     splits: int | None = None, out: torch.Tensor | None = None, sink_out: torch.Tensor | None = None,
-    pattern_out: torch.Tensor | None = None, pdl: bool = False,
+    pattern_out: torch.Tensor | None = None, counters: torch.Tensor | None = None, pdl: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Attention of one new query per sequence over a KV cache, split over the keys.
 
     q [B, 1, H, Dh], k/v [B, Tk, Hkv, Dh] (the cache, empty slots at k_pos -1) -> z [B, 1, H, Dh],
     sink_mass [B, H, 1] fp32, pattern [B, H, 1, Tk] fp32 or None. `out`, `sink_out` [B, H] and `pattern_out`
     [B, H, Tk] are optional destination buffers (views are fine as long as the last dimension is contiguous),
-    so a CUDA graph can capture into static storage. No host synchronization: safe inside graph capture.
+    so a CUDA graph can capture into static storage; `counters` (`decode_counters`) saves zeroing a new
+    buffer each call. No host synchronization: safe inside graph capture.
     `pdl`: programmatic dependent launch on Hopper (kernels._common).
     """
     B, Tq, H, Dh, Hkv = _check_inputs(q, k, v, sinks, q_pos, k_pos, window)
     check(Tq == 1, f"attention_decode takes one query per sequence, got {Tq}; use attention_prefill")
     Tk = k.shape[1]
     G = H // Hkv
-    splits = splits or decode_splits(B, Hkv, Tk, block_n)
-    chunk = triton.cdiv(triton.cdiv(Tk, splits), block_n) * block_n
-    splits = max(1, triton.cdiv(Tk, chunk))
-    z = out if out is not None else torch.empty(B, 1, H, Dh, device=q.device, dtype=q.dtype)
-    check(z.shape[0] == B and z.numel() == B * H * Dh and z.stride(-1) == 1,
-          f"out must hold [{B}, 1, {H}, {Dh}] with a contiguous last dimension")
-    z3 = z.view(B, H, Dh) if z.dim() == 4 else z
-    sm = sink_out if sink_out is not None else torch.empty(B, H, device=q.device, dtype=torch.float32)
-    check(tuple(sm.shape) == (B, H) and sm.dtype == torch.float32 and sm.stride(-1) == 1,
-          f"sink_out must be fp32 [{B}, {H}] with a contiguous last dimension")
-    pattern = None
-    if need_pattern:
-        pattern = pattern_out if pattern_out is not None else torch.empty(B, H, Tk, device=q.device,
-                                                                          dtype=torch.float32)
-        check(tuple(pattern.shape) == (B, H, Tk) and pattern.dtype == torch.float32 and pattern.stride(-1) == 1,
-              f"pattern_out must be fp32 [{B}, {H}, {Tk}] with a contiguous last dimension")
-    part_m = torch.empty(B * H * splits, device=q.device, dtype=torch.float32)
-    part_l = torch.empty_like(part_m)
-    part_acc = torch.empty(B * H * splits, Dh, device=q.device, dtype=torch.float32)
-    pat = pattern if pattern is not None else part_m
+    splits, chunk, split_flags = _split_plan(B, Hkv, Tk, block_n, splits)
+    z, z3, sm, pattern, scratch = _decode_outputs(B, H, Dh, Hkv, Tk, splits, need_pattern, q.device, q.dtype, out,
+                                                  sink_out, pattern_out, counters)
+    pat = pattern if pattern is not None else sm
     pat_strides = (pattern.stride(0), pattern.stride(1)) if pattern is not None else (0, 0)
-    ieee = q.dtype == torch.float32
     _decode_split_kernel[(B * Hkv, splits)](
-        q, k, v, q_pos, k_pos, part_m, part_l, part_acc, pat,
-        Tk, Hkv, chunk, window if window is not None else 0, LOG2E / math.sqrt(Dh),
-        q.stride(0), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        *pat_strides,
-        G=G, G_P2=max(16, triton.next_power_of_2(G)), DH=Dh, BLOCK_N=block_n, SPLITS=splits,
-        HAS_WINDOW=window is not None, WRITE_PATTERN=need_pattern, IEEE=ieee, PDL=use_pdl(pdl, q), num_warps=4,
-        launch_pdl=use_pdl(pdl, q),
+        q, k, v, q_pos, k_pos, sinks, *scratch, z3, sm, pat, Tk, H, Hkv, chunk, window if window is not None else 0,
+        LOG2E / math.sqrt(Dh), q.stride(0), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+        v.stride(1), v.stride(2), z3.stride(0), z3.stride(1), sm.stride(0), *pat_strides,
+        G=G, G_P2=max(16, triton.next_power_of_2(G)), G8=triton.next_power_of_2(G), DH=Dh, BLOCK_N=block_n,
+        HAS_WINDOW=window is not None, WRITE_PATTERN=need_pattern, IEEE=q.dtype == torch.float32,
+        PDL=use_pdl(pdl, q), num_warps=4, launch_pdl=use_pdl(pdl, q), **split_flags,
     )
-    _decode_combine_kernel[(B * H,)](
-        sinks, part_m, part_l, part_acc, z3, sm, pat,
-        H, Tk, z3.stride(0), z3.stride(1), sm.stride(0), *pat_strides,
-        DH=Dh, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), BLOCK_N=256,
-        WRITE_PATTERN=need_pattern, PDL=use_pdl(pdl, q), num_warps=4, launch_pdl=use_pdl(pdl, q),
+    return z, sm.unsqueeze(-1), (pattern.unsqueeze(2) if pattern is not None else None)
+
+
+def attention_decode_step(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    k_pos: torch.Tensor, slot: torch.Tensor, position: torch.Tensor, sinks: torch.Tensor, window: int | None,
+    num_heads: int, need_pattern: bool = False, *, block_n: int = 64, splits: int | None = None,
+    out: torch.Tensor | None = None, sink_out: torch.Tensor | None = None, pattern_out: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None, pdl: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A decode step's whole attention in one kernel: `qkv_rope` into the cache, then `attention_decode`.
+
+    qkv [B, (H + 2 Hkv) Dh] (the fused projection of one token per sequence), cos/sin [1, Dh/2] fp32 (its
+    position's RoPE tables), the cache k_cache/v_cache [B, S, Hkv, Dh] with positions k_pos [S], slot [1] (long,
+    the slot the new key and value go to) and position [1] (long) -> z [B, 1, H, Dh], sink_mass [B, H, 1],
+    pattern [B, H, 1, S] or None, as `attention_decode` returns them. The cache slot and k_pos[slot] are
+    written as `qkv_rope(..., k_dst=, v_dst=, slots=, positions=, k_pos_dst=)` writes them; q is rotated and
+    rounded to the model's dtype the same way, so the result equals that pair's (the twin, with
+    `ossscope.ops.apply_rope` and `ossscope.ops.attention` beneath it). The keyword arguments are
+    `attention_decode`'s.
+    """
+    check_float("qkv", qkv)
+    check_runnable(qkv)
+    check(qkv.dim() == 2 and qkv.stride(-1) == 1, f"qkv must be [B, width] with contiguous rows, got "
+          f"{tuple(qkv.shape)}")
+    check(k_cache.dim() == 4, f"k_cache must be [B, S, Hkv, Dh], got {tuple(k_cache.shape)}")
+    B, S, Hkv, Dh = k_cache.shape
+    H = num_heads
+    check(qkv.shape == (B, (H + 2 * Hkv) * Dh), f"qkv must be [{B}, {(H + 2 * Hkv) * Dh}] for {H} heads, "
+          f"{Hkv} kv heads of {Dh}, got {tuple(qkv.shape)}")
+    check(tuple(cos.shape) == (1, Dh // 2) and tuple(sin.shape) == (1, Dh // 2) and cos.is_contiguous()
+          and sin.is_contiguous(), f"cos and sin must be contiguous [1, {Dh // 2}]")
+    check(tuple(slot.shape) == (1,) and tuple(position.shape) == (1,) and not slot.is_floating_point()
+          and not position.is_floating_point(), "slot and position must be integer tensors [1]")
+    q_view = qkv[:, : H * Dh].view(B, 1, H, Dh)  # for the shared checks only
+    _check_inputs(q_view, k_cache, v_cache, sinks, position, k_pos, window)
+    check(qkv.dtype == k_cache.dtype, f"qkv and the cache dtypes differ: {qkv.dtype}, {k_cache.dtype}")
+    check_same_device(qkv=qkv, cos=cos, sin=sin, slot=slot)
+    G = H // Hkv
+    splits, chunk, split_flags = _split_plan(B, Hkv, S, block_n, splits)
+    z, z3, sm, pattern, scratch = _decode_outputs(B, H, Dh, Hkv, S, splits, need_pattern, qkv.device, qkv.dtype,
+                                                  out, sink_out, pattern_out, counters)
+    pat = pattern if pattern is not None else sm
+    pat_strides = (pattern.stride(0), pattern.stride(1)) if pattern is not None else (0, 0)
+    _decode_step_kernel[(B * Hkv, splits)](
+        qkv, cos, sin, k_cache, v_cache, k_pos, slot, position, sinks, *scratch, z3, sm, pat, S, H, Hkv, chunk,
+        window if window is not None else 0, LOG2E / math.sqrt(Dh), qkv.stride(0), k_cache.stride(0),
+        k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), z3.stride(0),
+        z3.stride(1), sm.stride(0), *pat_strides,
+        G=G, G_P2=max(16, triton.next_power_of_2(G)), G8=triton.next_power_of_2(G), HALF=Dh // 2, BLOCK_N=block_n,
+        HAS_WINDOW=window is not None, WRITE_PATTERN=need_pattern, IEEE=qkv.dtype == torch.float32,
+        PDL=use_pdl(pdl, qkv), num_warps=4, launch_pdl=use_pdl(pdl, qkv), **split_flags,
     )
     return z, sm.unsqueeze(-1), (pattern.unsqueeze(2) if pattern is not None else None)
 

@@ -55,7 +55,7 @@ GATE_UP_ROWS = 64  # mlp1 rows per gate/up program: 32 SwiGLU units, exactly one
 # From sweeps on an H100 (scripts/decode_ab.py --sweep): BLOCK_D down rows per program, SPLIT_D programs share each
 # row's reduction (parts added by the residual norm, as on the CUDA cores), WARPS per program, STAGES of
 # software pipelining (cp.async) in the tile loop.
-TC_BLOCKS = {"BLOCK_D": 64, "SPLIT_D": 2, "WARPS": 4, "STAGES": 3}
+TC_BLOCKS = {"BLOCK_D": 64, "SPLIT_D": 2, "WARPS": 4, "STAGES": 3, "AHEAD": 1}
 
 
 @functools.cache
@@ -219,7 +219,7 @@ def _e4m3_codes(b, ASM: tl.constexpr):
 
 @triton.jit
 def _rows_dot(w_rows, s_rows, bt_rows, xe_row, t_start, t_stop, half_k, n_groups, rmask,
-              BLOCK_R: tl.constexpr, P: tl.constexpr, G: tl.constexpr, ASM: tl.constexpr):
+              BLOCK_R: tl.constexpr, P: tl.constexpr, G: tl.constexpr, ASM: tl.constexpr, AHEAD: tl.constexpr):
     """Packed MXFP4 rows times one input's slices over tiles t_start..t_stop-1 -> [BLOCK_R] fp32.
 
     w_rows [R, 1] pointers to each row's bytes, s_rows [R, 1] to its scale codes, bt_rows [P * G, 1] to the
@@ -227,22 +227,43 @@ def _rows_dot(w_rows, s_rows, bt_rows, xe_row, t_start, t_stop, half_k, n_groups
     """
     slice_weight = tl.exp2(-4.0 * tl.arange(0, P).to(tl.float32))  # 16**-p
     acc = tl.zeros([BLOCK_R, G], dtype=tl.float32)
+    # The scale codes and input exponents of a tile are loaded one tile ahead, by hand: Triton's pipelining
+    # takes the weights and slices (they feed the dot) but not these, and each tile would wait out a full
+    # memory latency for them.
+    s1, e1 = _tile_scales(s_rows, xe_row, t_start, t_stop, n_groups, rmask, G)
+    s2, e2 = _tile_scales(s_rows, xe_row, t_start + 1, t_stop, n_groups, rmask, G)
     for t in range(t_start, t_stop):
+        if AHEAD == 0:
+            scale, xe = _tile_scales(s_rows, xe_row, t, t_stop, n_groups, rmask, G)
+        elif AHEAD == 1:
+            scale, xe = s1, e1
+            s1, e1 = _tile_scales(s_rows, xe_row, t + 1, t_stop, n_groups, rmask, G)
+        else:
+            scale, xe = s1, e1
+            s1, e1 = s2, e2
+            s2, e2 = _tile_scales(s_rows, xe_row, t + 2, t_stop, n_groups, rmask, G)
         cols = t * 16 * G + tl.arange(0, 16 * G)
-        b = tl.load(w_rows + cols[None, :], mask=rmask[:, None] & (cols < half_k)[None, :], other=0)
+        kmask = cols // 16 < half_k // 16  # half_k is a multiple of 16; so written, the loads are 16 bytes wide
+        b = tl.load(w_rows + cols[None, :], mask=rmask[:, None] & kmask[None, :], other=0)
         low, high = _e4m3_codes(b, ASM)
         a = tl.reshape(tl.permute(tl.join(low, high), (0, 2, 1)), [BLOCK_R, 32 * G]).to(tl.float8e4nv,
                                                                                         bitcast=True)
         x = tl.load(bt_rows + t * 32 * G + tl.arange(0, 32 * G)[None, :])  # [P * G, 32 G]
         sums = tl.dot(a, tl.trans(x))  # [R, P * G]: column p * G + g is group g's slice-p sum, exact
         sums = tl.sum(tl.reshape(sums, [BLOCK_R, P, G]) * slice_weight[None, :, None], axis=1)  # [R, G]
-        grp = t * G + tl.arange(0, G)
-        gmask = grp < n_groups
-        scale = tl.load(s_rows + grp[None, :], mask=rmask[:, None] & gmask[None, :], other=0).to(tl.int32)
-        exponent = scale + tl.load(xe_row + grp, mask=gmask, other=0)[None, :]  # 2**(s - 127 + 6 + h - 3)
+        exponent = scale.to(tl.int32) + xe[None, :]  # 2**(s - 127 + 6 + h - 3)
         factor = tl.where(exponent > 0, exponent << 23, 0).to(tl.float32, bitcast=True)
         acc += sums * factor
     return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _tile_scales(s_rows, xe_row, t, t_stop, n_groups, rmask, G: tl.constexpr):
+    """Tile t's weight scale codes [R, G] and input exponents [G] (zeros past the groups or at t >= t_stop)."""
+    grp = t * G + tl.arange(0, G)
+    gmask = (grp < n_groups) & (grp < t_stop * G)  # the latter: t < t_stop
+    scale = tl.load(s_rows + grp[None, :], mask=rmask[:, None] & gmask[None, :], other=0)
+    return scale, tl.load(xe_row + grp, mask=gmask, other=0)
 
 
 @triton.jit
@@ -252,7 +273,7 @@ def _gate_up_tc_kernel(
     stride_abt, stride_axe, limit, alpha,
     K_ACT: tl.constexpr, K_P2: tl.constexpr, BLOCK_E: tl.constexpr, ROUTED: tl.constexpr,
     HAS_REROUTE: tl.constexpr, HAS_ZERO: tl.constexpr, PDL: tl.constexpr, P: tl.constexpr, G: tl.constexpr,
-    ASM: tl.constexpr,
+    ASM: tl.constexpr, AHEAD: tl.constexpr,
 ):
     await_inputs(PDL)  # which expert's rows to read depends on the kernel before
     slot = tl.program_id(0)
@@ -267,7 +288,7 @@ def _gate_up_tc_kernel(
     out = _rows_dot(w_ptr + expert * stride_we + rows[:, None] * stride_wr,
                     s_ptr + expert * stride_se + rows[:, None] * stride_sr,
                     bt_ptr + token * stride_bt + tl.arange(0, P * G)[:, None] * row_len, xe_ptr + token * stride_xe,
-                    0, tl.cdiv(n_groups, G), D // 2, n_groups, rmask, 64, P, G, ASM)
+                    0, tl.cdiv(n_groups, G), D // 2, n_groups, rmask, 64, P, G, ASM, AHEAD)
     h = _swiglu(out, expert, rows, rmask, b_ptr, stride_be, limit, alpha, 32)  # [32] units, the model's rounding
     group = tl.program_id(1) + tl.arange(0, 1)
     store_slices(act_bt_ptr + slot * stride_abt, act_xe_ptr + slot * stride_axe, tl.reshape(h, [1, 32]), group,
@@ -280,7 +301,7 @@ def _down_tc_kernel(
     D, I, E, stride_abt, stride_axe, stride_we, stride_wr, stride_se, stride_sr, stride_be, stride_on,
     K_ACT: tl.constexpr, K_P2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, ROUTED: tl.constexpr,
     HAS_REROUTE: tl.constexpr, HAS_ZERO: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr,
-    P: tl.constexpr, G: tl.constexpr, ASM: tl.constexpr,
+    P: tl.constexpr, G: tl.constexpr, ASM: tl.constexpr, AHEAD: tl.constexpr,
 ):
     await_inputs(PDL)
     slot = tl.program_id(0)
@@ -296,7 +317,7 @@ def _down_tc_kernel(
                     s_ptr + expert * stride_se + rows[:, None] * stride_sr,
                     act_bt_ptr + slot * stride_abt + tl.arange(0, P * G)[:, None] * (n_tiles * 32 * G),
                     act_xe_ptr + slot * stride_axe, t_start, tl.minimum(t_start + chunk, n_tiles), I // 2, n_groups,
-                    rmask, BLOCK_D, P, G, ASM)
+                    rmask, BLOCK_D, P, G, ASM, AHEAD)
     # Split-K: part s of slot j goes to row j * SPLIT + s (the bias in part 0); the reader adds them up.
     first = (rows * 0 + tl.program_id(2)) == 0  # a vector, not a scalar: the interpreter's masks need that
     out += tl.load(b_ptr + expert * stride_be + rows, mask=rmask & first, other=0.0).to(tl.float32)
@@ -364,7 +385,7 @@ def moe_decode_slices(
     pdl_on = use_pdl(pdl, bt)
     flags = dict(K_ACT=k, K_P2=triton.next_power_of_2(k), BLOCK_E=triton.next_power_of_2(E), ROUTED=routed,
                  HAS_REROUTE=reroute_mask is not None, HAS_ZERO=zero_mask is not None, PDL=pdl_on,
-                 P=SLICES, G=TILE_GROUPS, ASM=not interpreting(), num_warps=cfg["WARPS"],
+                 P=SLICES, G=TILE_GROUPS, ASM=not interpreting(), AHEAD=cfg["AHEAD"], num_warps=cfg["WARPS"],
                  num_stages=cfg["STAGES"], launch_pdl=pdl_on)
     _gate_up_tc_kernel[(S, I // 32)](
         bt, xe, indices, logits, reroute, zero, weights if routed else placeholder, bytes1, mlp1_scales,

@@ -15,6 +15,12 @@ from ._common import await_inputs, check, check_float, check_runnable, use_pdl
 
 
 @triton.jit
+def rotate(first, second, cos, sin):
+    """RoPE on a head's two halves (fp32): (first * cos - second * sin, second * cos + first * sin)."""
+    return first * cos - second * sin, second * cos + first * sin
+
+
+@triton.jit
 def _qkv_rope_kernel(
     qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slot_ptr, pos_ptr, kpos_ptr,
     T, H, Hkv, stride_qkv_b, stride_qkv_t, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
@@ -35,8 +41,7 @@ def _qkv_rope_kernel(
     if head < H + Hkv:  # q or k: rotate the first half against the second
         cos = tl.load(cos_ptr + t * HALF + d)
         sin = tl.load(sin_ptr + t * HALF + d)
-        r1 = first * cos - second * sin
-        r2 = second * cos + first * sin
+        r1, r2 = rotate(first, second, cos, sin)
         if head < H:
             dst = q_ptr + b * sqb + t * sqt + head * sqh
         else:

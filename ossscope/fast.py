@@ -138,6 +138,7 @@ class GraphDecoder:
         if self.tensor_cores:
             self._h_slices = self.kernels.moe_tc.new_slices(B, D, dev)
             self._act_slices = self.kernels.moe_tc.new_slices(B * k, cfg.intermediate_size, dev)
+        self._counters = self.kernels.decode_counters(B, cfg.num_key_value_heads, dev)
         rings = {lc.slots for lc in cache.layers if lc.ring}
         self._ring_slots = rings.pop() if rings else 1
         self.logits: torch.Tensor | None = None
@@ -154,7 +155,7 @@ class GraphDecoder:
     def _body(self) -> torch.Tensor:
         """One decode step from the static inputs (tokens, position) to logits [B, V]; capturable."""
         kn, m, cfg, B = self.kernels, self.model, self.model.config, self.batch
-        H, Hkv, k, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.experts_per_token, cfg.rms_norm_eps
+        H, k, eps = cfg.num_attention_heads, cfg.experts_per_token, cfg.rms_norm_eps
         pos = self.position  # [1]
         freqs = pos.float()[:, None] * m.rope_inv_freq[None, :]  # [1, Dh/2]
         cos = (freqs.cos() * m.rope_concentration).contiguous()
@@ -167,12 +168,12 @@ class GraphDecoder:
             attn, mlp, lc = block.attn, block.mlp, self.cache.layers[layer]
             self._keep(layer, "hook_resid_pre", x)
             qkv = kn.linear(h, attn.qkv.weight, attn.qkv.bias, pdl=True)  # [B, (H + 2 Hkv) Dh]
-            q, _, _ = kn.qkv_rope(qkv.view(B, 1, -1), cos, sin, H, Hkv, k_dst=lc.k, v_dst=lc.v,
-                                  slots=ring_slot if lc.ring else pos, positions=pos, k_pos_dst=lc.pos, pdl=True)
-            z, _, _ = kn.attention_decode(
-                q, lc.k, lc.v, attn.sinks, pos, lc.pos, attn.window, need_pattern=self.patterns is not None,
-                sink_out=self.sink[layer], pattern_out=self.patterns[layer] if self.patterns is not None else None,
-                pdl=True)
+            # RoPE, the cache write and the attention, one kernel (kernels/attention.py)
+            z, _, _ = kn.attention_decode_step(
+                qkv, cos, sin, lc.k, lc.v, lc.pos, ring_slot if lc.ring else pos, pos, attn.sinks, attn.window, H,
+                need_pattern=self.patterns is not None, sink_out=self.sink[layer],
+                pattern_out=self.patterns[layer] if self.patterns is not None else None, counters=self._counters,
+                pdl=True)  # z [B, 1, H, Dh]
             attn_out = kn.linear(z.view(B, -1), attn.out.weight, attn.out.bias, pdl=True)  # [B, D]
             self._keep(layer, "hook_attn_out", attn_out)
             # The norm also gives the router's logits, and the MoE kernels route from them themselves.

@@ -37,11 +37,14 @@ VARIANTS = {
 # --sweep: the tensor-core MoE decode's blocks, each on top of the current defaults, under PDL.
 SWEEP = {
     "defaults": {},
-    "down split 1": {"SPLIT_D": 1},
-    "down split 3": {"SPLIT_D": 3},
+    "scales in the loop": {"AHEAD": 0},
+    "scales 2 ahead": {"AHEAD": 2},
     "2 stages": {"STAGES": 2},
     "4 stages": {"STAGES": 4},
-    "down 128 rows, split 4": {"BLOCK_D": 128, "SPLIT_D": 4},
+    "scales 2 ahead, 4 stages": {"AHEAD": 2, "STAGES": 4},
+    "down split 1": {"SPLIT_D": 1},
+    "down 32 rows": {"BLOCK_D": 32},
+    "defaults again": {},
 }
 
 
@@ -95,7 +98,7 @@ def main() -> None:
     parser.add_argument("--preset", default="gpt-oss-20b")
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--profile", default="none", help="a variant (or 'best') to profile afterwards")
+    parser.add_argument("--profile", default="none", help="variants (comma-separated, or 'best') to profile afterwards")
     parser.add_argument("--sweep", action="store_true", help="time the SWEEP variants instead of VARIANTS")
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -126,15 +129,16 @@ def main() -> None:
         report["variants"][name] = {"tok_s": tok_s, "rel_diff_vs_first": diff, "blocks": dict(moe_tc.TC_BLOCKS),
                                     "env": variants[name][0]}
         print(f"{name:26s} {tok_s:8.1f} tok/s   logits rel. diff vs first variant {diff:.2e}", flush=True)
-    if args.profile == "best":
-        args.profile = max(report["variants"], key=lambda n: report["variants"][n]["tok_s"])
-    if args.profile != "none":
-        configure(args.profile)
+    best = max(report["variants"], key=lambda n: report["variants"][n]["tok_s"])
+    names = [best if n == "best" else n for n in args.profile.split(",") if n != "none"]
+    report["profiles"] = {}
+    for name in names:
+        configure(name)
         prof = profile_steps(model, prefilled)
-        report["profile"] = {"variant": args.profile, **prof}
-        print(f"\nprofile ({args.profile}): {prof['us_per_step']:.0f} us per step, "
+        report["profiles"][name] = prof
+        print(f"\nprofile ({name}): {prof['us_per_step']:.0f} us per step, "
               f"{prof['kernel_us_per_step']:.0f} us in kernels")
-        for row in prof["kernels"][:9]:
+        for row in prof["kernels"][:12]:
             print(f"  {row['us']:8.1f} us  {row['launches']:5.1f}x  {row['name']}")
     if args.json:
         with open(args.json, "w") as f:

@@ -241,6 +241,38 @@ def test_attention_decode_matches_twin_with_pattern(gen, window):
     torch.testing.assert_close(pattern.sum(-1) + sink, torch.ones(B, H))
 
 
+@pytest.mark.parametrize("window,splits,pattern", [(None, 3, True), (6, 1, False), (None, None, False),
+                                                    (6, 4, True)])
+def test_attention_decode_step_equals_rope_then_decode(gen, window, splits, pattern):
+    """The fused step (RoPE, cache write, attention, merged in one kernel) against qkv_rope then the torch twin;
+    the new slot holds an older key (a ring buffer) that the step must not see."""
+    B, S, H, Hkv, Dh = 2, 45, 8, 2, 16
+    qkv = torch.randn(B, (H + 2 * Hkv) * Dh, generator=gen)
+    k_cache, v_cache = torch.randn(B, S, Hkv, Dh, generator=gen), torch.randn(B, S, Hkv, Dh, generator=gen)
+    k_pos = torch.randperm(60, generator=gen)[:S]
+    k_pos[::5] = -1
+    position, slot = torch.tensor([61]), torch.tensor([int(torch.randint(0, S, (), generator=gen))])
+    k_pos[slot] = 55  # an older key in the slot the new one overwrites
+    sinks, cos, sin = torch.randn(H, generator=gen), torch.randn(1, Dh // 2, generator=gen), torch.randn(
+        1, Dh // 2, generator=gen)
+    ref_k, ref_v, ref_pos = k_cache.clone(), v_cache.clone(), k_pos.clone()
+    q, _, _ = kernels.qkv_rope(qkv.view(B, 1, -1), cos, sin, H, Hkv, k_dst=ref_k, v_dst=ref_v, slots=slot,
+                               positions=position, k_pos_dst=ref_pos)
+    ref_z, ref_sink, ref_pat = ops.attention(q, ref_k, ref_v, sinks, position, ref_pos, window, need_pattern=True)
+    counters = kernels.decode_counters(B, Hkv, "cpu")
+    z, sink = torch.full((B, 1, H, Dh), float("nan")), torch.full((B, H), float("nan"))
+    pattern_out = torch.full((B, H, S), float("nan")) if pattern else None
+    z, sink_mass, pat = kernels.attention_decode_step(
+        qkv, cos, sin, k_cache, v_cache, k_pos, slot, position, sinks, window, H, need_pattern=pattern,
+        block_n=16, splits=splits, out=z, sink_out=sink, pattern_out=pattern_out, counters=counters)
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v) and torch.equal(k_pos, ref_pos)
+    assert rel(z, ref_z) < 1e-5
+    torch.testing.assert_close(sink_mass, ref_sink)
+    if pattern:
+        torch.testing.assert_close(pat, ref_pat)
+    assert not counters.any()  # left zeroed for the next call
+
+
 def test_attention_dispatch_matches_twin(gen):
     q, k, v, sinks = _qkv(gen, 1, 1, 20, 4, 2, 16, torch.float16)
     pos = torch.arange(20)
@@ -481,6 +513,13 @@ def test_wrappers_name_bad_inputs(gen):
     q, k, v, sinks = _qkv(gen, 1, 2, 4, 4, 2, 16, torch.float32)
     with pytest.raises(ValueError, match="one query per sequence"):
         kernels.attention_decode(q, k, v, sinks, torch.arange(2), torch.arange(4), None)
+    cos = torch.zeros(1, 8)
+    with pytest.raises(ValueError, match=r"qkv must be \[1, 128\]"):
+        kernels.attention_decode_step(torch.zeros(1, 120), cos, cos, k, v, torch.arange(4), torch.tensor([0]),
+                                      torch.tensor([0]), sinks, None, 4)
+    with pytest.raises(ValueError, match="counters must be contiguous int32"):
+        kernels.attention_decode_step(torch.zeros(1, 128), cos, cos, k, v, torch.arange(4), torch.tensor([0]),
+                                      torch.tensor([0]), sinks, None, 4, counters=torch.zeros(2))
 
 
 # -- the model on the kernels ---------------------------------------------------------------------------------

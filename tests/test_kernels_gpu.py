@@ -201,6 +201,35 @@ def test_attention_decode_bf16_with_pattern(gen, window):
     torch.testing.assert_close(pat, ref_pat, rtol=1e-2, atol=2e-3)
 
 
+@pytest.mark.parametrize("window", [None, 128])
+def test_attention_decode_step_bf16_equals_rope_then_decode(gen, window):
+    B, S, H, Hkv, Dh = 2, 1100, 64, 8, 64
+    qkv = torch.randn(B, (H + 2 * Hkv) * Dh, device=CUDA, generator=gen).bfloat16()
+    k_cache, v_cache = (torch.randn(B, S, Hkv, Dh, device=CUDA, generator=gen).bfloat16() for _ in range(2))
+    k_pos = torch.arange(S, device=CUDA)
+    k_pos[1000:] = -1  # the unfilled end of a cache
+    position, slot = torch.tensor([1000], device=CUDA), torch.tensor([1000], device=CUDA)
+    sinks = torch.randn(H, device=CUDA, generator=gen)
+    cos, sin = ops.rope_tables(ossscope.PRESETS["gpt-oss-20b"], position)
+    ref_k, ref_v, ref_pos = k_cache.clone(), v_cache.clone(), k_pos.clone()
+    q, _, _ = kernels.qkv_rope(qkv.view(B, 1, -1), cos, sin, H, Hkv, k_dst=ref_k, v_dst=ref_v, slots=slot,
+                               positions=position, k_pos_dst=ref_pos)
+    ref_z, ref_sink, ref_pat = kernels.attention_decode(q, ref_k, ref_v, sinks, position, ref_pos, window,
+                                                        need_pattern=True)
+    counters = kernels.decode_counters(B, Hkv, CUDA)
+    pattern = torch.full((B, H, S), float("nan"), device=CUDA)
+    z, sink, pat = kernels.attention_decode_step(qkv, cos, sin, k_cache, v_cache, k_pos, slot, position, sinks,
+                                                 window, H, need_pattern=True, pattern_out=pattern,
+                                                 counters=counters)
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v) and torch.equal(k_pos, ref_pos)
+    torch.testing.assert_close(z, ref_z, rtol=1e-2, atol=1e-3)  # a ulp where summation orders differ
+    torch.testing.assert_close(sink, ref_sink)
+    torch.testing.assert_close(pat, ref_pat)
+    assert not counters.any()
+    truth_z, _, _ = ops.attention(q.float(), ref_k.float(), ref_v.float(), sinks, position, ref_pos, window)
+    assert rel(z, truth_z) < 1e-2
+
+
 def test_norm_and_rope_bf16(gen):
     x, delta = (torch.randn(7, 2880, device=CUDA, generator=gen).bfloat16() for _ in range(2))
     scale = 1 + 0.1 * torch.randn(2880, device=CUDA, generator=gen)
