@@ -43,6 +43,50 @@ def word_order(f):
     return (f // 32) * 32 + (f % 8) * 4 + (f // 8) % 4
 
 
+# -- the residual update and RMSNorm of one row ------------------------------------------------------------
+
+
+@triton.jit
+def normed_row(
+    x_ptr, delta_ptr, extra_ptr, scale_ptr, res_ptr, out_ptr, wts_ptr, dout_ptr, words_ptr, row, cols, mask, first,
+    D, eps, stride_x, stride_d, stride_r, stride_o, BLOCK_D: tl.constexpr, HAS_DELTA: tl.constexpr,
+    HAS_EXTRA: tl.constexpr, PARTS: tl.constexpr, DELTA_OUT: tl.constexpr, WORDS: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """The residual update and the norm of one row -> normed [BLOCK_D] (the model's dtype); the outputs are
+    stored where `first` (by one program of the row). Used by kernels/norm.py, and by the MoE down projection
+    on the tensor cores, whose last program to finish does the residual update after it (kernels/moe_tc.py):
+    so delta is read from L2 (`.cg`), where the other programs' writes are, not from a stale L1."""
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_DELTA:  # the residual update, rounded to the stream's dtype at each step like the torch path
+        if PARTS > 0:  # delta = sum over PARTS fp32 rows (the chosen experts' outputs, SPLIT rows each) x weights
+            d = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for j in tl.static_range(PARTS):
+                weight = tl.load(wts_ptr + row * (PARTS // SPLIT) + j // SPLIT).to(tl.float32)
+                part = tl.load(delta_ptr + (row * PARTS + j) * stride_d + cols, mask=mask, other=0.0,
+                               cache_modifier=".cg")
+                d += weight * part
+            d = d.to(res_ptr.dtype.element_ty)
+            if DELTA_OUT:
+                tl.store(dout_ptr + row * D + cols, d, mask=mask & first)
+        else:
+            d = tl.load(delta_ptr + row * stride_d + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + d.to(tl.float32)).to(res_ptr.dtype.element_ty)
+        if HAS_EXTRA:
+            x = (x.to(tl.float32) + tl.load(extra_ptr + cols, mask=mask, other=0.0).to(tl.float32))
+            x = x.to(res_ptr.dtype.element_ty)
+        tl.store(res_ptr + row * stride_r + cols, x, mask=mask & first)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
+    scale = tl.load(scale_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    normed = (xf * rstd * scale).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_o + cols, normed, mask=mask & first)
+    if WORDS:  # the same, as the MoE decode kernels want their input (kernels.moe.input_words)
+        tl.store(words_ptr + row * D + word_order(cols), normed.to(tl.float32) * INPUT_SCALE, mask=mask & first)
+    return normed
+
+
+
 # -- programmatic dependent launch (PDL) -------------------------------------------------------------------
 #
 # A decode step is ~250 small dependent kernels, and each boundary costs the GPU a drain, a launch and a ramp

@@ -368,10 +368,17 @@ def attention_prefill(
     return z, sink_mass
 
 
-def decode_splits(batch: int, kv_heads: int, keys: int, block_n: int = 64, target_programs: int = 256) -> int:
-    """How many chunks to split `keys` cached keys into so that about `target_programs` programs run."""
+# About this many decode programs (sequences x kv heads x chunks of the cache) run; from a sweep on an H100
+# (scripts/decode_ab.py --sweep).
+DECODE_PROGRAMS = 256
+
+
+def decode_splits(batch: int, kv_heads: int, keys: int, block_n: int = 64, target_programs: int | None = None) -> int:
+    """How many chunks to split `keys` cached keys into so that about `target_programs` (DECODE_PROGRAMS)
+    programs run."""
     blocks = max(1, triton.cdiv(keys, block_n))
-    return max(1, min(blocks, triton.cdiv(target_programs, max(1, batch * kv_heads)), 64))
+    target = target_programs or DECODE_PROGRAMS
+    return max(1, min(blocks, triton.cdiv(target, max(1, batch * kv_heads)), 64))
 
 
 def _decode_outputs(B: int, H: int, Dh: int, Hkv: int, Tk: int, splits: int, need_pattern: bool, dev, dtype,

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import await_inputs, check, check_runnable, check_same_device, interpreting, use_pdl
+from ._common import await_inputs, check, check_runnable, check_same_device, interpreting, normed_row, use_pdl
 from .moe import _check_decode_weights, _parts_buffer, _routing_outputs, _slot_expert, _swiglu
 from .routing import check_routing
 
@@ -299,9 +299,12 @@ def _gate_up_tc_kernel(
 def _down_tc_kernel(
     act_bt_ptr, act_xe_ptr, idx_ptr, logits_ptr, reroute_ptr, zero_ptr, w_ptr, s_ptr, b_ptr, out_ptr,
     D, I, E, stride_abt, stride_axe, stride_we, stride_wr, stride_se, stride_sr, stride_be, stride_on,
+    x_ptr, extra_ptr, scale_ptr, res_ptr, normed_ptr, wts_ptr, dout_ptr, count_ptr, eps, stride_x, stride_r,
+    stride_o,
     K_ACT: tl.constexpr, K_P2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, ROUTED: tl.constexpr,
     HAS_REROUTE: tl.constexpr, HAS_ZERO: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr,
-    P: tl.constexpr, G: tl.constexpr, ASM: tl.constexpr, AHEAD: tl.constexpr,
+    P: tl.constexpr, G: tl.constexpr, ASM: tl.constexpr, AHEAD: tl.constexpr, NORM: tl.constexpr,
+    HAS_EXTRA: tl.constexpr, DELTA_OUT: tl.constexpr, BLOCK_ROW: tl.constexpr,
 ):
     await_inputs(PDL)
     slot = tl.program_id(0)
@@ -322,6 +325,43 @@ def _down_tc_kernel(
     first = (rows * 0 + tl.program_id(2)) == 0  # a vector, not a scalar: the interpreter's masks need that
     out += tl.load(b_ptr + expert * stride_be + rows, mask=rmask & first, other=0.0).to(tl.float32)
     tl.store(out_ptr + (slot * SPLIT + tl.program_id(2)) * stride_on + rows, out, mask=rmask)
+    if NORM:  # the residual update and the next norm (`add_rms_norm`), by the token's last program to finish
+        token = slot // K_ACT
+        tl.debug_barrier()  # every thread's stores before the release below
+        arrived = tl.atomic_add(count_ptr + token, 1, sem="acq_rel")
+        if arrived == K_ACT * tl.num_programs(1) * SPLIT - 1:  # all of the token's parts are visible now
+            cols = tl.arange(0, BLOCK_ROW)
+            normed_row(x_ptr, out_ptr, extra_ptr, scale_ptr, res_ptr, normed_ptr, wts_ptr, dout_ptr, x_ptr, token,
+                       cols, cols < D, cols >= 0, D, eps, stride_x, stride_on, stride_r, stride_o, BLOCK_ROW, True,
+                       HAS_EXTRA, K_ACT * SPLIT, DELTA_OUT, False, SPLIT)
+            tl.store(count_ptr + token, 0)  # zeroed for the next use
+
+
+def _then_norm_args(then_norm: dict | None, routed: bool, N: int, D: int, weights, placeholder) -> dict:
+    """The down kernel's arguments for `moe_decode_slices(then_norm=...)`, checked."""
+    flags = dict(NORM=then_norm is not None, HAS_EXTRA=False, DELTA_OUT=False, BLOCK_ROW=1)
+    if then_norm is None:
+        return {"args": (placeholder,) * 8 + (0.0, 0, 0, 0), "flags": flags}
+    check(routed, "then_norm needs the routing in the kernels (router_logits), for the routing weights")
+    want = {"x", "scale", "eps", "extra", "residual_out", "out", "delta_out", "counters"}
+    check(set(then_norm) == want, f"then_norm must have the keys {sorted(want)}, got {sorted(then_norm)}")
+    x, extra, delta_out, counters = then_norm["x"], then_norm["extra"], then_norm["delta_out"], then_norm["counters"]
+    for name in ("x", "residual_out", "out"):
+        t = then_norm[name]
+        check(tuple(t.shape) == (N, D) and t.stride(-1) == 1 and t.dtype == x.dtype,
+              f"then_norm[{name!r}] must be [{N}, {D}] of x's dtype with contiguous rows")
+    check(then_norm["residual_out"].data_ptr() != x.data_ptr(), "then_norm's residual_out cannot be x itself")
+    check(tuple(then_norm["scale"].shape) == (D,), f"then_norm['scale'] must be [{D}]")
+    check(extra is None or tuple(extra.shape) == (D,), f"then_norm['extra'] must be [{D}] or None")
+    check(delta_out is None or (tuple(delta_out.shape) == (N, D) and delta_out.is_contiguous()),
+          f"then_norm['delta_out'] must be contiguous [{N}, {D}] or None")
+    check(counters.dtype == torch.int32 and counters.is_contiguous() and counters.numel() >= N,
+          f"then_norm['counters'] must be contiguous int32 with at least {N} zeros")
+    flags.update(HAS_EXTRA=extra is not None, DELTA_OUT=delta_out is not None, BLOCK_ROW=triton.next_power_of_2(D))
+    args = (x, extra if extra is not None else x, then_norm["scale"], then_norm["residual_out"], then_norm["out"],
+            weights, delta_out if delta_out is not None else x, counters, float(then_norm["eps"]), x.stride(0),
+            then_norm["residual_out"].stride(0), then_norm["out"].stride(0))
+    return {"args": args, "flags": flags}
 
 
 def moe_decode_slices(
@@ -332,7 +372,7 @@ def moe_decode_slices(
     reroute_mask: torch.Tensor | None = None, zero_mask: torch.Tensor | None = None,
     indices_out: torch.Tensor | None = None, weights_out: torch.Tensor | None = None,
     out: torch.Tensor | None = None, act_slices: tuple[torch.Tensor, torch.Tensor] | None = None,
-    blocks: dict | None = None, pdl: bool = False,
+    blocks: dict | None = None, pdl: bool = False, then_norm: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gate/up then down on the tensor cores for each (token, choice) slot -> (parts fp32 [N * k * splits, D],
     indices, weights), the parts laid out as `moe.moe_decode_parts` lays them out (splits =
@@ -343,7 +383,12 @@ def moe_decode_slices(
     program then picks its expert itself (`routing.top_k_softmax`, the masks included), and the routing lands
     in `indices_out`/`weights_out` (int64 / fp32 [N, k], new if None) and is returned.
     act_slices: zeroed buffers `new_slices(N * k, I)` for the SwiGLU outputs, kept by a CUDA-graph caller (any
-    zeroed pair works, and stays fit for reuse); new ones are made if None. Torch twin:
+    zeroed pair works, and stays fit for reuse); new ones are made if None.
+    then_norm (routed only): dict(x, scale, eps, extra, residual_out, out, delta_out, counters) - the residual
+    update and norm after the MoE, `add_rms_norm(x, parts, scale, eps, extra, weights=weights,
+    delta_out=delta_out)` into residual_out and out, done by each token's last program to finish instead of a
+    kernel of its own (the decoder's). extra and delta_out may be None; counters: zeroed int32 [N], left zeroed.
+    Torch twin:
     `ossscope.ops.moe_experts(per_expert=True)` (after `routing.route_reference` for router logits).
     """
     D = mlp2_blocks.shape[1]
@@ -393,10 +438,11 @@ def moe_decode_slices(
         mlp1_scales.stride(0), mlp1_scales.stride(1), mlp1_bias.stride(0), act_bt.stride(0), act_xe.stride(0),
         float(limit), float(alpha), **flags,
     )
+    norm = _then_norm_args(then_norm, routed, N, D, weights, placeholder)
     _down_tc_kernel[(S, triton.cdiv(D, cfg["BLOCK_D"]), split_d)](
         act_bt, act_xe, indices, logits, reroute, zero, bytes2, mlp2_scales, mlp2_bias, parts,
         D, I, E, act_bt.stride(0), act_xe.stride(0), bytes2.stride(0), bytes2.stride(1), mlp2_scales.stride(0),
-        mlp2_scales.stride(1), mlp2_bias.stride(0), parts.stride(0), BLOCK_D=cfg["BLOCK_D"], SPLIT=split_d,
-        **flags,
+        mlp2_scales.stride(1), mlp2_bias.stride(0), parts.stride(0), *norm["args"], BLOCK_D=cfg["BLOCK_D"],
+        SPLIT=split_d, **norm["flags"], **flags,
     )
     return parts, (indices if routed else None), weights

@@ -10,49 +10,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INPUT_SCALE, await_inputs, check, check_float, check_runnable, use_pdl, word_order
+from ._common import await_inputs, check, check_float, check_runnable, normed_row, use_pdl
 from .moe_tc import SLICES, TILE_GROUPS, _check_slices, store_slices
 
 # With a router, each program of a row computes this many router logits (and the norm again).
 ROUTER_EXPERTS_PER_PROGRAM = 4
 # The tensor-core MoE decode's input format (kernels/moe_tc.py), as constants the kernel can read.
 _SLICES, _TILE_GROUPS = tl.constexpr(SLICES), tl.constexpr(TILE_GROUPS)
-
-
-@triton.jit
-def _normed_row(
-    x_ptr, delta_ptr, extra_ptr, scale_ptr, res_ptr, out_ptr, wts_ptr, dout_ptr, words_ptr, row, cols, mask, first,
-    D, eps, stride_x, stride_d, stride_r, stride_o, BLOCK_D: tl.constexpr, HAS_DELTA: tl.constexpr,
-    HAS_EXTRA: tl.constexpr, PARTS: tl.constexpr, DELTA_OUT: tl.constexpr, WORDS: tl.constexpr,
-    SPLIT: tl.constexpr,
-):
-    """The residual update and the norm of one row -> normed [BLOCK_D] (the model's dtype); the outputs are
-    stored where `first` (by one program of the row)."""
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_DELTA:  # the residual update, rounded to the stream's dtype at each step like the torch path
-        if PARTS > 0:  # delta = sum over PARTS fp32 rows (the chosen experts' outputs, SPLIT rows each) x weights
-            d = tl.zeros([BLOCK_D], dtype=tl.float32)
-            for j in tl.static_range(PARTS):
-                weight = tl.load(wts_ptr + row * (PARTS // SPLIT) + j // SPLIT).to(tl.float32)
-                d += weight * tl.load(delta_ptr + (row * PARTS + j) * stride_d + cols, mask=mask, other=0.0)
-            d = d.to(res_ptr.dtype.element_ty)
-            if DELTA_OUT:
-                tl.store(dout_ptr + row * D + cols, d, mask=mask & first)
-        else:
-            d = tl.load(delta_ptr + row * stride_d + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + d.to(tl.float32)).to(res_ptr.dtype.element_ty)
-        if HAS_EXTRA:
-            x = (x.to(tl.float32) + tl.load(extra_ptr + cols, mask=mask, other=0.0).to(tl.float32))
-            x = x.to(res_ptr.dtype.element_ty)
-        tl.store(res_ptr + row * stride_r + cols, x, mask=mask & first)
-    xf = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
-    scale = tl.load(scale_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    normed = (xf * rstd * scale).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + row * stride_o + cols, normed, mask=mask & first)
-    if WORDS:  # the same, as the MoE decode kernels want their input (kernels.moe.input_words)
-        tl.store(words_ptr + row * D + word_order(cols), normed.to(tl.float32) * INPUT_SCALE, mask=mask & first)
-    return normed
 
 
 @triton.jit
@@ -92,15 +56,15 @@ def _rms_norm_kernel(
         if SLICES and tl.program_id(1) == tl.num_programs(1) - 1:
             # Its own program and its own copy of the norm: the router's copy sits in the layout of the router's
             # weights, and regrouping that copy into 32-feature groups costs 10 us.
-            normed = _normed_row(*args, BLOCK_D, HAS_DELTA, HAS_EXTRA, PARTS, DELTA_OUT, WORDS, SPLIT)
+            normed = normed_row(*args, BLOCK_D, HAS_DELTA, HAS_EXTRA, PARTS, DELTA_OUT, WORDS, SPLIT)
             _store_row_slices(bt_ptr, xe_ptr, normed, row, D, stride_bt, BLOCK_D)
         else:  # the router: logits = normed @ W.T + b, summed in fp32, rounded once to the model's dtype
-            normed = _normed_row(*args, BLOCK_D, HAS_DELTA, HAS_EXTRA, PARTS, DELTA_OUT, WORDS, SPLIT)
+            normed = normed_row(*args, BLOCK_D, HAS_DELTA, HAS_EXTRA, PARTS, DELTA_OUT, WORDS, SPLIT)
             logits = tl.sum(router_w.to(tl.float32) * normed.to(tl.float32)[None, :], axis=1)
             logits = (logits + router_b.to(tl.float32)).to(out_ptr.dtype.element_ty).to(tl.float32)
             tl.store(logits_ptr + row * E + experts, logits, mask=emask)
     else:
-        normed = _normed_row(*args, BLOCK_D, HAS_DELTA, HAS_EXTRA, PARTS, DELTA_OUT, WORDS, SPLIT)
+        normed = normed_row(*args, BLOCK_D, HAS_DELTA, HAS_EXTRA, PARTS, DELTA_OUT, WORDS, SPLIT)
         if SLICES:
             _store_row_slices(bt_ptr, xe_ptr, normed, row, D, stride_bt, BLOCK_D)
 

@@ -138,6 +138,7 @@ class GraphDecoder:
         if self.tensor_cores:
             self._h_slices = self.kernels.moe_tc.new_slices(B, D, dev)
             self._act_slices = self.kernels.moe_tc.new_slices(B * k, cfg.intermediate_size, dev)
+            self._moe_counters = torch.zeros(B, dtype=torch.int32, device=dev)  # the kernels leave them zeroed
         self._counters = self.kernels.decode_counters(B, cfg.num_key_value_heads, dev)
         rings = {lc.slots for lc in cache.layers if lc.ring}
         self._ring_slots = rings.pop() if rings else 1
@@ -181,23 +182,29 @@ class GraphDecoder:
                        mlp.mlp2_bias, cfg.swiglu_limit, cfg.swiglu_alpha)
             routing = dict(indices_out=self.router_indices[layer], weights_out=self.router_weights[layer], pdl=True)
             router = dict(router=(mlp.gate.weight, mlp.gate.bias), logits_out=self.router_logits[layer], pdl=True)
+            next_norm = m.blocks[layer + 1].attn.norm if layer + 1 < len(m.blocks) else m.ln_final
+            # The residual update after the MoE: the weighted sum over the k experts' outputs (fp32 parts
+            # [B * k * splits, D], kernels/moe.py) plus steering, and the next norm.
+            update = dict(scale=next_norm.scale, eps=eps, extra=self.steering[layer],
+                          delta_out=self._keep_at.get((layer, "hook_mlp_out")))
             if self.tensor_cores:
                 x, h = kn.add_rms_norm(x, attn_out, mlp.norm.scale, eps, slices_out=self._h_slices, **router)
                 self._keep(layer, "hook_resid_mid", x)
-                parts, _, weights = kn.moe_decode_slices(
+                # The down kernel's last program to finish does the residual update too: no launch of its own.
+                x_next, h = torch.empty_like(x), torch.empty_like(x)
+                kn.moe_decode_slices(
                     self._h_slices, None, *experts, router_logits=self.router_logits[layer], k=k,
-                    reroute_mask=mlp.reroute_mask, zero_mask=mlp.zero_mask, act_slices=self._act_slices, **routing)
+                    reroute_mask=mlp.reroute_mask, zero_mask=mlp.zero_mask, act_slices=self._act_slices,
+                    then_norm=dict(x=x, residual_out=x_next, out=h, counters=self._moe_counters, **update),
+                    **routing)
+                x = x_next
             else:
                 h_words = torch.empty(B, h.shape[-1], device=h.device, dtype=torch.float32)  # h for the MoE kernels
                 x, h = kn.add_rms_norm(x, attn_out, mlp.norm.scale, eps, words_out=h_words, **router)
                 self._keep(layer, "hook_resid_mid", x)
                 parts, _, weights = kn.moe_decode_routed(h_words, self.router_logits[layer], k, *experts,
                                                          mlp.reroute_mask, mlp.zero_mask, **routing)
-            # parts: fp32 [B * k * splits, D], the chosen experts' outputs (kernels/moe.py)
-            next_norm = m.blocks[layer + 1].attn.norm if layer + 1 < len(m.blocks) else m.ln_final
-            # The weighted sum over the k experts (the MoE output) happens inside the residual update.
-            x, h = kn.add_rms_norm(x, parts, next_norm.scale, eps, extra=self.steering[layer], weights=weights,
-                                   delta_out=self._keep_at.get((layer, "hook_mlp_out")), pdl=True)
+                x, h = kn.add_rms_norm(x, parts, weights=weights, pdl=True, **update)
             self._keep(layer, "hook_resid_post", x)
         return F.linear(h, m.unembed.weight)  # [B, V]
 

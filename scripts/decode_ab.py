@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import importlib
 import json
 import os
 import time
@@ -25,6 +26,8 @@ from ossscope import fast
 from ossscope.bench import random_model_on_gpu
 from ossscope.config import resolve_config
 
+attention = importlib.import_module("ossscope.kernels.attention")  # the module (the package exports a function)
+
 # name -> (environment, overrides of kernels.moe_tc.TC_BLOCKS). OSSSCOPE_MOE_DECODE=cuda_cores: the CUDA-core
 # MoE kernels (kernels/moe.py) instead of the fp8 tensor-core ones (kernels/moe_tc.py).
 VARIANTS = {
@@ -34,16 +37,16 @@ VARIANTS = {
     "CUDA cores, no PDL": ({"OSSSCOPE_PDL": "0", "OSSSCOPE_MOE_DECODE": "cuda_cores"}, {}),
     "CUDA cores again": ({"OSSSCOPE_PDL": "1", "OSSSCOPE_MOE_DECODE": "cuda_cores"}, {}),  # steps deterministic?
 }
-# --sweep: the tensor-core MoE decode's blocks, each on top of the current defaults, under PDL.
+# --sweep: the tensor-core MoE decode's blocks (kernels.moe_tc.TC_BLOCKS) and the attention decode's programs
+# (ATTENTION_PROGRAMS: kernels.attention.DECODE_PROGRAMS), each on top of the current defaults, under PDL.
 SWEEP = {
     "defaults": {},
     "scales in the loop": {"AHEAD": 0},
-    "scales 2 ahead": {"AHEAD": 2},
     "2 stages": {"STAGES": 2},
     "4 stages": {"STAGES": 4},
-    "scales 2 ahead, 4 stages": {"AHEAD": 2, "STAGES": 4},
-    "down split 1": {"SPLIT_D": 1},
-    "down 32 rows": {"BLOCK_D": 32},
+    "attention 64 programs": {"ATTENTION_PROGRAMS": 64},
+    "attention 128 programs": {"ATTENTION_PROGRAMS": 128},
+    "attention 512 programs": {"ATTENTION_PROGRAMS": 512},
     "defaults again": {},
 }
 
@@ -111,13 +114,15 @@ def main() -> None:
     prefilled = model.new_cache(1, args.context + args.steps + 16)
     fast.prefill(model, ids, prefilled)
     reference = None
-    defaults = dict(moe_tc.TC_BLOCKS)
+    defaults, attention_programs = dict(moe_tc.TC_BLOCKS), attention.DECODE_PROGRAMS
     sweep_env = {"OSSSCOPE_PDL": "1", "OSSSCOPE_MOE_DECODE": "auto"}
     variants = {name: (sweep_env, blocks) for name, blocks in SWEEP.items()} if args.sweep else VARIANTS
 
     def configure(name: str) -> None:
         env, blocks = variants[name]
         os.environ.update(env)
+        blocks = dict(blocks)
+        attention.DECODE_PROGRAMS = blocks.pop("ATTENTION_PROGRAMS", attention_programs)
         moe_tc.TC_BLOCKS.clear()
         moe_tc.TC_BLOCKS.update({**defaults, **blocks})
 

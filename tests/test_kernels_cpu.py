@@ -406,6 +406,31 @@ def test_moe_decode_slices_matches_cuda_core_kernels(gen, masks, split_d):
                                   act_slices=kernels.moe_tc.new_slices(1, I, "cpu"))
 
 
+def test_moe_decode_slices_then_norm_equals_add_rms_norm(gen):
+    """The residual update and next norm done by the down kernel's last program to finish (the decoder's form)
+    equal `add_rms_norm` on the same parts, and the counters are left zeroed."""
+    E, D, I, k, N = 12, 96, 160, 3, 2
+    packed = _experts(gen, E, D, I, torch.bfloat16)
+    h, residual = torch.randn(N, D, generator=gen).bfloat16(), torch.randn(N, D, generator=gen).bfloat16()
+    logits = torch.randn(N, E, generator=gen)
+    scale, extra = 1 + 0.1 * torch.randn(D, generator=gen), torch.randn(D, generator=gen).bfloat16()
+    counters = torch.zeros(N, dtype=torch.int32)
+    outs = {name: torch.full((N, D), float("nan")).bfloat16() for name in ("residual_out", "out", "delta_out")}
+    parts, _, weights = kernels.moe_decode_slices(
+        kernels.input_slices(h), None, *packed, router_logits=logits, k=k, blocks={"BLOCK_D": 32, "STAGES": 1},
+        then_norm=dict(x=residual, scale=scale, eps=1e-5, extra=extra, counters=counters, **outs))
+    delta_out = torch.empty(N, D).bfloat16()
+    ref_residual, ref_normed = kernels.add_rms_norm(residual, parts, scale, 1e-5, extra, weights=weights,
+                                                    delta_out=delta_out)
+    assert torch.equal(outs["residual_out"], ref_residual) and torch.equal(outs["out"], ref_normed)
+    assert torch.equal(outs["delta_out"], delta_out)
+    assert not counters.any()
+    with pytest.raises(ValueError, match="then_norm needs the routing"):
+        kernels.moe_decode_slices(kernels.input_slices(h), weights.long(), *packed,
+                                  then_norm=dict(x=residual, scale=scale, eps=1e-5, extra=None, counters=counters,
+                                                 **outs))
+
+
 def test_moe_experts_bf16_decode_takes_tensor_cores(gen, monkeypatch):
     E, D, I, k, N = 5, 96, 160, 2, 3
     packed = _experts(gen, E, D, I, torch.bfloat16)

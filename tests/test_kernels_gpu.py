@@ -156,6 +156,18 @@ def test_moe_decode_on_tensor_cores_bf16(gen):
     assert rel(out, ref_down) < 1e-6  # fp32-exact: the tensor cores' sums lost nothing
     words, _, _ = kernels.moe_decode_routed(kernels.input_words(h), logits, k, *packed, reroute_mask=reroute)
     assert rel(out, words.view(2 * k, -1, D).sum(1)) < 2e-4  # the CUDA-core kernels, up to 1-ulp activation flips
+    # The decoder's form: the down kernel's last program per token does the residual update and the next norm.
+    # Repeated, with PDL, so that a race between the programs' parts and that last program would show.
+    counters = torch.zeros(2, dtype=torch.int32, device=CUDA)
+    extra = torch.randn(D, device=CUDA, generator=gen).bfloat16()
+    ref_residual, ref_normed = kernels.add_rms_norm(x, parts, scale, 1e-5, extra, weights=weights)
+    for _ in range(20):
+        outs = {name: torch.full_like(x, float("nan")) for name in ("residual_out", "out")}
+        kernels.moe_decode_slices(slices, None, *packed, router_logits=logits, k=k, reroute_mask=reroute,
+                                  act_slices=act, pdl=True, then_norm=dict(x=x, scale=scale, eps=1e-5, extra=extra,
+                                                                           delta_out=None, counters=counters, **outs))
+        assert torch.equal(outs["residual_out"], ref_residual) and torch.equal(outs["out"], ref_normed)
+    assert not counters.any()
 
 
 @pytest.mark.parametrize("N, K", [(5120, 2880), (2880, 4096), (37, 300)])
@@ -226,6 +238,10 @@ def test_attention_decode_step_bf16_equals_rope_then_decode(gen, window):
     torch.testing.assert_close(sink, ref_sink)
     torch.testing.assert_close(pat, ref_pat)
     assert not counters.any()
+    for _ in range(10):  # the merge by the last program to arrive: a race would show as a different result
+        again, _, _ = kernels.attention_decode_step(qkv, cos, sin, k_cache, v_cache, k_pos, slot, position, sinks,
+                                                    window, H, counters=counters, pdl=True)
+        assert torch.equal(again, z)
     truth_z, _, _ = ops.attention(q.float(), ref_k.float(), ref_v.float(), sinks, position, ref_pos, window)
     assert rel(z, truth_z) < 1e-2
 
