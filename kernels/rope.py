@@ -16,8 +16,11 @@ from ._common import await_inputs, check, check_float, check_runnable, use_pdl
 
 @triton.jit
 def rotate(first, second, cos, sin):
-    """RoPE on a head's two halves (fp32): (first * cos - second * sin, second * cos + first * sin)."""
-    return first * cos - second * sin, second * cos + first * sin
+    """RoPE on a head's two halves (fp32): (first * cos - second * sin, second * cos + first * sin).
+
+    The fused multiply-adds are spelled out so every kernel rounds alike (left to the compiler, contraction can
+    differ between kernels, and one bf16 rounding in a few thousand with it)."""
+    return tl.fma(first, cos, -(second * sin)), tl.fma(second, cos, first * sin)
 
 
 @triton.jit

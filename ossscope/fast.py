@@ -67,6 +67,7 @@ def prefill(model: Any, input_ids: torch.Tensor, cache: KVCache | None = None) -
     """Run `input_ids` [B, T] (continuing `cache` if given) and return the last position's logits [B, V].
 
     The same computation as `model(input_ids, cache)[:, -1]`, minus the unembedding of the other positions.
+    With the kernels on and no hook active, the layers run on the fused kernels (`_layers_on_kernels`).
     """
     input_ids = model._check_input_ids(input_ids)
     B, T = input_ids.shape
@@ -77,13 +78,49 @@ def prefill(model: Any, input_ids: torch.Tensor, cache: KVCache | None = None) -
     positions = torch.arange(start, start + T, device=input_ids.device)
     freqs = positions.float()[:, None] * model.rope_inv_freq[None, :]
     cos, sin = freqs.cos() * model.rope_concentration, freqs.sin() * model.rope_concentration
-    x = model.hook_embed(model.embed(input_ids))
-    for layer, block in enumerate(model.blocks):
-        x = block(x, positions, cos, sin, cache.layers[layer] if cache is not None else None)
-    logits = model.unembed(model.ln_final(x[:, -1:]))[:, 0]  # [B, V]
+    if getattr(model, "kernels_enabled", False) and not any(hook.active for hook in model.hook_dict.values()):
+        h = _layers_on_kernels(model, input_ids, positions, cos, sin, cache)
+        logits = model.unembed(h[:, -1])  # [B, V]
+    else:
+        x = model.hook_embed(model.embed(input_ids))
+        for layer, block in enumerate(model.blocks):
+            x = block(x, positions, cos, sin, cache.layers[layer] if cache is not None else None)
+        logits = model.unembed(model.ln_final(x[:, -1:]))[:, 0]  # [B, V]
     if cache is not None:
         cache.advance(T)
     return logits
+
+
+def _layers_on_kernels(
+    model: Any, input_ids: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    cache: KVCache | None,
+) -> torch.Tensor:
+    """What the blocks and the final norm compute (no hooks: none is active), on the fused kernels -> the final
+    norm's output [B, T, D]. A prompt of a few thousand tokens through the blocks' torch code takes about 100
+    launches a layer and is bound by the host issuing them; this takes about 40 (RoPE, the residual updates
+    with their norms, and routing each one kernel). RoPE is computed in fp32 and rounded once, as in the decoder
+    (the torch path, like HF, rounds cos/sin and each product to the model's dtype)."""
+    kn, cfg = _kernels(), model.config
+    B, T = input_ids.shape
+    eps = cfg.rms_norm_eps
+    x = model.embed(input_ids)  # [B, T, D]
+    h = kn.rms_norm(x, model.blocks[0].attn.norm.scale, eps)
+    for layer, block in enumerate(model.blocks):
+        attn, mlp = block.attn, block.mlp
+        q, k, v = kn.qkv_rope(attn.qkv(h), cos, sin, cfg.num_attention_heads, cfg.num_key_value_heads)
+        k_pos = positions
+        if cache is not None:
+            k, v, k_pos = cache.layers[layer].update(k, v, positions)  # held keys, then these
+        z, _ = kn.attention_prefill(q, k, v, attn.sinks, positions, k_pos, attn.window)  # [B, T, H, Dh]
+        x, h = kn.add_rms_norm(x, attn.out(z.reshape(B, T, -1)), mlp.norm.scale, eps)
+        indices, weights = kn.route(mlp.gate(h), cfg.experts_per_token, mlp.reroute_mask if mlp.rerouting else None,
+                                    mlp.zero_mask if mlp.zeroing else None)  # [B, T, k]
+        y = kn.moe_experts(h.reshape(B * T, -1), indices.reshape(B * T, -1), weights.reshape(B * T, -1),
+                           mlp.mlp1_blocks, mlp.mlp1_scales, mlp.mlp1_bias, mlp.mlp2_blocks, mlp.mlp2_scales,
+                           mlp.mlp2_bias, cfg.swiglu_limit, cfg.swiglu_alpha)  # [B * T, D]
+        next_norm = model.blocks[layer + 1].attn.norm if layer + 1 < len(model.blocks) else model.ln_final
+        x, h = kn.add_rms_norm(x, y.view(B, T, -1), next_norm.scale, eps, block.steering_vector)
+    return h
 
 
 class GraphDecoder:

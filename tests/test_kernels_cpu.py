@@ -550,6 +550,35 @@ def test_wrappers_name_bad_inputs(gen):
 # -- the model on the kernels ---------------------------------------------------------------------------------
 
 
+def test_prefill_on_kernels_matches_torch_path_and_fills_the_cache_alike():
+    """fast.prefill with the kernels on and no hook active takes the fused layers; a prompt longer than the
+    sliding window, continued by a second chunk, with an ablation and a steering vector set."""
+    cfg = ossscope.PRESETS["tiny"].replace(num_hidden_layers=2, sliding_window=4)
+    model = ossscope.random_model(cfg, seed=int(torch.randint(0, 1000, ())), device="cpu", dtype=torch.float32)
+    model.set_ablation({0: [1], 1: [2]}, "reroute")
+    model.set_steering(1, torch.randn(cfg.hidden_size))
+    ids = torch.randint(0, cfg.vocab_size, (2, 10))
+    ref_cache, cache = model.new_cache(2, 16), model.new_cache(2, 16)
+    for chunk in (ids[:, :7], ids[:, 7:]):
+        ref = model(chunk, cache=ref_cache)[:, -1]
+        fast.use_kernels(model)
+        got = fast.prefill(model, chunk, cache)
+        fast.use_kernels(model, False)
+        assert rel(got, ref) < 1e-5
+    assert cache.length == ref_cache.length == 10
+    for lc, ref_lc in zip(cache.layers, ref_cache.layers, strict=True):
+        assert torch.equal(lc.pos, ref_lc.pos) and lc.filled == ref_lc.filled
+        torch.testing.assert_close(lc.k, ref_lc.k)
+        torch.testing.assert_close(lc.v, ref_lc.v)
+    # With a hook active, the blocks' own code runs (and the hook with it).
+    fast.use_kernels(model)
+    with model.hooks([("blocks.1.hook_resid_mid", lambda x, hook: x * 0)]):
+        hooked = fast.prefill(model, ids[:, :3], model.new_cache(2, 16))
+    fast.use_kernels(model, False)
+    with model.hooks([("blocks.1.hook_resid_mid", lambda x, hook: x * 0)]):
+        assert rel(hooked, model(ids[:, :3])[:, -1]) < 1e-5
+
+
 @pytest.mark.parametrize("splits,tensor_cores", [({}, False), ({"SPLIT_D": 3}, False), ({"SPLIT_D": 3}, True)])
 def test_model_on_kernels_and_eager_graph_step_match_torch_path(monkeypatch, splits, tensor_cores):
     for key, value in splits.items():  # the decoder's MoE with its reductions split (split-K)
