@@ -30,9 +30,10 @@ that, not memory, bounds them at about 1.1 TB/s. Here the codes go to the tensor
 
 Producers: `input_slices` (any x), `add_rms_norm(slices_out=...)` (the decoder's norm), and the gate/up kernel
 (its SwiGLU output, one group per program, for down). `moe_decode_slices` runs gate/up then down, routing
-itself from router logits like `moe.moe_decode_routed`, and leaves the same fp32 parts.
-Measured on an H100 at the 20b shape: gate/up and down together 36 us a layer alone, routing included, against
-47 us on the CUDA cores (scripts/moe_decode_iso.py); in the decoder 22.4 + 12.5 us, and 434 -> 474 tok/s
+itself from router logits like `moe.moe_decode_routed`, and leaves the same fp32 parts; with `then_norm`, down's
+last program per token also does the residual update and the next norm (the decoder's form: no norm kernel).
+Measured on an H100 at the 20b shape: gate/up and down together 33 us a layer alone (no PDL), routing included,
+against 47 us on the CUDA cores (scripts/moe_decode_iso.py); the decoder went from 434 to 474 tok/s with them
 (docs/PERFORMANCE.md). Torch twins: `slices_reference`, `ossscope.ops.moe_experts`.
 """
 
@@ -54,7 +55,8 @@ TILE_GROUPS = 8  # 32-feature groups per dot: K = 256 features, N = SLICES * TIL
 GATE_UP_ROWS = 64  # mlp1 rows per gate/up program: 32 SwiGLU units, exactly one group of down's input
 # From sweeps on an H100 (scripts/decode_ab.py --sweep): BLOCK_D down rows per program, SPLIT_D programs share each
 # row's reduction (parts added by the residual norm, as on the CUDA cores), WARPS per program, STAGES of
-# software pipelining (cp.async) in the tile loop.
+# software pipelining (cp.async) in the tile loop, AHEAD tiles by which the scale codes are loaded early (0: in
+# the tile that uses them; 2 was slower).
 TC_BLOCKS = {"BLOCK_D": 64, "SPLIT_D": 2, "WARPS": 4, "STAGES": 3, "AHEAD": 1}
 
 

@@ -3,7 +3,7 @@
 - `use_kernels(model)` swaps every block's `attention_fn` / `experts_fn` for `ossscope.kernels` (hooks, ablation
   and steering keep working: they live in the model's own forward).
 - `prefill(model, ids, cache)` runs a prompt and unembeds only its last position (a 8k prompt would otherwise
-  make 3.3 GB of logits for the 20b vocabulary).
+  make 3.3 GB of logits for the 20b vocabulary); with the kernels on and no hook active, on fused kernels.
 - `GraphDecoder(model, cache)` replays one CUDA graph per decode step. Inside the graph the kernels write the
   router's choices and weights, each head's sink mass, optionally the attention pattern and chosen residual
   hooks, into static buffers. Ablation masks and steering vectors are read from buffers inside the graph, so
@@ -96,10 +96,11 @@ def _layers_on_kernels(
     cache: KVCache | None,
 ) -> torch.Tensor:
     """What the blocks and the final norm compute (no hooks: none is active), on the fused kernels -> the final
-    norm's output [B, T, D]. A prompt of a few thousand tokens through the blocks' torch code takes about 100
-    launches a layer and is bound by the host issuing them; this takes about 40 (RoPE, the residual updates
-    with their norms, and routing each one kernel). RoPE is computed in fp32 and rounded once, as in the decoder
-    (the torch path, like HF, rounds cos/sin and each product to the model's dtype)."""
+    norm's output [B, T, D]. Through the blocks' torch code a 2,048-token prompt took 2,334 launches (about 97
+    a layer) and the host needed about as long to issue them as the GPU to run them; here RoPE, each residual
+    update with the norm after it, and the routing are one kernel each (scripts/prefill_profile.py: the host's
+    part went from 65 to 49 ms on an H100, docs/PERFORMANCE.md). RoPE is computed in fp32 and rounded once, as
+    in the decoder (the torch path, like HF, rounds cos/sin and each product to the model's dtype)."""
     kn, cfg = _kernels(), model.config
     B, T = input_ids.shape
     eps = cfg.rms_norm_eps
