@@ -55,9 +55,9 @@ TILE_GROUPS = 8  # 32-feature groups per dot: K = 256 features, N = SLICES * TIL
 GATE_UP_ROWS = 64  # mlp1 rows per gate/up program: 32 SwiGLU units, exactly one group of down's input
 # From sweeps on an H100 (scripts/decode_ab.py --sweep): BLOCK_D down rows per program, SPLIT_D programs share each
 # row's reduction (parts added by the residual norm, as on the CUDA cores), WARPS per program, STAGES of
-# software pipelining (cp.async) in the tile loop, AHEAD tiles by which the scale codes are loaded early (0: in
-# the tile that uses them; 2 was slower).
-TC_BLOCKS = {"BLOCK_D": 64, "SPLIT_D": 2, "WARPS": 4, "STAGES": 3, "AHEAD": 1}
+# software pipelining (cp.async) in the tile loop; AHEAD: the scale codes are loaded a tile early (two tiles early
+# was slower).
+TC_BLOCKS = {"BLOCK_D": 64, "SPLIT_D": 2, "WARPS": 4, "STAGES": 3, "AHEAD": True}
 
 
 @functools.cache
@@ -232,18 +232,13 @@ def _rows_dot(w_rows, s_rows, bt_rows, xe_row, t_start, t_stop, half_k, n_groups
     # The scale codes and input exponents of a tile are loaded one tile ahead, by hand: Triton's pipelining
     # takes the weights and slices (they feed the dot) but not these, and each tile would wait out a full
     # memory latency for them.
-    s1, e1 = _tile_scales(s_rows, xe_row, t_start, t_stop, n_groups, rmask, G)
-    s2, e2 = _tile_scales(s_rows, xe_row, t_start + 1, t_stop, n_groups, rmask, G)
+    scale_next, xe_next = _tile_scales(s_rows, xe_row, t_start, t_stop, n_groups, rmask, G)
     for t in range(t_start, t_stop):
-        if AHEAD == 0:
+        if AHEAD:
+            scale, xe = scale_next, xe_next
+            scale_next, xe_next = _tile_scales(s_rows, xe_row, t + 1, t_stop, n_groups, rmask, G)
+        else:  # for comparisons (scripts/decode_ab.py)
             scale, xe = _tile_scales(s_rows, xe_row, t, t_stop, n_groups, rmask, G)
-        elif AHEAD == 1:
-            scale, xe = s1, e1
-            s1, e1 = _tile_scales(s_rows, xe_row, t + 1, t_stop, n_groups, rmask, G)
-        else:
-            scale, xe = s1, e1
-            s1, e1 = s2, e2
-            s2, e2 = _tile_scales(s_rows, xe_row, t + 2, t_stop, n_groups, rmask, G)
         cols = t * 16 * G + tl.arange(0, 16 * G)
         kmask = cols // 16 < half_k // 16  # half_k is a multiple of 16; so written, the loads are 16 bytes wide
         b = tl.load(w_rows + cols[None, :], mask=rmask[:, None] & kmask[None, :], other=0)

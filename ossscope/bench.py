@@ -137,9 +137,11 @@ def bench_kernels(model: Model, context: int, prefill_tokens: int) -> list[dict[
     q = torch.randn(1, 1, c.num_attention_heads, c.head_dim, device=dev, generator=gen).to(model.dtype)
     q_pos = torch.tensor([context - 1], device=dev)
     sinks = model.blocks[1].attn.sinks
+    counters = kernels.decode_counters(1, c.num_key_value_heads, dev)  # as the decoder keeps them
 
     def attn(layer: int):
-        return lambda: kernels.attention_decode(q, caches[layer][0], caches[layer][1], sinks, q_pos, k_pos, None)
+        return lambda: kernels.attention_decode(q, caches[layer][0], caches[layer][1], sinks, q_pos, k_pos, None,
+                                                counters=counters)
 
     t = graph_time([attn(layer) for layer in range(L)])
     b = context * c.kv_width * 2 * 2

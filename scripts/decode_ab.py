@@ -5,8 +5,8 @@ gpt-oss-20b shape with a 1k-token context, it times the graph decoder (router + 
 with the MoE on CUDA cores and on fp8 tensor cores, with and without programmatic dependent launch (VARIANTS),
 or with `--sweep` the tensor-core MoE decode's blocks of SWEEP; prints each variant's first logits against the
 first variant's (on random weights a one-ulp change can flip a routing choice, so only identical kernels give
-0); then, with `--profile NAME|best`, profiles that variant's graph replays and prints each kernel's GPU time
-per step (under PDL a kernel's time includes its wait for the one before).
+0); then, with `--profile NAME[,NAME...]|best`, profiles those variants' graph replays and prints each kernel's
+GPU time per step (under PDL a kernel's time includes its wait for the one before).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ VARIANTS = {
 # (ATTENTION_PROGRAMS: kernels.attention.DECODE_PROGRAMS), each on top of the current defaults, under PDL.
 SWEEP = {
     "defaults": {},
-    "scales in the loop": {"AHEAD": 0},
+    "scales in the loop": {"AHEAD": False},
     "2 stages": {"STAGES": 2},
     "4 stages": {"STAGES": 4},
     "attention 64 programs": {"ATTENTION_PROGRAMS": 64},
