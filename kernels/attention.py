@@ -106,7 +106,7 @@ def _attend_chunk(
     G_P2: tl.constexpr, DH: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
     WRITE_PATTERN: tl.constexpr, IEEE: tl.constexpr, HAS_NEW: tl.constexpr,
 ):
-    """Online softmax of q [G_P2, DH] (the G query heads of kv head hk, pre-scaled by qk_scale later) over the
+    """Online softmax of q [G_P2, DH] (the G query heads of kv head hk; scores scaled by qk_scale) over the
     cache keys start..stop-1 -> (running max m [G_P2], denominator l [G_P2], unnormalized output acc [G_P2, DH]),
     log2 domain, no sink. With HAS_NEW, cache slot new_slot holds k_new / v_new [DH] at position qpos instead of
     what the cache has there (the step's own key, written to the cache by the same kernel)."""
@@ -222,6 +222,15 @@ def _store_heads(z, sink_mass, m_all, denom, z_ptr, sm_ptr, pat_ptr, b, heads, h
 
 
 @triton.jit
+def _program_heads(Hkv, G: tl.constexpr, G_P2: tl.constexpr):
+    """A decode program's sequence b, kv head hk, chunk, and its query heads [G_P2] (mask: the G real ones)."""
+    b = tl.program_id(0) // Hkv
+    hk = tl.program_id(0) % Hkv
+    g = tl.arange(0, G_P2)
+    return b, hk, tl.program_id(1), hk * G + g, g < G
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, qpos_ptr, kpos_ptr, sink_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, count_ptr, z_ptr,
     sm_ptr, pat_ptr, Tk, H, Hkv, chunk, window, qk_scale,
@@ -231,13 +240,7 @@ def _decode_split_kernel(
     WRITE_PATTERN: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
     await_inputs(PDL)
-    pid_bk = tl.program_id(0)
-    split = tl.program_id(1)
-    b = pid_bk // Hkv
-    hk = pid_bk % Hkv
-    g = tl.arange(0, G_P2)
-    gmask = g < G
-    heads = hk * G + g
+    b, hk, split, heads, gmask = _program_heads(Hkv, G, G_P2)
     d = tl.arange(0, DH)
     q = tl.load(q_ptr + b * sqb + heads[:, None] * sqh + d[None, :], mask=gmask[:, None], other=0.0)
     qpos = tl.load(qpos_ptr)
@@ -261,13 +264,7 @@ def _decode_step_kernel(
     WRITE_PATTERN: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
     await_inputs(PDL)
-    pid_bk = tl.program_id(0)
-    split = tl.program_id(1)
-    b = pid_bk // Hkv
-    hk = pid_bk % Hkv
-    g = tl.arange(0, G_P2)
-    gmask = g < G
-    heads = hk * G + g
+    b, hk, split, heads, gmask = _program_heads(Hkv, G, G_P2)
     DH: tl.constexpr = 2 * HALF
     hh = tl.arange(0, HALF)
     cos = tl.load(cos_ptr + hh)
