@@ -24,9 +24,11 @@ import json
 import re
 import types
 import typing
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from ossscope import encode
 from ossscope import tokenizer as tk
 
 REASONING_EFFORTS = ("low", "medium", "high")
@@ -346,6 +348,57 @@ def response_format_text(response_format: dict[str, Any]) -> str:
     return f"# Response Formats\n\n## {name}\n\n{comment}{json.dumps(schema, separators=(',', ':'))}"
 
 
+class _LongTexts:
+    """Stand-ins for long texts while openai-harmony renders, so its encoder never sees them whole.
+
+    harmony's renderer encodes each message body in one call, which panics or crawls on a long piece (see
+    ossscope.encode). A text longer than CHUNK_CHARS is replaced by a short marker; afterwards every rendered
+    body holding a marker is decoded, the marker replaced by its text, and the body encoded again with
+    `encode.encode_text` (bounded and chunked). Short texts render exactly as harmony renders them.
+    """
+
+    def __init__(self) -> None:
+        self.texts: dict[str, str] = {}
+        self._nonce = uuid.uuid4().hex[:12]
+
+    def put(self, text: str, where: str) -> str:
+        """The text itself when short, else a marker that stands for it. `where` names it in errors."""
+        if len(text) <= encode.CHUNK_CHARS:
+            return text
+        if len(text) > encode.MAX_TEXT_CHARS:
+            raise encode.EncodeError(f"{where} has {len(text):,} characters, more than the encoder's limit of "
+                                     f"{encode.MAX_TEXT_CHARS:,} (ossscope.encode.MAX_TEXT_CHARS)")
+        marker = f"OSSSCOPETEXT{self._nonce}N{len(self.texts)}END"
+        self.texts[marker] = text
+        return marker
+
+    def restore(self, tokens: Sequence[int]) -> list[int]:
+        """Rendered tokens with each marker's body re-encoded around the real text."""
+        tokens = list(tokens)
+        if not self.texts:
+            return tokens
+        enc = tk.harmony_encoding()
+        out: list[int] = []
+        i = 0
+        while i < len(tokens):
+            out.append(tokens[i])
+            i += 1
+            if tokens[i - 1] != tk.MESSAGE:
+                continue
+            end = i
+            while end < len(tokens) and tokens[end] < tk.START_OF_TEXT:  # a body is ordinary text to a special
+                end += 1
+            body = enc.decode(tokens[i:end])
+            if "OSSSCOPETEXT" + self._nonce in body:
+                for marker, text in self.texts.items():
+                    body = body.replace(marker, text)
+                out += encode.encode_text(enc, body)
+            else:
+                out += tokens[i:end]
+            i = end
+        return out
+
+
 def render_prompt(
     messages_or_text: str | Sequence[Any],
     reasoning: str = "medium",
@@ -366,11 +419,15 @@ def render_prompt(
     enc = tk.harmony_encoding()
     if isinstance(messages_or_text, str):
         messages_or_text = [{"role": "user", "content": messages_or_text}]
-    instructions = [developer] if developer else []
+    long_texts = _LongTexts()
+    instructions = [long_texts.put(developer, "the developer instructions")] if developer else []
     conversation = []
-    for message in messages_or_text:
+    for number, message in enumerate(messages_or_text):
+        if isinstance(message, dict):
+            where = f"message {number} ({message.get('role')})"
+            message = {**message, "content": long_texts.put(_text_of(message.get("content", "")), where)}
         if isinstance(message, dict) and message.get("role") in ("system", "developer"):
-            instructions.append(_text_of(message.get("content", "")))
+            instructions.append(message["content"])
         else:
             conversation.append(to_harmony_message(message))
 
@@ -389,7 +446,8 @@ def render_prompt(
             dev = dev.with_function_tools([t.to_harmony() for t in tool_list])
         head.append(Message.from_role_and_content(Role.DEVELOPER, dev))
 
-    tokens = enc.render_conversation_for_completion(Conversation.from_messages(head + conversation), Role.ASSISTANT)
+    rendered = enc.render_conversation_for_completion(Conversation.from_messages(head + conversation), Role.ASSISTANT)
+    tokens = long_texts.restore(rendered)
     if response_format:
         tokens = _add_response_format(tokens, response_format_text(response_format))
     return list(tokens)
@@ -410,16 +468,18 @@ def _add_response_format(tokens: list[int], section: str) -> list[int]:
     body_start = tokens.index(tk.MESSAGE, developer_start) + 1
     body_end = tokens.index(tk.END, body_start)
     text = enc.decode(tokens[body_start:body_end]) + "\n\n" + section
-    return tokens[:body_start] + enc.encode(text, allowed_special=set()) + tokens[body_end:]
+    return tokens[:body_start] + encode.encode_text(enc, text) + tokens[body_end:]
 
 
 def render_tool_result(name: str, content: str) -> list[int]:
     """Tokens that hand a tool's answer back and reopen the assistant's turn:
     `<|start|>functions.NAME to=assistant<|channel|>commentary<|message|>CONTENT<|end|><|start|>assistant`."""
     full_name = name if "." in name else f"functions.{name}"
-    message = to_harmony_message({"role": "tool", "name": full_name, "content": content})
+    long_texts = _LongTexts()
+    message = to_harmony_message({"role": "tool", "name": full_name,
+                                  "content": long_texts.put(content, f"the answer of {full_name}")})
     enc = tk.harmony_encoding()
-    return list(enc.render(message)) + [tk.START] + enc.encode("assistant", allowed_special=set())
+    return long_texts.restore(enc.render(message)) + [tk.START] + encode.encode_text(enc, "assistant")
 
 
 # -- tolerant parsing -----------------------------------------------------------------------------------------

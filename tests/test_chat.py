@@ -30,7 +30,7 @@ class ScriptedModel:
 
     def __init__(self, inner, script: str):
         self._inner = inner
-        self.script = tk.Tokenizer.o200k().encode(script)
+        self.script = tk.Tokenizer.o200k().encode(script, allow_special=True)
         self.position = 0
         self.forced: int | None = None
 
@@ -187,14 +187,16 @@ def test_streaming_and_early_stop(model):
 def test_compact_vocabulary_model_chats_in_o200k_ids():
     tok = tk.Tokenizer.o200k()
     words = "<|channel|>final<|message|>Hi there<|return|> analysis commentary What is 2+2?"
-    keep = set(tok.encode(words)) | {tk.START, tk.END, tk.MESSAGE, tk.CHANNEL, tk.CALL, tk.CONSTRAIN}
+    keep = set(tok.encode(words, allow_special=True))
+    keep |= {tk.START, tk.END, tk.MESSAGE, tk.CHANNEL, tk.CALL, tk.CONSTRAIN}
     o200k_ids = sorted(keep) + [i for i in range(100, 1000) if i not in keep][: 512 - len(keep)]
     small = ossscope.random_model("tiny", seed=4, device="cpu")
     small.vocab_map, small.unknown_id = o200k_ids, o200k_ids.index(100)
     scripted = ScriptedModel(small, "")
-    scripted.script = small.tokenizer.encode("<|channel|>final<|message|>Hi there<|return|>")  # model ids
+    script = "<|channel|>final<|message|>Hi there<|return|>"
+    scripted.script = small.tokenizer.encode(script, allow_special=True)  # model ids
     trace = chat(scripted, "What is 2+2?", temperature=0.0)
-    assert trace.final == "Hi there" and trace.tokens == tok.encode("<|channel|>final<|message|>Hi there<|return|>")
+    assert trace.final == "Hi there" and trace.tokens == tok.encode(script, allow_special=True)
     assert trace.metadata["prompt_tokens_outside_vocab"] > 0  # the system message's words are mostly unknown
     with pytest.raises(ValueError, match="vocab_map"):
         ossscope.random_model("tiny", seed=4, device="cpu").chat("hi")
