@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ossscope import harmony
+from ossscope import harmony, toolcall
 from ossscope import tokenizer as tk
 from ossscope.cache import ContextLimitError
 from ossscope.generation import Decoder, StepFn, TokenEvent
@@ -242,12 +242,17 @@ class _ChatRun:
         if tool.fn is None:
             call.error = f"{recipient} has no Python function behind it"
             return call
-        try:
-            result = tool.fn(**args)
-        except Exception as exc:  # noqa: BLE001 - whatever the tool raises is reported to the model, not raised
-            call.error = f"{type(exc).__name__}: {exc}"
+        try:  # raised, timed out, or no text/JSON form: the model is told why
+            answer = toolcall.answer_text(toolcall.run_with_timeout(tool.fn, args, tool.timeout_s))
+        except toolcall.ToolError as exc:
+            call.error = str(exc)
             return call
-        call.result = result if isinstance(result, str) else json.dumps(result, default=str)
+        try:  # rendered now so that an answer the encoder refuses is an error, not a crash (cached for the feed)
+            harmony.render_tool_result(recipient, answer)
+        except tk.EncodeError as exc:
+            call.error = f"the tool's answer cannot be read: {exc}"
+            return call
+        call.result = answer
         return call
 
     # -- the record -------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import inspect
 import json
 import re
@@ -28,7 +29,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from ossscope import encode
+from ossscope import encode, toolcall
 from ossscope import tokenizer as tk
 
 REASONING_EFFORTS = ("low", "medium", "high")
@@ -190,21 +191,29 @@ def _is_json_value(value: Any) -> bool:
 
 @dataclasses.dataclass
 class Tool:
-    """A function tool: its name, description and JSON schema, and the Python callable behind it (if any)."""
+    """A function tool: its name, description and JSON schema, and the Python callable behind it (if any).
+
+    timeout_s: how long a call may run before the model is told it timed out (None: toolcall.DEFAULT_TIMEOUT_S,
+    60 s; math.inf: no limit). The callable may be a coroutine function; it is awaited.
+    """
 
     name: str
     description: str
     parameters: dict[str, Any] | None
     fn: Callable | None = None
+    timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        self.timeout_s = toolcall.check_timeout(self.timeout_s)
 
     @classmethod
-    def from_function(cls, fn: Callable, name: str | None = None) -> Tool:
+    def from_function(cls, fn: Callable, name: str | None = None, timeout_s: float | None = None) -> Tool:
         """A tool from a Python callable: name from `__name__`, description from the docstring."""
         description, _ = _docstring_parts(fn)
         tool_name = name or getattr(fn, "__name__", None)
         if not tool_name or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", tool_name):
             raise ValueError(f"tool name {tool_name!r} is not a valid identifier; pass name=...")
-        return cls(tool_name, description, function_schema(fn), fn)
+        return cls(tool_name, description, function_schema(fn), fn, timeout_s)
 
     def to_harmony(self) -> Any:
         from openai_harmony import ToolDescription
@@ -214,13 +223,14 @@ class Tool:
 
 def as_tools(tools: Iterable[Any] | None) -> list[Tool]:
     """Normalize tools: Python callables, `Tool`s, harmony ToolDescriptions or dicts {name, description,
-    parameters}. Raises ValueError on duplicates."""
+    parameters[, fn, timeout_s]}. Raises ValueError on duplicates."""
     out: list[Tool] = []
     for item in tools or ():
         if isinstance(item, Tool):
             out.append(item)
         elif isinstance(item, dict):
-            out.append(Tool(item["name"], item.get("description", ""), item.get("parameters"), item.get("fn")))
+            out.append(Tool(item["name"], item.get("description", ""), item.get("parameters"), item.get("fn"),
+                            item.get("timeout_s")))
         elif hasattr(item, "name") and hasattr(item, "description") and not callable(item):
             out.append(Tool(item.name, item.description, getattr(item, "parameters", None)))
         elif callable(item):
@@ -473,13 +483,22 @@ def _add_response_format(tokens: list[int], section: str) -> list[int]:
 
 def render_tool_result(name: str, content: str) -> list[int]:
     """Tokens that hand a tool's answer back and reopen the assistant's turn:
-    `<|start|>functions.NAME to=assistant<|channel|>commentary<|message|>CONTENT<|end|><|start|>assistant`."""
+    `<|start|>functions.NAME to=assistant<|channel|>commentary<|message|>CONTENT<|end|><|start|>assistant`.
+
+    Raises EncodeError when the content cannot be encoded (see ossscope.encode). The last answers are cached:
+    the chat loop renders an answer once to check it and once to feed it.
+    """
+    return list(_render_tool_result(name, content))
+
+
+@functools.lru_cache(maxsize=2)
+def _render_tool_result(name: str, content: str) -> tuple[int, ...]:
     full_name = name if "." in name else f"functions.{name}"
     long_texts = _LongTexts()
     message = to_harmony_message({"role": "tool", "name": full_name,
                                   "content": long_texts.put(content, f"the answer of {full_name}")})
     enc = tk.harmony_encoding()
-    return long_texts.restore(enc.render(message)) + [tk.START] + encode.encode_text(enc, "assistant")
+    return (*long_texts.restore(enc.render(message)), tk.START, *encode.encode_text(enc, "assistant"))
 
 
 # -- tolerant parsing -----------------------------------------------------------------------------------------
