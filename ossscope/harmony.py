@@ -409,6 +409,20 @@ class _LongTexts:
         return out
 
 
+def _guarded(render: Callable[..., Any], *args: Any) -> Any:
+    """render(*args), with a failure of harmony's Rust side (a pyo3 PanicException is a BaseException, e.g. on
+    a long text inside a harmony Message we could not swap out) turned into an EncodeError."""
+    try:
+        return render(*args)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001
+        if isinstance(exc, Exception) and not type(exc).__name__.endswith("PanicException"):
+            raise  # harmony's own errors (HarmonyError, ValueError) say what is wrong already
+        raise encode.EncodeError(f"openai-harmony failed to render the conversation: {type(exc).__name__}: "
+                                 f"{str(exc)[:200]}") from exc
+
+
 def render_prompt(
     messages_or_text: str | Sequence[Any],
     reasoning: str = "medium",
@@ -422,7 +436,8 @@ def render_prompt(
 
     `messages_or_text` is a user message as text, or a list of messages (dicts as in `Trace.messages`, or
     openai-harmony Messages). Messages with role system/developer become developer instructions, after
-    `developer`. `tools` are Python callables (schema from their signatures) or tool dicts.
+    `developer`. `tools` are Python callables (schema from their signatures) or tool dicts. Texts are
+    encoded as plain text, bounded and chunked (ossscope.encode); raises EncodeError when one cannot be.
     """
     from openai_harmony import Conversation, DeveloperContent, Message, Role, SystemContent
 
@@ -456,7 +471,8 @@ def render_prompt(
             dev = dev.with_function_tools([t.to_harmony() for t in tool_list])
         head.append(Message.from_role_and_content(Role.DEVELOPER, dev))
 
-    rendered = enc.render_conversation_for_completion(Conversation.from_messages(head + conversation), Role.ASSISTANT)
+    rendered = _guarded(enc.render_conversation_for_completion, Conversation.from_messages(head + conversation),
+                        Role.ASSISTANT)
     tokens = long_texts.restore(rendered)
     if response_format:
         tokens = _add_response_format(tokens, response_format_text(response_format))
@@ -498,7 +514,7 @@ def _render_tool_result(name: str, content: str) -> tuple[int, ...]:
     message = to_harmony_message({"role": "tool", "name": full_name,
                                   "content": long_texts.put(content, f"the answer of {full_name}")})
     enc = tk.harmony_encoding()
-    return (*long_texts.restore(enc.render(message)), tk.START, *encode.encode_text(enc, "assistant"))
+    return (*long_texts.restore(_guarded(enc.render, message)), tk.START, *encode.encode_text(enc, "assistant"))
 
 
 # -- tolerant parsing -----------------------------------------------------------------------------------------

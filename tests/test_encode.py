@@ -114,3 +114,11 @@ def test_long_messages_render_as_harmony_renders_them(monkeypatch):
     ours = harmony.render_prompt(messages, **options)
     monkeypatch.setattr(encode, "CHUNK_CHARS", 10**9)  # harmony renders and encodes every text whole
     assert ours == harmony.render_prompt(messages, **options)
+
+
+def test_a_panic_inside_harmony_messages_is_an_encode_error():
+    from openai_harmony import Message, Role
+
+    message = Message.from_role_and_content(Role.USER, "A" * 1_000_000)  # a harmony Message: rendered as given
+    with pytest.raises(encode.EncodeError, match="failed to render.*PanicException"):
+        harmony.render_prompt([message])
