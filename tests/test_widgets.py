@@ -366,4 +366,3 @@ def test_a_run_thread_does_not_leak(model):
     lab = W.Lab(model, max_new_tokens=4)
     lab.run("hi", wait=True)
     assert threading.active_count() <= before
-
