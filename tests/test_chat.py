@@ -154,58 +154,6 @@ def test_malformed_calls_are_reported_back_not_raised(model):
     assert trace.final == "Done." and trace.metadata["stop_reason"] == "return"
 
 
-def test_tool_budget_and_budget_cut(model):
-    weather = Weather()
-    loop = ScriptedModel(model, call('{"city": "Rome"}') * 5)
-    trace = chat(loop, "Weather?", tools=[weather.get_weather], temperature=0.0, max_tool_calls=2)
-    assert len(weather.calls) == 2 and trace.metadata["stop_reason"] == "tool_limit"
-    assert any("more than 2 tool calls" in e for e in trace.parse_errors)
-    # A generation cut by the budget keeps its raw tokens and says what was left open.
-    cut = chat(ScriptedModel(model, "<|channel|>final<|message|>The answer is four<|return|>"), "2+2?",
-               temperature=0.0, max_new_tokens=6)  # fmt: skip
-    assert len(cut.tokens) == 6 and cut.metadata["stop_reason"] == "length"
-    assert cut.final == "The answer is" and cut.messages[-1]["complete"] is False
-    assert any("ended before the message was closed" in e for e in cut.parse_errors)
-
-
-def test_streaming_and_early_stop(model):
-    script = "<|channel|>analysis<|message|>one two three four five six<|end|>"
-    seen = []
-    stream = chat(ScriptedModel(model, script), "Count.", temperature=0.0, stream=True, on_token=seen.append)
-    events = []
-    for event in stream:
-        events.append(event)
-        if len(events) == 5:
-            break
-    stream.close()
-    trace = stream.trace
-    assert [e.token for e in events] == trace.tokens and len(seen) == 5
-    assert [e.channel for e in events] == trace.channels == ["", "", "", "analysis", "analysis"]
-    assert trace.metadata["stop_reason"] == "interrupted" and trace.router_indices.shape[0] == 5
-    assert trace.analysis == "one two" and events[3].text == "one"
-    torch.testing.assert_close(
-        events[4].record["router_indices"], trace.router_indices[4].to(events[4].record["router_indices"].device)
-    )
-
-
-def test_compact_vocabulary_model_chats_in_o200k_ids():
-    tok = tk.Tokenizer.o200k()
-    words = "<|channel|>final<|message|>Hi there<|return|> analysis commentary What is 2+2?"
-    keep = set(tok.encode(words, allow_special=True))
-    keep |= {tk.START, tk.END, tk.MESSAGE, tk.CHANNEL, tk.CALL, tk.CONSTRAIN}
-    o200k_ids = sorted(keep) + [i for i in range(100, 1000) if i not in keep][: 512 - len(keep)]
-    small = ossscope.random_model("tiny", seed=4, device="cpu")
-    small.vocab_map, small.unknown_id = o200k_ids, o200k_ids.index(100)
-    scripted = ScriptedModel(small, "")
-    script = "<|channel|>final<|message|>Hi there<|return|>"
-    scripted.script = small.tokenizer.encode(script, allow_special=True)  # model ids
-    trace = chat(scripted, "What is 2+2?", temperature=0.0)
-    assert trace.final == "Hi there" and trace.tokens == tok.encode(script, allow_special=True)
-    assert trace.metadata["prompt_tokens_outside_vocab"] > 0  # the system message's words are mostly unknown
-    with pytest.raises(ValueError, match="vocab_map"):
-        ossscope.random_model("tiny", seed=4, device="cpu").chat("hi")
-
-
 def test_tool_timeouts_async_tools_and_results_that_are_not_text(model, monkeypatch):
     release = threading.Event()
 
@@ -283,3 +231,55 @@ def test_a_megabyte_tool_answer_is_not_a_crash(model):
     assert made.error is None and made.result == blob
     assert trace.metadata["stop_reason"] == "context"  # 125,000 tokens do not fit the tiny model's cache
     assert any("does not fit" in problem for problem in trace.parse_errors)
+
+
+def test_tool_budget_and_budget_cut(model):
+    weather = Weather()
+    loop = ScriptedModel(model, call('{"city": "Rome"}') * 5)
+    trace = chat(loop, "Weather?", tools=[weather.get_weather], temperature=0.0, max_tool_calls=2)
+    assert len(weather.calls) == 2 and trace.metadata["stop_reason"] == "tool_limit"
+    assert any("more than 2 tool calls" in e for e in trace.parse_errors)
+    # A generation cut by the budget keeps its raw tokens and says what was left open.
+    cut = chat(ScriptedModel(model, "<|channel|>final<|message|>The answer is four<|return|>"), "2+2?",
+               temperature=0.0, max_new_tokens=6)  # fmt: skip
+    assert len(cut.tokens) == 6 and cut.metadata["stop_reason"] == "length"
+    assert cut.final == "The answer is" and cut.messages[-1]["complete"] is False
+    assert any("ended before the message was closed" in e for e in cut.parse_errors)
+
+
+def test_streaming_and_early_stop(model):
+    script = "<|channel|>analysis<|message|>one two three four five six<|end|>"
+    seen = []
+    stream = chat(ScriptedModel(model, script), "Count.", temperature=0.0, stream=True, on_token=seen.append)
+    events = []
+    for event in stream:
+        events.append(event)
+        if len(events) == 5:
+            break
+    stream.close()
+    trace = stream.trace
+    assert [e.token for e in events] == trace.tokens and len(seen) == 5
+    assert [e.channel for e in events] == trace.channels == ["", "", "", "analysis", "analysis"]
+    assert trace.metadata["stop_reason"] == "interrupted" and trace.router_indices.shape[0] == 5
+    assert trace.analysis == "one two" and events[3].text == "one"
+    torch.testing.assert_close(
+        events[4].record["router_indices"], trace.router_indices[4].to(events[4].record["router_indices"].device)
+    )
+
+
+def test_compact_vocabulary_model_chats_in_o200k_ids():
+    tok = tk.Tokenizer.o200k()
+    words = "<|channel|>final<|message|>Hi there<|return|> analysis commentary What is 2+2?"
+    keep = set(tok.encode(words, allow_special=True))
+    keep |= {tk.START, tk.END, tk.MESSAGE, tk.CHANNEL, tk.CALL, tk.CONSTRAIN}
+    o200k_ids = sorted(keep) + [i for i in range(100, 1000) if i not in keep][: 512 - len(keep)]
+    small = ossscope.random_model("tiny", seed=4, device="cpu")
+    small.vocab_map, small.unknown_id = o200k_ids, o200k_ids.index(100)
+    scripted = ScriptedModel(small, "")
+    script = "<|channel|>final<|message|>Hi there<|return|>"
+    scripted.script = small.tokenizer.encode(script, allow_special=True)  # model ids
+    trace = chat(scripted, "What is 2+2?", temperature=0.0)
+    assert trace.final == "Hi there" and trace.tokens == tok.encode(script, allow_special=True)
+    assert trace.metadata["prompt_tokens_outside_vocab"] > 0  # the system message's words are mostly unknown
+    with pytest.raises(ValueError, match="vocab_map"):
+        ossscope.random_model("tiny", seed=4, device="cpu").chat("hi")
