@@ -10,7 +10,6 @@ budget or the context runs out. Everything the model produces is kept, malformed
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -21,7 +20,8 @@ import torch
 from ossscope import harmony
 from ossscope import tokenizer as tk
 from ossscope.cache import ContextLimitError
-from ossscope.generation import Decoder, StepFn, TokenEvent
+from ossscope.engine import Engine
+from ossscope.generation import Decoder, TokenEvent
 from ossscope.trace import ToolCall, Trace
 
 TOOL_RESERVE = 4096  # cache room kept for tool answers beyond the prompt and the generation budget
@@ -70,7 +70,7 @@ def chat(
     max_tool_calls: int = 8,
     model_identity: str | None = None,
     date: str | None = None,
-    step_fn: StepFn | None = None,
+    engine: Engine | None = None,
 ) -> Trace | ChatStream:
     """Talk to the model in harmony and return the Trace of what it generated and did inside.
 
@@ -85,10 +85,12 @@ def chat(
     capture: extra hook names (or a predicate) to record per generated token, into trace.captured.
     stream: return a ChatStream of token events instead (its .trace holds the Trace); on_token(event) is
         called for every token either way.
+    engine: what runs the forward passes; default `model.engine` (chosen at load: the Triton kernels with CUDA
+        graphs on a GPU, the torch reference elsewhere; `ossscope.engine`).
     """
     run = _ChatRun(
         model, messages_or_text, reasoning, developer, tools, max_new_tokens, temperature, top_p, seed, capture,
-        on_token, response_format, max_tool_calls, model_identity, date, step_fn,
+        on_token, response_format, max_tool_calls, model_identity, date, engine,
     )  # fmt: skip
     if stream:
         return ChatStream(run)
@@ -102,7 +104,7 @@ class _ChatRun:
 
     def __init__(
         self, model, messages_or_text, reasoning, developer, tools, max_new_tokens, temperature, top_p, seed,
-        capture, on_token, response_format, max_tool_calls, model_identity, date, step_fn,
+        capture, on_token, response_format, max_tool_calls, model_identity, date, engine,
     ):  # fmt: skip
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -136,8 +138,11 @@ class _ChatRun:
             top_p=top_p,
             seed=seed,
             capture=capture,
-            step_fn=step_fn,
+            engine=engine,
         )
+        # The harmony parser of each assistant turn, fed token by token as they come (the trace reuses them).
+        self.parsers = [harmony.HarmonyStreamParser(role="assistant", offset=0)]
+        self.channels: list[str] = []
         self.turn_starts = [0]  # index into the generated tokens where each assistant turn starts
         self.tool_calls: list[ToolCall] = []
         self.inserts: list[dict[str, Any]] = []  # tool answers fed to the model: after which token, which tokens
@@ -152,44 +157,52 @@ class _ChatRun:
         decoder = self.decoder
         try:
             decoder.feed([self.prompt_ids])
-            while True:
-                if len(decoder.tokens[0]) >= self.max_new_tokens:
+            while self.stop_reason == "interrupted":
+                budget = self.max_new_tokens - len(decoder.tokens[0])
+                if budget < 1:
                     self.stop_reason = "length"
                     return
                 if decoder.room < 1:
                     self.stop_reason = "context"
                     self.problems.append("the context is full")
                     return
-                model_id = decoder.step()[0]
-                index = len(decoder.tokens[0]) - 1
-                token = self.tokenizer.to_o200k([model_id])[0]
-                call = None
-                if decoder.done[0]:
-                    call = self._end_of_turn(token, index)
-                event = TokenEvent(
-                    step=index,
-                    token=token,
-                    text=self.tokenizer.token_texts_o200k([token])[0],
-                    channel=decoder.channels[0][index],
-                    tokens=[model_id],
-                    record=decoder.router_row(len(decoder.rows) - 1, 0),
-                    finished=self.stop_reason != "interrupted",
-                    tool_call=call,
-                )
-                if self.on_token is not None:
-                    self.on_token(event)
-                yield event
-                if event.finished:
-                    return
+                for step in decoder.run(budget):
+                    model_id = step.tokens[0]
+                    index = len(decoder.tokens[0]) - 1
+                    token = self.tokenizer.to_o200k([model_id])[0]
+                    self.channels.append(self.parsers[-1].feed(token))
+                    call = None
+                    if decoder.done[0]:
+                        call = self._end_of_turn(token, index)
+                    elif step.last:  # the budget or the cache ran out mid-turn
+                        self.stop_reason = "length" if len(decoder.tokens[0]) >= self.max_new_tokens else "context"
+                        if self.stop_reason == "context":
+                            self.problems.append("the context is full")
+                    event = TokenEvent(
+                        step=index,
+                        token=token,
+                        text=self.tokenizer.token_texts_o200k([token])[0],
+                        channel=self.channels[index],
+                        tokens=[model_id],
+                        record={name: step.record[name][0] for name in ("router_indices", "router_weights", "sink")},
+                        finished=self.stop_reason != "interrupted",
+                        tool_call=call,
+                    )
+                    if self.on_token is not None:
+                        self.on_token(event)
+                    yield event
+                    if event.finished:
+                        return
         finally:
             self.elapsed += time.perf_counter() - started
+            decoder.close()
 
     def _end_of_turn(self, token: int, index: int) -> ToolCall | None:
         """The model stopped (<|return|> or <|call|>): finish, or run the tool and open the next turn."""
         if token != tk.CALL:
             self.stop_reason = "return"
             return None
-        parser = self.decoder.parsers[0]
+        parser = self.parsers[-1]
         message = parser.messages[-1] if parser.messages else None
         if message is None or message["token_range"][1] != index + 1:
             self.problems.append(f"token {index}: <|call|> ends no message; nothing to call")
@@ -210,8 +223,8 @@ class _ChatRun:
             return call
         self.decoder.feed([self.tokenizer.to_model(tokens)])
         self.inserts.append({"after": index, "tokens": tokens, "recipient": recipient})
-        self.decoder.start_turn("assistant")
-        self.decoder.done[0] = False
+        self.decoder.resume(0)
+        self.parsers.append(harmony.HarmonyStreamParser(role="assistant", offset=index + 1))
         self.turn_starts.append(index + 1)
         return call
 
@@ -257,10 +270,8 @@ class _ChatRun:
         tokens = self.tokenizer.to_o200k(model_ids)
         messages = [dict(m, source="prompt", token_range=None) for m in self.inputs]
         errors: list[str] = []
-        bounds = [*self.turn_starts, len(tokens)]
-        for turn, (start, end) in enumerate(itertools.pairwise(bounds)):
-            parser = harmony.HarmonyStreamParser(role="assistant", offset=start)
-            parser.feed_all(tokens[start:end])
+        for turn, live in enumerate(self.parsers):
+            parser = live.copy()  # finishing closes an open message: keep the live parser as it is
             messages += [dict(m, source="model") for m in parser.finish()]
             errors += parser.errors
             if turn < len(self.inserts):
@@ -278,7 +289,7 @@ class _ChatRun:
         return Trace(
             prompt_tokens=list(self.prompt),
             tokens=tokens,
-            channels=list(decoder.channels[0][:T]),
+            channels=list(self.channels[:T]),
             token_texts=self.tokenizer.token_texts_o200k(tokens),
             messages=messages,
             analysis=analysis,
@@ -324,6 +335,7 @@ class _ChatRun:
             "response_format": self.metadata_extra["response_format"],
             "developer": self.metadata_extra["developer"],
             "stop_reason": self.stop_reason,
+            "engine": decoder.engine.describe(),
             "tool_inserts": [{"after": i["after"], "tokens": list(i["tokens"])} for i in self.inserts],
             "prompt_tokens_outside_vocab": unknown,
             "elapsed_s": round(self.elapsed, 4),

@@ -2,17 +2,15 @@
 
 - `use_kernels(model)` swaps every block's `attention_fn` / `experts_fn` for `ossscope.kernels` (hooks, ablation
   and steering keep working: they live in the model's own forward).
-- `prefill(model, ids, cache)` runs a prompt and unembeds only its last position (a 8k prompt would otherwise
-  make 3.3 GB of logits for the 20b vocabulary); with the kernels on and no hook active, on fused kernels.
+- `prefill(model, ids, cache, fused=...)` runs a prompt and unembeds only its last position (a 8k prompt would
+  otherwise make 3.3 GB of logits for the 20b vocabulary); fused and with no hook active, on fused kernels.
 - `GraphDecoder(model, cache)` replays one CUDA graph per decode step. Inside the graph the kernels write the
   router's choices and weights, each head's sink mass, optionally the attention pattern and chosen residual
   hooks, into static buffers. Ablation masks and steering vectors are read from buffers inside the graph, so
   changing them needs no re-capture.
-- `enable(model)` does all of it for `generate`/`chat`: kernels on, and `model.step_fn` = a `FastStep`, which
-  replays the graph for one-token steps and falls back to the (kernel) forward for anything else.
 
-Python hook functions cannot run inside a graph: one-token steps asking for hooks other than the router,
-sink and residual ones take the eager path (still on the kernels).
+`ossscope.engine.KernelEngine` puts these together for generation, chat and everything above them. Python hook
+functions cannot run inside a graph: there, steps with an active hook take the eager path (still on the kernels).
 """
 
 from __future__ import annotations
@@ -29,8 +27,11 @@ from .cache import KVCache
 
 RESIDUAL_HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
 _RESIDUAL_NAME = re.compile(r"^blocks\.(\d+)\.(" + "|".join(RESIDUAL_HOOKS) + r")$")
-_RECORD_NAME = re.compile(
-    r"^blocks\.(\d+)\.(mlp\.hook_topk_indices|mlp\.hook_topk_weights|mlp\.hook_router_logits|attn\.hook_sink)$")
+
+
+def residual_hook(name: str) -> bool:
+    """Whether `name` is a residual-stream hook (blocks.{l}.hook_resid_pre, ...) that GraphDecoder can record."""
+    return _RESIDUAL_NAME.match(name) is not None
 
 
 def _kernels():
@@ -58,16 +59,16 @@ def use_kernels(model: Any, enable: bool = True) -> Any:
         for block in model.blocks:
             block.attn.attention_fn = ops.attention
             block.mlp.experts_fn = ops.moe_experts
-    model.kernels_enabled = enable
     return model
 
 
 @torch.no_grad()
-def prefill(model: Any, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+def prefill(model: Any, input_ids: torch.Tensor, cache: KVCache | None = None, fused: bool = False) -> torch.Tensor:
     """Run `input_ids` [B, T] (continuing `cache` if given) and return the last position's logits [B, V].
 
     The same computation as `model(input_ids, cache)[:, -1]`, minus the unembedding of the other positions.
-    With the kernels on and no hook active, the layers run on the fused kernels (`_layers_on_kernels`).
+    With `fused` (the kernels must be on: `use_kernels`) and no hook active, the layers run on the fused
+    kernels (`_layers_on_kernels`); otherwise through the blocks' own code, hooks and all.
     """
     input_ids = model._check_input_ids(input_ids)
     B, T = input_ids.shape
@@ -78,7 +79,7 @@ def prefill(model: Any, input_ids: torch.Tensor, cache: KVCache | None = None) -
     positions = torch.arange(start, start + T, device=input_ids.device)
     freqs = positions.float()[:, None] * model.rope_inv_freq[None, :]
     cos, sin = freqs.cos() * model.rope_concentration, freqs.sin() * model.rope_concentration
-    if getattr(model, "kernels_enabled", False) and not any(hook.active for hook in model.hook_dict.values()):
+    if fused and not any(hook.active for hook in model.hook_dict.values()):
         h = _layers_on_kernels(model, input_ids, positions, cos, sin, cache)
         logits = model.unembed(h[:, -1])  # [B, V]
     else:
@@ -212,7 +213,7 @@ class GraphDecoder:
                 qkv, cos, sin, lc.k, lc.v, lc.pos, ring_slot if lc.ring else pos, pos, attn.sinks, attn.window, H,
                 need_pattern=self.patterns is not None, sink_out=self.sink[layer],
                 pattern_out=self.patterns[layer] if self.patterns is not None else None, counters=self._counters,
-                pdl=True)  # z [B, 1, H, Dh]
+                pdl=True, keys_in_order=not lc.ring)  # z [B, 1, H, Dh]
             attn_out = kn.linear(z.view(B, -1), attn.out.weight, attn.out.bias, pdl=True)  # [B, D]
             self._keep(layer, "hook_attn_out", attn_out)
             # The norm also gives the router's logits, and the MoE kernels route from them themselves.
@@ -295,63 +296,3 @@ class GraphDecoder:
             lc.filled = min(lc.slots, lc.filled + 1)
         self.cache.advance(1)
         return self.logits
-
-    def kept(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        """The last step's tensors for hook `names` in `forward_and_capture`'s layout ([B, 1, ...]), copied."""
-        indices, weights, sink = self.router_indices.clone(), self.router_weights.clone(), self.sink.clone()
-        out = {}
-        for name in names:
-            if name in self.captured:
-                out[name] = self.captured[name].clone().unsqueeze(1)
-                continue
-            match = _RECORD_NAME.match(name)
-            if not match:
-                raise KeyError(f"{name!r} is not recorded by this GraphDecoder")
-            layer, what = int(match.group(1)), match.group(2)
-            source = {"mlp.hook_topk_indices": indices, "mlp.hook_topk_weights": weights, "attn.hook_sink": sink,
-                      "mlp.hook_router_logits": self.router_logits.to(self.model.dtype)}
-            out[name] = source[what][layer].unsqueeze(1)
-        return out
-
-    @staticmethod
-    def supports(names: Sequence[str]) -> bool:
-        """Whether a one-token step recording `names` can run in the graph."""
-        return all(_RECORD_NAME.match(n) or _RESIDUAL_NAME.match(n) for n in names)
-
-
-class FastStep:
-    """A `step_fn` for `ossscope.generation`: graph replays for one-token steps, the kernel forward otherwise.
-
-    A GraphDecoder is captured for the cache in use (and the residual hooks asked for), and captured again
-    when either changes; hooks the graph cannot record fall back to the eager forward.
-    """
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self.decoder: GraphDecoder | None = None
-        self._key: tuple | None = None
-
-    def __call__(self, model: Any, input_ids: torch.Tensor, cache: KVCache, names: Sequence[str]):
-        from .generation import forward_and_capture
-
-        one_token = input_ids.shape[1] == 1 and model.device.type == "cuda"
-        hooks_in_use = any(hook.active for hook in model.hook_dict.values())
-        if one_token and not hooks_in_use and GraphDecoder.supports(names):
-            residual = tuple(n for n in names if _RESIDUAL_NAME.match(n))
-            key = (id(cache), cache.batch_size, residual)
-            if self.decoder is None or self._key != key or self.decoder.cache is not cache:
-                self.decoder = None  # free the old graph's memory first
-                self.decoder = GraphDecoder(model, cache, capture=residual)
-                self._key = key
-            logits = self.decoder.step(input_ids[:, 0])
-            return logits.float(), self.decoder.kept(names)
-        if not names and not hooks_in_use:
-            return prefill(model, input_ids, cache).float(), {}
-        return forward_and_capture(model, input_ids, cache, names)
-
-
-def enable(model: Any) -> Any:
-    """Turn the whole fast path on for `model` (kernels in its forward, graph-replayed generation steps)."""
-    use_kernels(model, True)
-    model.step_fn = FastStep(model)
-    return model

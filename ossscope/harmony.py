@@ -583,6 +583,16 @@ class HarmonyStreamParser:
             return ""
         return (self._open["channel"] or "") if self._open else ""
 
+    def copy(self) -> HarmonyStreamParser:
+        """An independent parser in the same state (to `finish()` a snapshot while this one goes on)."""
+        twin = object.__new__(HarmonyStreamParser)
+        twin.__dict__.update(self.__dict__)
+        twin.messages = [dict(m) for m in self.messages]
+        twin.errors = list(self.errors)
+        twin._open = dict(self._open) if self._open is not None else None
+        twin._header, twin._content = list(self._header), list(self._content)
+        return twin
+
     def feed_all(self, tokens: Iterable[int]) -> list[str]:
         """Feed many tokens; return their channel labels."""
         return [self.feed(t) for t in tokens]

@@ -61,6 +61,8 @@ def _build_parsers() -> dict[str, _Parser]:
                    help="a checkpoint folder, 'nano', 'gpt-oss-20b' or 'gpt-oss-120b' (from the HF cache)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if there is one)")
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--engine", choices=["auto", "kernels", "torch"], default="auto",
+                   help="what runs chat and generation (default auto: the Triton kernels on a GPU, else torch)")
 
     p = parsers["chat"] = _parser("chat", "Chat with the current model: the cell body (or the rest of the line) "
                                   f"is the user message. Shows the tokens live, then the dashboard; the Trace "
@@ -197,14 +199,14 @@ class OssMagics(Magics):
             if device.type == "cuda" and not torch.cuda.is_available():
                 raise UsageError("%oss load: --device cuda asked for, but torch sees no CUDA GPU here")
         try:
-            model = load(args.path, device=args.device, dtype=args.dtype, progress=True)
+            model = load(args.path, device=args.device, dtype=args.dtype, progress=True, engine=args.engine)
         except (FileNotFoundError, CheckpointError, ValueError) as exc:
             raise UsageError(f"%oss load: {exc}") from None
         self.shell.user_ns[MODEL_NAME] = model
         c = model.config
         print(f"loaded {model.name} as `{MODEL_NAME}`: {c.num_hidden_layers} layers, {c.num_experts} experts "
               f"(top-{c.experts_per_token}), d_model {c.hidden_size}, vocab {c.vocab_size}, "
-              f"{str(model.dtype).removeprefix('torch.')} on {model.device}")
+              f"{str(model.dtype).removeprefix('torch.')} on {model.device}, engine {model.engine.describe()}")
 
     def _chat(self, args: argparse.Namespace, cell: str | None) -> None:
         model = self._model()

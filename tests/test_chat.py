@@ -12,6 +12,7 @@ import ossscope
 from ossscope import tokenizer as tk
 from ossscope.chat import chat
 from ossscope.config import PRESETS
+from ossscope.engine import TorchEngine, forward_and_capture
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,7 @@ class ScriptedModel:
         self.script = tk.Tokenizer.o200k().encode(script)
         self.position = 0
         self.forced: int | None = None
+        self.engine = _ThroughCall(self)
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
@@ -46,6 +48,13 @@ class ScriptedModel:
         logits[:, -1, token] = 1e4
         self.forced = token
         return logits
+
+
+class _ThroughCall(TorchEngine):
+    """The torch engine, with prompts too going through `model(...)` (where ScriptedModel forces its script)."""
+
+    def prefill(self, input_ids, cache):
+        return forward_and_capture(self.model, input_ids, cache, ())[0]
 
 
 class Weather:

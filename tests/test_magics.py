@@ -338,3 +338,26 @@ def test_export_errors_are_one_line(loaded, tmp_path):
     assert_one_line_error(ip, "%oss export", "the following arguments are required: PATH.html")
     ip.user_ns["_oss"] = "something else"
     assert_one_line_error(ip, f"%oss export {tmp_path / 'run.html'}", "no trace yet")
+
+
+def test_chat_cell_runs_on_the_models_engine(loaded):
+    """%%oss chat goes through `model.engine`: one engine step per generated token."""
+    from ossscope.engine import TorchEngine
+
+    ip = loaded
+    model = ip.user_ns["oss_model"]
+    previous = model.engine
+    model.engine = TorchEngine(model)
+    try:
+        _, err, _, result = run(ip, "%%oss chat --max-new-tokens 7 --temperature 0 --no-show\nWhat is 2+2?")
+        assert result.success, err
+        assert model.engine.steps == len(ip.user_ns["_oss"].tokens) >= 1
+    finally:
+        model.engine = previous
+
+
+def test_load_engine_flag(ip, checkpoint):
+    _, err, _, result = run(ip, f"%oss load {checkpoint} --engine torch")
+    assert result.success, err
+    assert ip.user_ns["oss_model"].engine.name == "torch"
+    assert_one_line_error(ip, f"%oss load {checkpoint} --engine warp", "invalid choice")

@@ -350,3 +350,21 @@ def test_a_run_thread_does_not_leak(model):
     lab = W.Lab(model, max_new_tokens=4)
     lab.run("hi", wait=True)
     assert threading.active_count() <= before
+
+
+def test_lab_runs_on_the_models_engine(model):
+    """The Lab's chats go through `model.engine` (what `ossscope.load` chose), one step per generated token."""
+    from ossscope.engine import TorchEngine
+
+    class Counting(TorchEngine):
+        pass
+
+    previous = model.engine
+    model.engine = Counting(model)
+    try:
+        lab = W.Lab(model, max_new_tokens=5)
+        lab.run("hi", wait=True)
+        trace = lab.history[-1].trace
+        assert model.engine.steps == len(trace.tokens) >= 1 and model.engine.prefills >= 1
+    finally:
+        model.engine = previous
