@@ -207,3 +207,28 @@ def test_compact_vocabulary_model_chats_in_o200k_ids():
     assert trace.metadata["prompt_tokens_outside_vocab"] > 0  # the system message's words are mostly unknown
     with pytest.raises(ValueError, match="vocab_map"):
         ossscope.random_model("tiny", seed=4, device="cpu").chat("hi")
+
+
+def test_chats_in_two_threads_keep_their_own_records(model):
+    """Two chats on one model at once: each gets the tokens and router/sink records it gets alone (the engine's
+    lock lets their steps interleave, never mix)."""
+    import threading
+
+    prompts = ["What is 2+2?", "Name three colours of the rainbow, please."]
+    alone = [model.chat(p, max_new_tokens=12, temperature=0.0) for p in prompts]
+    together: dict[int, ossscope.Trace] = {}
+    barrier = threading.Barrier(2)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        together[i] = model.chat(prompts[i], max_new_tokens=12, temperature=0.0)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for i in range(2):
+        assert together[i].tokens == alone[i].tokens
+        assert torch.equal(together[i].router_indices, alone[i].router_indices)
+        torch.testing.assert_close(together[i].sink, alone[i].sink)
