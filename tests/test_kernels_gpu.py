@@ -391,3 +391,15 @@ def test_chat_on_the_kernel_engine_matches_torch_and_a_second_chat_captures_noth
     assert engine.captures == 1 and engine.graph_steps == len(ours.tokens)
     sampled = [model.chat("Why is the sky blue?", reasoning="low", max_new_tokens=30, seed=s) for s in (1, 1)]
     assert sampled[0].tokens == sampled[1].tokens and engine.captures == 1
+
+
+def test_load_on_a_gpu_picks_the_kernel_engine_and_chat_replays_graphs(tmp_path):
+    """What a user gets: `ossscope.load(path, device="cuda")` of a checkpoint on disk runs chat on the kernels."""
+    cfg = ossscope.PRESETS["tiny"].replace(vocab_size=201_088)
+    path = ossscope.write_checkpoint(ossscope.random_model(cfg, seed=1, device="cpu"), tmp_path / "ckpt")
+    model = ossscope.load(path, device="cuda", progress=False)
+    assert isinstance(model.engine, ossscope.engine.KernelEngine) and model.engine.graphs
+    trace = model.chat("Why is the sky blue?", max_new_tokens=16, seed=0)
+    assert model.engine.graph_steps == len(trace.tokens) >= 1 and model.engine.captures == 1
+    assert trace.metadata["engine"].startswith("kernels (CUDA graphs")
+    assert ossscope.load(path, device="cuda", engine="torch", progress=False).engine.name == "torch"
