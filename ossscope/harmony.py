@@ -261,6 +261,10 @@ def _check_value(schema: dict[str, Any], value: Any) -> list[str]:
     if "anyOf" in schema:
         return [] if any(not _check_value(s, value) for s in schema["anyOf"]) else [f"{value!r} matches no option"]
     kind = schema.get("type")
+    if isinstance(kind, list):  # {"type": ["number", "string"]}: any of them
+        return [] if any(not _check_value({"type": k}, value) for k in kind) else [
+            f"expected {' or '.join(kind)}, got {json.dumps(value)}"
+        ]
     checks = {
         "string": lambda v: isinstance(v, str),
         "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
