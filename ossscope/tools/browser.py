@@ -179,7 +179,8 @@ def read_corpus(corpus: str | Path | Iterable[Any]) -> list[Document]:
             docs.append(Document(str(item.get("url", f"doc{i}")), str(item.get("title") or _title_of(text, f"doc{i}")),
                                  text))  # fmt: skip
         else:
-            raise ValueError(f"corpus item {i} is {type(item).__name__}: expected a str, a Document or a dict with 'text'")
+            kind = type(item).__name__
+            raise ValueError(f"corpus item {i} is {kind}: expected a str, a Document or a dict with 'text'")
     urls = [d.url for d in docs]
     repeated = sorted({u for u in urls if urls.count(u) > 1})
     if repeated:
@@ -368,7 +369,8 @@ class Browser:
         """Push `page` on the stack and render its view from line `loc` (the new cursor in brackets)."""
         lines = page.lines
         if loc >= len(lines):
-            raise ToolUsageError(f"Invalid location parameter: `{loc}`. Cannot exceed page maximum of {len(lines) - 1}.")
+            last = len(lines) - 1
+            raise ToolUsageError(f"Invalid location parameter: `{loc}`. Cannot exceed page maximum of {last}.")
         end = self._end_line(lines, loc, num_lines)
         self.pages.append(page)
         header = page.title + (f" ({_truncate(unquote(page.url))})" if page.url else "")

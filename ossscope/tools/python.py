@@ -145,6 +145,9 @@ class Python:
             manager.shutdown_kernel(now=True)
             raise RuntimeError(f"the Python kernel {self.kernel_name!r} did not start: {exc}") from exc
         self._manager, self._client = manager, client
+        # Plain tracebacks: a few lines a model can read, not IPython's verbose frames with context.
+        client.execute("%xmode Plain", silent=True)
+        client.get_shell_msg(timeout=30)
         self._finalizer = weakref.finalize(self, _shutdown, manager, client, self._workdir)
         pid = getattr(getattr(manager, "provisioner", None), "pid", None)
         own, theirs = _net_namespace(), _net_namespace(pid) if pid else None
@@ -202,7 +205,8 @@ class Python:
                 if text is not None:
                     parts.append(text + "\n")
             elif kind == "error":
-                parts.append(_ANSI.sub("", "\n".join(content.get("traceback", []))) + "\n")
+                lines = [line.rstrip("\n") for line in content.get("traceback", [])]
+                parts.append(_ANSI.sub("", "\n".join(line for line in lines if line)) + "\n")
             elif kind == "status" and content.get("execution_state") == "idle":
                 return self._cut("".join(parts))
 
