@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ossscope import harmony
+from ossscope import harmony, structured
 from ossscope import tokenizer as tk
 from ossscope.cache import ContextLimitError
 from ossscope.generation import Decoder, StepFn, TokenEvent
@@ -143,6 +143,10 @@ class _ChatRun:
             seed=seed,
             capture=capture,
             step_fn=step_fn,
+        )
+        # Structured Outputs: the final message held to the response format's schema (ossscope.structured)
+        self.decoder.constraint, self.structured_note = structured.constraint_for(
+            response_format, self.tokenizer, model.config.vocab_size
         )
         self.turn_starts = [0]  # index into the generated tokens where each assistant turn starts
         self.tool_calls: list[ToolCall] = []
@@ -333,6 +337,7 @@ class _ChatRun:
             "steering": {str(layer): float(torch.linalg.vector_norm(v.float())) for layer, v in steering.items()},
             "tools": list(self.tools),
             "builtin_tools": list(self.builtins),
+            "structured": decoder.constraint.record() if decoder.constraint is not None else self.structured_note,
             "response_format": self.metadata_extra["response_format"],
             "developer": self.metadata_extra["developer"],
             "stop_reason": self.stop_reason,

@@ -189,6 +189,7 @@ class Decoder:
         self.rows: list[dict[str, torch.Tensor]] = []
         self.parsers = [HarmonyStreamParser(role=role) for _ in range(self.batch_size)]
         self.channels: list[list[str]] = [[] for _ in range(self.batch_size)]
+        self.constraint: Any = None  # e.g. structured.SchemaConstraint: .apply(logits [B, V], tokens) -> logits
 
     @property
     def room(self) -> int:
@@ -217,7 +218,10 @@ class Decoder:
             raise RuntimeError("nothing to continue from: feed a prompt first")
         if self.room < 1:
             raise ContextLimitError(f"the cache is full ({self.cache.max_len} tokens)")
-        chosen = sample_next(self.logits, self.temperature, self.top_p, self.generator)  # [B]
+        logits = self.logits
+        if self.constraint is not None:  # Structured Outputs (ossscope.structured): mask before sampling
+            logits = self.constraint.apply(logits, self.tokens)
+        chosen = sample_next(logits, self.temperature, self.top_p, self.generator)  # [B]
         picked = chosen.tolist()
         for b in range(self.batch_size):
             if self.done[b]:  # a finished row repeats its last token (ignored) so the batch stays rectangular
