@@ -3,7 +3,7 @@
 the system message as openai-harmony renders them, and their calls are answered by `ossscope.tools.base`."""
 
 from ossscope.tools.base import BuiltinTool, ToolUsageError, split_tools
-from ossscope.tools.browser import Browser, Document
+from ossscope.tools.browser import CITATION, Browser, Document
 from ossscope.tools.python import Python
 
-__all__ = ["Browser", "BuiltinTool", "Document", "Python", "ToolUsageError", "split_tools"]
+__all__ = ["CITATION", "Browser", "BuiltinTool", "Document", "Python", "ToolUsageError", "split_tools"]
