@@ -387,7 +387,9 @@ class Browser:
         enc = harmony_encoding()
         used = 0
         for i in range(loc, len(lines)):
-            used += len(enc.encode(f"L{i}: {lines[i]}\n", allowed_special=set()))
+            # disallowed_special=(): page text that looks like a special token is text here (and the check
+            # harmony would otherwise run builds a regex of every special token on every call)
+            used += len(enc.encode(f"L{i}: {lines[i]}\n", allowed_special=set(), disallowed_special=()))
             if used > self.view_tokens:
                 return i + 1
         return len(lines)
