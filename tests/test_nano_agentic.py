@@ -96,3 +96,28 @@ def test_python_episode_is_what_chat_builds(model, enc):
     assert agentic.score_chat(episode, trace)["valid_call"] and agentic.score_chat(episode, trace)["correct"]
     wrong = agentic.score_chat(agentic.python_episode(random.Random(13), "high"), trace)
     assert not wrong["correct"]
+
+
+def test_evaluate_agentic_scores_each_effort():
+    from types import SimpleNamespace
+
+    from ossscope.nano.eval import evaluate_agentic
+    from ossscope.trace import ToolCall
+
+    episodes = {e.user: e for e in agentic.eval_agentic(1)}
+
+    class Oracle:
+        """Answers each held-out question as its episode does (browser) or wrongly (python at low effort)."""
+
+        def chat(self, user, reasoning, tools, **kwargs):
+            episode = episodes[user]
+            names = episode.answer["tools"]
+            result = f"{episode.answer['value']}\n" if episode.kind == "python" else "page"
+            calls = [ToolCall(name=n, arguments="", result=result) for n in names]
+            final = episode.answer["final"] if (episode.kind, reasoning) != ("python", "low") else "I think 3."
+            return SimpleNamespace(tool_calls=calls, final=final, channels=["analysis"] * 4)
+
+    summary, results = evaluate_agentic(Oracle(), 1)
+    assert len(results) == 6 and set(summary) == {f"{k}/{e}" for k in ("browser", "python") for e in data.EFFORTS}
+    assert summary["browser/high"]["correct"] == 1.0 and summary["python/medium"]["valid_call"] == 1.0
+    assert summary["python/low"]["correct"] == 0.0 and summary["python/low"]["mean_analysis_tokens"] == 4
