@@ -1322,14 +1322,15 @@ def agentic_tools() -> list:
             torch.manual_seed(0)
             model = ossscope.load("nano")
             browser = Browser(agentic.TOWNS_DIR)  # 24 fictional towns: facts nobody knows without reading them
-            kernel = Python(timeout=10)
+            kernel = Python()  # declared as harmony declares it: "time out after 120.0 seconds"
             print(f"{len(browser.documents)} documents, e.g. {browser.documents[0].url!r}")
         """),
         md("""
             ## The declaration
 
             The system message's `# Tools` section, as ossscope renders it, is byte for byte openai-harmony's
-            `SystemContent.with_browser_tool().with_python_tool()`.
+            `SystemContent.with_browser_tool().with_python_tool()` (with their defaults: a `Browser(source=...)`
+            or a `Python(timeout=...)` writes its own `sources=` line or timeout into the declaration).
         """),
         code("""
             from openai_harmony import Conversation, Message, Role, SystemContent
@@ -1421,7 +1422,8 @@ def agentic_tools() -> list:
             message, tokens the grammar refuses are masked before sampling, and the message may end only when
             the JSON is complete. The analysis channel is untouched. `trace.metadata["structured"]` records,
             per token, whether the step was constrained and whether the mask changed the model's top choice (the
-            viewer outlines those tokens).
+            viewer outlines those tokens). At `low` effort nano's arithmetic is mostly wrong (its model card
+            says so); the point here is that whatever it answers parses and fits the schema.
         """),
         code("""
             schema = {"type": "object", "properties": {"result": {"type": "integer", "minimum": 0, "maximum": 99999}},
