@@ -369,3 +369,16 @@ def test_a_run_thread_does_not_leak(model):
     lab = W.Lab(model, max_new_tokens=4)
     lab.run("hi", wait=True)
     assert threading.active_count() <= before
+
+
+def test_live_record_keeps_the_tool_calls_of_its_events():
+    from ossscope.trace import ToolCall
+    from ossscope.widgets.lab import LiveRecord
+
+    live = LiveRecord("hi", "low", num_layers=2, k=1, heads=1, experts=2)
+    call = ToolCall(name="browser.search", arguments='{"query": "x"}', result="[0] x", token_index=1)
+    live.add({"token": 5, "text": "a", "channel": "analysis"})
+    live.add({"token": 6, "text": "<|call|>", "channel": "", "tool_call": call})
+    trace = live.trace()
+    assert trace.tool_calls == [call] and len(trace.tokens) == 2
+    assert W.trace_payload(trace)["conversation"][-1]["role"] == "tool browser.search"

@@ -16,7 +16,9 @@ any output it printed before. Long output is cut to `max_output_chars` (the refe
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import os
 import queue
 import re
@@ -25,6 +27,7 @@ import sys
 import tempfile
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from ossscope.tools.base import ToolUsageError
@@ -34,23 +37,38 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _CLONE_NEWNET, _CLONE_NEWUSER = 0x40000000, 0x10000000
 
 
-def _limit_child(memory_limit: int | None, isolate_network: bool) -> None:
-    """Runs in the kernel's process between fork and exec: cap memory, leave the network. Best effort: what
-    the OS refuses is left as it is (the parent checks what took)."""
+def _child_limits(memory_limit: int | None, isolate_network: bool) -> Callable[[], None] | None:
+    """The function to run in the kernel's process between fork and exec: cap memory, leave the network.
+
+    Everything it needs (the resource module, libc's unshare) is looked up here, in the parent: the child of
+    a threaded process may only make plain system calls (an import could wait forever on a lock some other
+    thread held at the fork). Best effort: what the OS refuses is left as it is (the parent checks what took).
+    """
+    setrlimit = None
     if memory_limit:
         try:
             import resource
 
-            resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
-        except (ImportError, ValueError, OSError):
-            pass
+            setrlimit = functools.partial(resource.setrlimit, resource.RLIMIT_AS, (memory_limit, memory_limit))
+        except ImportError:  # not a Unix
+            setrlimit = None
+    unshare = None
     if isolate_network:
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.unshare(_CLONE_NEWNET) != 0:
-                libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET)
+            unshare = ctypes.CDLL(None, use_errno=True).unshare
         except (OSError, AttributeError):
-            pass
+            unshare = None
+    if setrlimit is None and unshare is None:
+        return None
+
+    def limit() -> None:
+        if setrlimit is not None:
+            with contextlib.suppress(ValueError, OSError):
+                setrlimit()
+        if unshare is not None and unshare(_CLONE_NEWNET) != 0:
+            unshare(_CLONE_NEWUSER | _CLONE_NEWNET)
+
+    return limit
 
 
 def _net_namespace(pid: int | str = "self") -> str | None:
@@ -132,11 +150,7 @@ class Python:
         manager = KernelManager(kernel_name=self.kernel_name, **transport)
         env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
         env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"
-        manager.start_kernel(
-            cwd=self._workdir,
-            env=env,
-            preexec_fn=lambda limit=self.memory_limit: _limit_child(limit, isolate),
-        )
+        manager.start_kernel(cwd=self._workdir, env=env, preexec_fn=_child_limits(self.memory_limit, isolate))
         client = manager.client()
         client.start_channels()
         try:
