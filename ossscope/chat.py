@@ -6,6 +6,10 @@ the tool's answer (`<|start|>functions.NAME to=assistant<|channel|>commentary<|m
 `<|start|>assistant`, and let it continue, until a final answer (`<|return|>`), the token budget, the tool-call
 budget or the context runs out. Everything the model produces is kept, malformed or not: problems land in
 `Trace.parse_errors` and in each `ToolCall.error` (which is also what the model is told), never in an exception.
+
+harmony's built-in tools (`browser.*`, `python`: `ossscope.tools`) go through the same loop: `_run_tool` hands
+their calls to `ossscope.tools.base.run_builtin`, and they answer on the call's channel. With a response format,
+`ossscope.structured` holds the final message to its schema (the Decoder masks the logits before sampling).
 """
 
 from __future__ import annotations
