@@ -1412,7 +1412,7 @@ def agentic_tools() -> list:
             tokens, mask = data.render_episode(model.tokenizer.encoding, episode)
             print(episode.user, "->", episode.answer["final"])
             print(f"{len(tokens)} tokens, {sum(mask)} of them the model's own")
-            generated = "".join(model.tokenizer.token_texts_o200k([t for t, m in zip(tokens, mask) if m]))
+            generated = "".join(model.tokenizer.token_texts_o200k([t for t, m in zip(tokens, mask, strict=True) if m]))
             print(generated)
         """),
         md("""

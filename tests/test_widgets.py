@@ -372,8 +372,9 @@ def test_a_run_thread_does_not_leak(model):
 
 
 def test_live_record_keeps_the_tool_calls_of_its_events():
-    from ossscope.trace import ToolCall
     from ossscope.widgets.lab import LiveRecord
+
+    from ossscope.trace import ToolCall
 
     live = LiveRecord("hi", "low", num_layers=2, k=1, heads=1, experts=2)
     call = ToolCall(name="browser.search", arguments='{"query": "x"}', result="[0] x", token_index=1)
