@@ -6,6 +6,10 @@ the tool's answer (`<|start|>functions.NAME to=assistant<|channel|>commentary<|m
 `<|start|>assistant`, and let it continue, until a final answer (`<|return|>`), the token budget, the tool-call
 budget or the context runs out. Everything the model produces is kept, malformed or not: problems land in
 `Trace.parse_errors` and in each `ToolCall.error` (which is also what the model is told), never in an exception.
+
+harmony's built-in tools (`browser.*`, `python`: `ossscope.tools`) go through the same loop: `_run_tool` hands
+their calls to `ossscope.tools.base.run_builtin`, and they answer on the call's channel. With a response format,
+`ossscope.structured` holds the final message to its schema (the Decoder masks the logits before sampling).
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ from typing import Any
 
 import torch
 
-from ossscope import harmony
+from ossscope import harmony, structured
 from ossscope import tokenizer as tk
 from ossscope.cache import ContextLimitError
 from ossscope.engine import Engine
 from ossscope.generation import Decoder, TokenEvent
+from ossscope.tools import base as builtin_tools
 from ossscope.trace import ToolCall, Trace
 
 TOOL_RESERVE = 4096  # cache room kept for tool answers beyond the prompt and the generation budget
@@ -78,7 +83,9 @@ def chat(
         e.g. a previous `trace.messages` plus a new user turn).
     reasoning: "low" | "medium" | "high", written into the system message.
     developer: developer instructions. tools: Python functions the model may call (schema from the signature,
-        type hints and docstring). response_format: {"name", "schema"} for structured output.
+        type hints and docstring), and harmony's built-in tools `ossscope.tools.Browser(corpus)` / `Python()`
+        (declared in the system message; their state, the browser's pages and the kernel, outlives the chat).
+        response_format: {"name", "schema"} for structured output.
     max_new_tokens: budget of generated tokens for the whole chat (all turns of the tool loop).
     temperature 0 is greedy; the default 1.0 / top_p 1.0 is gpt-oss's recommended sampling. seed: drawn and
         recorded in trace.metadata when None, so any chat can be replayed.
@@ -117,19 +124,22 @@ class _ChatRun:
                 "to speak harmony"
             )
         self.reasoning = str(reasoning).lower()
+        self.builtins, tools = builtin_tools.split_tools(tools)  # harmony's browser/python (ossscope.tools)
         self.tools = {tool.name: tool for tool in harmony.as_tools(tools)}
         self.max_new_tokens = max_new_tokens
         self.max_tool_calls = max_tool_calls
         self.on_token = on_token
         self.inputs = _input_messages(messages_or_text, developer)
         self.prompt = harmony.render_prompt(
-            messages_or_text, reasoning, developer, list(self.tools.values()), response_format, model_identity, date
+            messages_or_text, reasoning, developer, list(self.tools.values()), response_format, model_identity, date,
+            builtin_tools=builtin_tools.tool_configs(self.builtins),
         )
         self.prompt_ids = self.tokenizer.to_model(self.prompt)
         limit = model.config.max_context
         if len(self.prompt) >= limit:
             raise ContextLimitError(f"the prompt has {len(self.prompt)} tokens; the model's context limit is {limit}")
-        reserve = TOOL_RESERVE if self.tools else 512  # a model may call a tool it was not given: room to say so
+        # a model may call a tool it was not given: room to say so
+        reserve = TOOL_RESERVE if self.tools or self.builtins else 512
         self.decoder = Decoder(
             model,
             batch_size=1,
@@ -143,6 +153,10 @@ class _ChatRun:
         # The harmony parser of each assistant turn, fed token by token as they come (the trace reuses them).
         self.parsers = [harmony.HarmonyStreamParser(role="assistant", offset=0)]
         self.channels: list[str] = []
+        # Structured Outputs: the final message held to the response format's schema (ossscope.structured)
+        self.decoder.constraint, self.structured_note = structured.constraint_for(
+            response_format, self.tokenizer, model.config.vocab_size
+        )
         self.turn_starts = [0]  # index into the generated tokens where each assistant turn starts
         self.tool_calls: list[ToolCall] = []
         self.inserts: list[dict[str, Any]] = []  # tool answers fed to the model: after which token, which tokens
@@ -216,13 +230,14 @@ class _ChatRun:
         self.tool_calls.append(call)
         answer = call.result if call.error is None else json.dumps({"error": call.error})
         recipient = message["recipient"] or f"functions.{call.name}"
-        tokens = harmony.render_tool_result(recipient, answer)
+        channel = builtin_tools.answer_channel(self.builtins, message)  # built-in tools answer on the call's
+        tokens = harmony.render_tool_result(recipient, answer, channel)
         if len(tokens) > self.decoder.room - 1:
             self.problems.append(f"token {index}: the answer of {recipient} ({len(tokens)} tokens) does not fit")
             self.stop_reason = "context"
             return call
         self.decoder.feed([self.tokenizer.to_model(tokens)])
-        self.inserts.append({"after": index, "tokens": tokens, "recipient": recipient})
+        self.inserts.append({"after": index, "tokens": tokens, "recipient": recipient, "channel": channel})
         self.decoder.resume(0)
         self.parsers.append(harmony.HarmonyStreamParser(role="assistant", offset=index + 1))
         self.turn_starts.append(index + 1)
@@ -231,6 +246,9 @@ class _ChatRun:
     def _run_tool(self, message: dict[str, Any], index: int) -> ToolCall:
         """Call the Python function named by the message; every failure becomes `error` (told to the model)."""
         recipient = message["recipient"] or ""
+        builtin = builtin_tools.builtin_for(self.builtins, recipient)  # browser.* / python: ossscope.tools
+        if builtin is not None:
+            return builtin_tools.run_builtin(builtin, message, index)
         namespace, _, name = recipient.partition(".")
         call = ToolCall(name=name or recipient, arguments=message["content"], token_index=index)
         if not recipient:
@@ -238,7 +256,7 @@ class _ChatRun:
             return call
         tool = self.tools.get(name) if namespace == "functions" else None
         if tool is None:
-            available = ", ".join(f"functions.{n}" for n in self.tools) or "none"
+            available = ", ".join([f"functions.{n}" for n in self.tools] + list(self.builtins)) or "none"
             call.error = f"unknown tool {recipient!r}; available tools: {available}"
             return call
         text = message["content"].strip()
@@ -278,7 +296,8 @@ class _ChatRun:
                 insert = self.inserts[turn]
                 call = self.tool_calls[turn]
                 content = call.result if call.error is None else json.dumps({"error": call.error})
-                messages.append({"role": "tool", "name": insert["recipient"], "channel": "commentary",
+                channel = insert.get("channel", "commentary")
+                messages.append({"role": "tool", "name": insert["recipient"], "channel": channel,
                                  "recipient": "assistant", "content": content, "source": "tool",
                                  "token_range": None, "after": insert["after"]})  # fmt: skip
         produced = [m for m in messages if m["source"] == "model"]
@@ -332,6 +351,8 @@ class _ChatRun:
             "ablation": _jsonable(getattr(model, "active_ablation", {}) or {}),
             "steering": {str(layer): float(torch.linalg.vector_norm(v.float())) for layer, v in steering.items()},
             "tools": list(self.tools),
+            "builtin_tools": list(self.builtins),
+            "structured": decoder.constraint.record() if decoder.constraint is not None else self.structured_note,
             "response_format": self.metadata_extra["response_format"],
             "developer": self.metadata_extra["developer"],
             "stop_reason": self.stop_reason,

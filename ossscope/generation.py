@@ -222,6 +222,9 @@ class Decoder:
         self._last_dev = torch.zeros(B, dtype=torch.long, device=device)
         self._token_copies = _HostCopies(device)
         self._record_copies = _HostCopies(device)
+        # Structured Outputs (ossscope.structured.SchemaConstraint): `.apply(logits [B, V], tokens) -> logits`
+        # masks before sampling; its mask needs the tokens so far, so a constrained run samples in lockstep.
+        self.constraint: Any = None
 
     @property
     def waited_s(self) -> float:
@@ -265,7 +268,8 @@ class Decoder:
         budget = min(max_steps, self.room)
         if budget < 1 or all(self.done):
             return
-        token = self._sample(self.logits)  # t_0 on the device
+        lockstep = self.constraint is not None
+        token = self._sample(self._masked(self.logits, self.tokens[0]))  # t_0 on the device
         token_copy = self._token_copies.put({"t": token})
         in_flight: tuple[int, list[int], list[bool], _Copied] | None = None  # launched, not yet handed out
         j = 0
@@ -274,7 +278,7 @@ class Decoder:
             if launched:  # feed t_j; the host has seen t_{j-1}, so it knows the batch goes on
                 logits, record = self.engine.step(token, self.cache, self.capture)
                 record_copy = self._record_copies.put(_record_tensors(record))
-                if j + 1 < budget:
+                if j + 1 < budget and not lockstep:
                     token = self._sample(logits)  # t_{j+1}, queued behind step j: no waiting
                     next_copy = self._token_copies.put({"t": token})
             if in_flight is not None:  # hand out step j-1 (finished on the GPU before t_j was sampled)
@@ -293,9 +297,17 @@ class Decoder:
                 if real[b] and picked[b] in self.stop_tokens:
                     self.done[b] = True
             in_flight = (len(self.rows), picked, real, record_copy)
-            if j + 1 < budget:
+            if j + 1 < budget and lockstep and not all(self.done):  # the mask for t_{j+1} needs t_j first
+                generated = self.tokens[0] + picked[:1] if real[0] else self.tokens[0]
+                token = self._sample(self._masked(logits, generated))
+                next_copy = self._token_copies.put({"t": token})
+            if j + 1 < budget and not (lockstep and all(self.done)):
                 token_copy = next_copy
             j += 1
+
+    def _masked(self, logits: torch.Tensor, generated: list[int]) -> torch.Tensor:
+        """The logits the constraint (if any) allows, given row 0's tokens generated so far."""
+        return logits if self.constraint is None else self.constraint.apply(logits, [generated])
 
     def router_row(self, step: int, b: int = 0) -> dict[str, torch.Tensor]:
         """Sequence b's record for one step: router_indices [L, k], router_weights [L, k], sink [L, H]."""

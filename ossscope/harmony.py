@@ -30,6 +30,7 @@ from typing import Any
 from ossscope import tokenizer as tk
 
 REASONING_EFFORTS = ("low", "medium", "high")
+BUILTIN_NAMESPACES = ("browser", "python")  # harmony's built-in tools: addressed by namespace, not functions.X
 CHANNELS = ("analysis", "commentary", "final")
 _CLOSERS = {tk.END: "<|end|>", tk.RETURN: "<|return|>", tk.CALL: "<|call|>"}
 
@@ -261,6 +262,10 @@ def _check_value(schema: dict[str, Any], value: Any) -> list[str]:
     if "anyOf" in schema:
         return [] if any(not _check_value(s, value) for s in schema["anyOf"]) else [f"{value!r} matches no option"]
     kind = schema.get("type")
+    if isinstance(kind, list):  # {"type": ["number", "string"]}: any of them
+        return [] if any(not _check_value({"type": k}, value) for k in kind) else [
+            f"expected {' or '.join(kind)}, got {json.dumps(value)}"
+        ]
     checks = {
         "string": lambda v: isinstance(v, str),
         "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
@@ -310,7 +315,7 @@ def to_harmony_message(message: Any) -> Any:
     text = _text_of(message.get("content", ""))
     if role == "tool":
         name = message.get("name") or message.get("recipient_of") or "functions.unknown"
-        name = name if "." in name else f"functions.{name}"
+        name = name if "." in name or name in BUILTIN_NAMESPACES else f"functions.{name}"
         out = Message.from_author_and_content(Author.new(Role.TOOL, name), text)
         return out.with_channel(message.get("channel") or "commentary").with_recipient("assistant")
     try:
@@ -354,12 +359,15 @@ def render_prompt(
     response_format: dict[str, Any] | None = None,
     model_identity: str | None = None,
     date: str | None = None,
+    builtin_tools: Sequence[Any] = (),
 ) -> list[int]:
     """Render a conversation to o200k_harmony prompt tokens ending at `<|start|>assistant`.
 
     `messages_or_text` is a user message as text, or a list of messages (dicts as in `Trace.messages`, or
     openai-harmony Messages). Messages with role system/developer become developer instructions, after
-    `developer`. `tools` are Python callables (schema from their signatures) or tool dicts.
+    `developer`. `tools` are Python callables (schema from their signatures) or tool dicts. `builtin_tools`
+    are harmony's built-in tools (`ossscope.tools.Browser` / `Python`, or ToolNamespaceConfigs), declared in
+    the system message's `# Tools` section.
     """
     from openai_harmony import Conversation, DeveloperContent, Message, Role, SystemContent
 
@@ -379,6 +387,8 @@ def render_prompt(
         system = system.with_model_identity(model_identity)
     if date is not None:
         system = system.with_conversation_start_date(date)
+    for builtin in builtin_tools:
+        system = system.with_tools(builtin.tool_config() if hasattr(builtin, "tool_config") else builtin)
     head = [Message.from_role_and_content(Role.SYSTEM, system)]
     tool_list = as_tools(tools)
     if instructions or tool_list or response_format:
@@ -413,11 +423,13 @@ def _add_response_format(tokens: list[int], section: str) -> list[int]:
     return tokens[:body_start] + enc.encode(text, allowed_special=set()) + tokens[body_end:]
 
 
-def render_tool_result(name: str, content: str) -> list[int]:
+def render_tool_result(name: str, content: str, channel: str = "commentary") -> list[int]:
     """Tokens that hand a tool's answer back and reopen the assistant's turn:
-    `<|start|>functions.NAME to=assistant<|channel|>commentary<|message|>CONTENT<|end|><|start|>assistant`."""
-    full_name = name if "." in name else f"functions.{name}"
-    message = to_harmony_message({"role": "tool", "name": full_name, "content": content})
+    `<|start|>functions.NAME to=assistant<|channel|>commentary<|message|>CONTENT<|end|><|start|>assistant`.
+    A bare NAME means functions.NAME, except the built-in `python` (and `browser`); built-in tools answer on
+    the channel of the call (`channel`)."""
+    full_name = name if "." in name or name in BUILTIN_NAMESPACES else f"functions.{name}"
+    message = to_harmony_message({"role": "tool", "name": full_name, "content": content, "channel": channel})
     enc = tk.harmony_encoding()
     return list(enc.render(message)) + [tk.START] + enc.encode("assistant", allowed_special=set())
 
