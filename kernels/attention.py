@@ -261,7 +261,7 @@ def _decode_step_kernel(
     sqkv, skb, skt, skh, svb, svt, svh, szb, szh, ssb, spb, sph,
     G: tl.constexpr, G_P2: tl.constexpr, G8: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, MERGE: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    WRITE_PATTERN: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    WRITE_PATTERN: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, KEYS_IN_ORDER: tl.constexpr,
 ):
     await_inputs(PDL)
     b, hk, split, heads, gmask = _program_heads(Hkv, G, G_P2)
@@ -291,6 +291,8 @@ def _decode_step_kernel(
         tl.store(v_ptr + b * svb + slot * svt + hk * svh + tl.arange(0, DH), v_new)
         if (b == 0) & (hk == 0):
             tl.store(kpos_ptr + slot, qpos)
+    if KEYS_IN_ORDER:  # the slots after the new one are empty: a cache that is larger than its use costs nothing
+        stop = tl.minimum(stop, slot + 1)
     m_i, l_i, acc = _attend_chunk(
         q, k_ptr, v_ptr, kpos_ptr, pat_ptr, b, hk, heads, gmask, qpos, start, stop, window, qk_scale,
         skb, skt, skh, svb, svt, svh, spb, sph, slot, k_new, v_new, G_P2, DH, BLOCK_N, HAS_WINDOW, WRITE_PATTERN,
@@ -457,7 +459,7 @@ def attention_decode_step(
     k_pos: torch.Tensor, slot: torch.Tensor, position: torch.Tensor, sinks: torch.Tensor, window: int | None,
     num_heads: int, need_pattern: bool = False, *, block_n: int = 64, splits: int | None = None,
     out: torch.Tensor | None = None, sink_out: torch.Tensor | None = None, pattern_out: torch.Tensor | None = None,
-    counters: torch.Tensor | None = None, pdl: bool = False,
+    counters: torch.Tensor | None = None, pdl: bool = False, keys_in_order: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """A decode step's whole attention in one kernel: `qkv_rope` into the cache, then `attention_decode`.
 
@@ -500,7 +502,8 @@ def attention_decode_step(
         z3.stride(1), sm.stride(0), *pat_strides,
         G=G, G_P2=max(16, triton.next_power_of_2(G)), G8=triton.next_power_of_2(G), HALF=Dh // 2, BLOCK_N=block_n,
         HAS_WINDOW=window is not None, WRITE_PATTERN=need_pattern, IEEE=qkv.dtype == torch.float32,
-        PDL=use_pdl(pdl, qkv), num_warps=4, launch_pdl=use_pdl(pdl, qkv), **split_flags,
+        PDL=use_pdl(pdl, qkv), num_warps=4, launch_pdl=use_pdl(pdl, qkv),
+        KEYS_IN_ORDER=keys_in_order and not need_pattern, **split_flags,
     )
     return z, sm.unsqueeze(-1), (pattern.unsqueeze(2) if pattern is not None else None)
 

@@ -1,10 +1,13 @@
 """python -m ossscope.bench: speed and memory of the fast path on random weights of the real shapes.
 
-Measures, at batch 1: decode tok/s from a `context`-token prompt with capture off, with router + sink
-records kept for every token, and with every layer's attention pattern captured too; prefill tok/s at the
-given lengths; time to first token; peak GPU memory; the bandwidth (decode) or FLOP rate (prefill) of each
-kernel against the device's ceilings; and with `--baseline hf` the same workload on Hugging Face
-transformers in bf16 (eager attention) in the same process, as ratios. Prints a table and writes JSON.
+Measures, at batch 1: `model.chat` through the user's path (the engine `ossscope.load` picks on a GPU, router +
+sink recorded for every token, after one warm chat): tok/s for 128 and 1,024 new tokens after a `context`-token
+prompt, and how soon a second chat's first token comes; the engine alone: decode tok/s from a `context`-token
+prompt with capture off, with router + sink records kept for every token, and with every layer's attention
+pattern captured too; prefill tok/s at the given lengths; time to first token; peak GPU memory; the bandwidth
+(decode) or FLOP rate (prefill) of each kernel against the device's ceilings (copy bandwidth and bf16 matmul
+rate, measured at the start of the run); and with `--baseline hf` the same workload on Hugging Face transformers
+in bf16 (eager attention) in the same process, as ratios. Prints a table and writes JSON.
 
 Random weights are drawn on the GPU in place (a 120b-shaped model never exists on the host).
 """
@@ -12,6 +15,7 @@ Random weights are drawn on the GPU in place (a 120b-shaped model never exists o
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -25,8 +29,26 @@ import torch
 from .config import GptOssConfig, resolve_config
 from .model import Model
 
-COPY_BANDWIDTH = 3.0e12  # bytes/s, H100 80GB HBM3 device-to-device copy (read + write), measured here
-BF16_RATE = 798e12  # FLOP/s, 8192^3 bf16 matmul on the same H100, measured here
+# Ceilings for "of peak": measured at the start of a run (`measure_ceilings`); until then an H100's figures
+# (device-to-device copy, bytes read + written per second; an 8192^3 bf16 matmul), which scripts/ also use.
+COPY_BANDWIDTH = 3.0e12
+BF16_RATE = 798e12
+CEILINGS = {"copy_bytes_per_s": COPY_BANDWIDTH, "bf16_flop_per_s": BF16_RATE}
+
+
+@torch.no_grad()
+def measure_ceilings() -> dict[str, float]:
+    """This GPU's device-to-device copy bandwidth (bytes read + written per second, 2 GiB copied) and bf16 matmul
+    rate (8192^3), both medians over repeated runs; they replace the defaults in CEILINGS."""
+    src = torch.empty(2**30, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    t = cuda_time(lambda: dst.copy_(src), reps=10, warmup=2)
+    copy = 2 * src.numel() * src.element_size() / t
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = cuda_time(lambda: a @ b, reps=10, warmup=2)
+    CEILINGS.update(copy_bytes_per_s=copy, bf16_flop_per_s=2 * 8192**3 / t)
+    return dict(CEILINGS)
 
 
 # -- set-up ----------------------------------------------------------------------------------------------------
@@ -129,7 +151,7 @@ def bench_kernels(model: Model, context: int, prefill_tokens: int) -> list[dict[
     t = graph_time([moe(layer) for layer in range(L)])
     b = k * expert_bytes(c)
     rows.append({"kernel": f"moe_experts decode (1 token x {k} experts)", "us": t * 1e6, "bytes": b,
-                 "TB/s": b / t / 1e12, "of_peak": b / t / COPY_BANDWIDTH})
+                 "TB/s": b / t / 1e12, "of_peak": b / t / CEILINGS["copy_bytes_per_s"]})
 
     caches = [torch.randn(2, 1, context, c.num_key_value_heads, c.head_dim, device=dev, generator=gen)
               .to(model.dtype) for _ in range(L)]
@@ -146,7 +168,7 @@ def bench_kernels(model: Model, context: int, prefill_tokens: int) -> list[dict[
     t = graph_time([attn(layer) for layer in range(L)])
     b = context * c.kv_width * 2 * 2
     rows.append({"kernel": f"attention_decode ({context} keys, full layer)", "us": t * 1e6, "bytes": b,
-                 "TB/s": b / t / 1e12, "of_peak": b / t / COPY_BANDWIDTH})
+                 "TB/s": b / t / 1e12, "of_peak": b / t / CEILINGS["copy_bytes_per_s"]})
 
     def projections(layer: int, linear):
         a = model.blocks[layer].attn
@@ -156,11 +178,11 @@ def bench_kernels(model: Model, context: int, prefill_tokens: int) -> list[dict[
     for name, linear in (("kernels.linear", kernels.linear), ("cuBLAS", torch.nn.functional.linear)):
         t = graph_time([projections(layer, linear) for layer in range(L)])
         rows.append({"kernel": f"qkv + out projections ({name})", "us": t * 1e6, "bytes": b, "TB/s": b / t / 1e12,
-                     "of_peak": b / t / COPY_BANDWIDTH})
+                     "of_peak": b / t / CEILINGS["copy_bytes_per_s"]})
     t = graph_time([lambda: model.unembed(x)], reps=20)
     b = c.vocab_size * D * 2
     rows.append({"kernel": "unembedding (cuBLAS)", "us": t * 1e6, "bytes": b, "TB/s": b / t / 1e12,
-                 "of_peak": b / t / COPY_BANDWIDTH})
+                 "of_peak": b / t / CEILINGS["copy_bytes_per_s"]})
 
     # Prefill shapes: FLOP rates.
     T = prefill_tokens
@@ -170,7 +192,7 @@ def bench_kernels(model: Model, context: int, prefill_tokens: int) -> list[dict[
     t = cuda_time(moe(0, xs, ti, tw), reps=5, warmup=1)
     flops = T * k * 2 * (D * 2 * c.intermediate_size + c.intermediate_size * D)
     rows.append({"kernel": f"moe_experts prefill ({T} tokens)", "us": t * 1e6, "TFLOP/s": flops / t / 1e12,
-                 "of_peak": flops / t / BF16_RATE})
+                 "of_peak": flops / t / CEILINGS["bf16_flop_per_s"]})
     qs = torch.randn(1, T, c.num_attention_heads, c.head_dim, device=dev, generator=gen).to(model.dtype)
     ks, vs = (torch.randn(1, T, c.num_key_value_heads, c.head_dim, device=dev, generator=gen).to(model.dtype)
               for _ in range(2))
@@ -178,7 +200,7 @@ def bench_kernels(model: Model, context: int, prefill_tokens: int) -> list[dict[
     t = cuda_time(lambda: kernels.attention_prefill(qs, ks, vs, sinks, pos, pos, None), reps=5)
     flops = 4 * T * (T + 1) / 2 * c.num_attention_heads * c.head_dim
     rows.append({"kernel": f"attention_prefill ({T} tokens, causal)", "us": t * 1e6, "TFLOP/s": flops / t / 1e12,
-                 "of_peak": flops / t / BF16_RATE})
+                 "of_peak": flops / t / CEILINGS["bf16_flop_per_s"]})
     return rows
 
 
@@ -187,6 +209,7 @@ def bench_ours(model: Model, context: int, steps: int, prefill_lengths: list[int
     from ossscope import fast
 
     fast.use_kernels(model)
+    prefill = functools.partial(fast.prefill, fused=True)
     c, dev = model.config, model.device
     out: dict[str, Any] = {}
     gen = torch.Generator(device=dev).manual_seed(2)
@@ -194,12 +217,12 @@ def bench_ours(model: Model, context: int, steps: int, prefill_lengths: list[int
     def prompt(T: int) -> torch.Tensor:
         return torch.randint(0, c.vocab_size, (1, T), device=dev, generator=gen)
 
-    fast.prefill(model, prompt(300), model.new_cache(1, 300))  # compile the prefill kernels
+    prefill(model, prompt(300), model.new_cache(1, 300))  # compile the prefill kernels
     ids = prompt(context)
 
     def first_token():
         cache = model.new_cache(1, context + 1)
-        return fast.prefill(model, ids, cache).argmax(-1)
+        return prefill(model, ids, cache).argmax(-1)
 
     out["ttft_ms"] = cuda_time(first_token, reps=5) * 1e3
 
@@ -210,7 +233,7 @@ def bench_ours(model: Model, context: int, steps: int, prefill_lengths: list[int
         torch.cuda.reset_peak_memory_stats()
 
         def run(ids_T=ids_T, T=T):
-            return fast.prefill(model, ids_T, model.new_cache(1, T))
+            return prefill(model, ids_T, model.new_cache(1, T))
 
         seconds = cuda_time(run, reps=3 if T <= 4096 else 2, warmup=1)
         out[f"prefill_tok_s[{T}]"] = T / seconds
@@ -218,7 +241,7 @@ def bench_ours(model: Model, context: int, steps: int, prefill_lengths: list[int
     # Decode: one cache, three modes one after another (the context grows by a few hundred tokens).
     warm = 4
     cache = model.new_cache(1, context + 3 * (steps + warm) + 8)
-    fast.prefill(model, ids, cache)
+    prefill(model, ids, cache)
     decoders = {}
     for mode in ("off", "router+sink", "pattern"):
         if mode != "router+sink":
@@ -250,9 +273,50 @@ def bench_ours(model: Model, context: int, steps: int, prefill_lengths: list[int
         T = min(prefill_lengths)
         ids_T = prompt(T)
         gc.collect()
-        seconds = cuda_time(lambda: fast.prefill(model, ids_T, model.new_cache(1, T)), reps=3, warmup=1)
+        seconds = cuda_time(lambda: prefill(model, ids_T, model.new_cache(1, T)), reps=3, warmup=1)
         out[f"prefill_tok_s[{T}, after decode]"] = T / seconds
 
+    return out
+
+
+@torch.no_grad()
+def bench_chat(model: Model, context: int, new_tokens: list[int]) -> dict[str, Any]:
+    """`model.chat` as a user calls it, on the engine `ossscope.load` picks on a GPU (the kernels): a user message
+    that makes the prompt about `context` tokens, the default sampling (temperature 1), router + sink recorded for
+    every token (always, in a chat). Each length is chatted once to warm up (that captures its graphs), then timed:
+    tok/s over the whole call, the decode rate between the first and last token, and the first token's delay."""
+    from .engine import set_engine
+
+    engine = set_engine(model, "kernels")
+    out: dict[str, Any] = {}
+    sentence = "Why is the sky blue, and why are sunsets red? "
+    per_sentence = len(model.tokenizer.encode(sentence))
+    long_message = sentence * max(1, (context - 100) // per_sentence)
+
+    def timed(message: str, n: int, seed: int) -> tuple[Any, float, list[float]]:
+        times: list[float] = []
+        t0 = time.perf_counter()
+        trace = model.chat(message, max_new_tokens=n, seed=seed, on_token=lambda e: times.append(time.perf_counter()))
+        return trace, time.perf_counter() - t0, [t - t0 for t in times]
+
+    for n in new_tokens:
+        timed(long_message, n, seed=0)  # warm: compiles, captures this cache bucket's graph
+        trace, seconds, times = timed(long_message, n, seed=1)
+        generated = len(trace.tokens)
+        out[f"chat_tok_s[{n} new]"] = generated / seconds
+        out[f"chat_decode_tok_s[{n} new]"] = (generated - 1) / (times[-1] - times[0]) if generated > 1 else None
+        out[f"chat_first_token_ms[{n} new]"] = times[0] * 1e3
+        out[f"chat_generated[{n} new]"] = generated
+    out["chat_prompt_tokens"] = len(trace.prompt_tokens)
+    short = "Why is the sky blue?"
+    timed(short, 16, seed=0)
+    trace, _, times = timed(short, 16, seed=2)
+    out["chat_second_start_ms[short prompt]"] = times[0] * 1e3
+    out["chat_short_prompt_tokens"] = len(trace.prompt_tokens)
+    out["chat_graphs_captured"] = engine.captures
+    out["chat_capture_seconds"] = engine.capture_seconds
+    out["chat_graph_steps_share"] = engine.graph_steps / max(1, engine.steps)
+    engine.clear_pool()
     return out
 
 
@@ -339,9 +403,12 @@ def print_table(report: dict[str, Any]) -> None:
     for row in report["kernels"]:
         print(f"{row['kernel']:44} {row['us']:>9.1f} {_fmt(row.get('TB/s')) if 'TB/s' in row else '':>6} "
               f"{_fmt(row.get('TFLOP/s')) if 'TFLOP/s' in row else '':>8} {row['of_peak']:>8.0%}")
-    floor = report["decode_bytes_per_token"]
-    print(f"\nbytes per decode token {sum(floor.values()) / 1e9:.2f} GB -> bandwidth floor "
-          f"{COPY_BANDWIDTH / sum(floor.values()):,.0f} tok/s at {COPY_BANDWIDTH / 1e12:.1f} TB/s")
+    floor, ceilings = report["decode_bytes_per_token"], report["ceilings"]
+    bandwidth = ceilings["copy_bytes_per_s"]
+    print(f"\nceilings measured here: copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul "
+          f"{ceilings['bf16_flop_per_s'] / 1e12:.0f} TFLOP/s")
+    print(f"bytes per decode token {sum(floor.values()) / 1e9:.2f} GB -> bandwidth floor "
+          f"{bandwidth / sum(floor.values()):,.0f} tok/s at {bandwidth / 1e12:.2f} TB/s")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -349,6 +416,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--preset", default="gpt-oss-20b", help="model shape (a preset name)")
     parser.add_argument("--context", type=int, default=1024, help="prompt length before decoding")
     parser.add_argument("--decode-steps", type=int, default=128)
+    parser.add_argument("--chat-tokens", type=int, nargs="*", default=[128, 1024], help="new tokens per timed chat")
     parser.add_argument("--prefill", type=int, nargs="*", default=[2048, 8192], help="prefill lengths")
     parser.add_argument("--baseline", choices=["none", "hf"], default="none")
     parser.add_argument("--no-kernels", action="store_true", help="skip the per-kernel table")
@@ -359,6 +427,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import triton
 
     config = resolve_config(args.preset)
+    ceilings = measure_ceilings()
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     model = random_model_on_gpu(config, name=args.preset)
@@ -366,8 +436,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "preset": args.preset, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
         "triton": triton.__version__, "decode_bytes_per_token": decode_bytes(config, args.context),
+        "ceilings": ceilings,
     }
     ours = {"load_seconds": time.perf_counter() - t0, "weights_GiB": torch.cuda.memory_allocated() / 2**30}
+    if args.chat_tokens:
+        ours.update(bench_chat(model, args.context, args.chat_tokens))
     ours.update(bench_ours(model, args.context, args.decode_steps, args.prefill))
     ours["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
     report["ours"] = ours

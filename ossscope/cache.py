@@ -93,5 +93,12 @@ class KVCache:
     def advance(self, new_tokens: int) -> None:
         self.length += new_tokens
 
+    def reset(self) -> None:
+        """Empty the cache in place (its buffers, and any CUDA graph that reads them, stay valid)."""
+        self.length = 0
+        for layer in self.layers:
+            layer.pos.fill_(-1)
+            layer.filled = 0
+
     def __repr__(self) -> str:
         return f"KVCache(batch={self.batch_size}, length={self.length}, max_len={self.max_len})"

@@ -6,11 +6,14 @@ the tool's answer (`<|start|>functions.NAME to=assistant<|channel|>commentary<|m
 `<|start|>assistant`, and let it continue, until a final answer (`<|return|>`), the token budget, the tool-call
 budget or the context runs out. Everything the model produces is kept, malformed or not: problems land in
 `Trace.parse_errors` and in each `ToolCall.error` (which is also what the model is told), never in an exception.
+
+harmony's built-in tools (`browser.*`, `python`: `ossscope.tools`) go through the same loop: `_run_tool` hands
+their calls to `ossscope.tools.base.run_builtin`, and they answer on the call's channel. With a response format,
+`ossscope.structured` holds the final message to its schema (the Decoder masks the logits before sampling).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -18,10 +21,12 @@ from typing import Any
 
 import torch
 
-from ossscope import harmony, toolcall
+from ossscope import harmony, structured, toolcall
 from ossscope import tokenizer as tk
 from ossscope.cache import ContextLimitError
-from ossscope.generation import Decoder, StepFn, TokenEvent
+from ossscope.engine import Engine
+from ossscope.generation import Decoder, TokenEvent
+from ossscope.tools import base as builtin_tools
 from ossscope.trace import ToolCall, Trace
 
 TOOL_RESERVE = 4096  # cache room kept for tool answers beyond the prompt and the generation budget
@@ -70,7 +75,7 @@ def chat(
     max_tool_calls: int = 8,
     model_identity: str | None = None,
     date: str | None = None,
-    step_fn: StepFn | None = None,
+    engine: Engine | None = None,
 ) -> Trace | ChatStream:
     """Talk to the model in harmony and return the Trace of what it generated and did inside.
 
@@ -78,17 +83,21 @@ def chat(
         e.g. a previous `trace.messages` plus a new user turn).
     reasoning: "low" | "medium" | "high", written into the system message.
     developer: developer instructions. tools: Python functions the model may call (schema from the signature,
-        type hints and docstring). response_format: {"name", "schema"} for structured output.
+        type hints and docstring), and harmony's built-in tools `ossscope.tools.Browser(corpus)` / `Python()`
+        (declared in the system message; their state, the browser's pages and the kernel, outlives the chat).
+        response_format: {"name", "schema"} for structured output.
     max_new_tokens: budget of generated tokens for the whole chat (all turns of the tool loop).
     temperature 0 is greedy; the default 1.0 / top_p 1.0 is gpt-oss's recommended sampling. seed: drawn and
         recorded in trace.metadata when None, so any chat can be replayed.
     capture: extra hook names (or a predicate) to record per generated token, into trace.captured.
     stream: return a ChatStream of token events instead (its .trace holds the Trace); on_token(event) is
         called for every token either way.
+    engine: what runs the forward passes; default `model.engine` (chosen at load: the Triton kernels with CUDA
+        graphs on a GPU, the torch reference elsewhere; `ossscope.engine`).
     """
     run = _ChatRun(
         model, messages_or_text, reasoning, developer, tools, max_new_tokens, temperature, top_p, seed, capture,
-        on_token, response_format, max_tool_calls, model_identity, date, step_fn,
+        on_token, response_format, max_tool_calls, model_identity, date, engine,
     )  # fmt: skip
     if stream:
         return ChatStream(run)
@@ -102,7 +111,7 @@ class _ChatRun:
 
     def __init__(
         self, model, messages_or_text, reasoning, developer, tools, max_new_tokens, temperature, top_p, seed,
-        capture, on_token, response_format, max_tool_calls, model_identity, date, step_fn,
+        capture, on_token, response_format, max_tool_calls, model_identity, date, engine,
     ):  # fmt: skip
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -115,19 +124,22 @@ class _ChatRun:
                 "to speak harmony"
             )
         self.reasoning = str(reasoning).lower()
+        self.builtins, tools = builtin_tools.split_tools(tools)  # harmony's browser/python (ossscope.tools)
         self.tools = {tool.name: tool for tool in harmony.as_tools(tools)}
         self.max_new_tokens = max_new_tokens
         self.max_tool_calls = max_tool_calls
         self.on_token = on_token
         self.inputs = _input_messages(messages_or_text, developer)
         self.prompt = harmony.render_prompt(
-            messages_or_text, reasoning, developer, list(self.tools.values()), response_format, model_identity, date
+            messages_or_text, reasoning, developer, list(self.tools.values()), response_format, model_identity, date,
+            builtin_tools=builtin_tools.tool_configs(self.builtins),
         )
         self.prompt_ids = self.tokenizer.to_model(self.prompt)
         limit = model.config.max_context
         if len(self.prompt) >= limit:
             raise ContextLimitError(f"the prompt has {len(self.prompt)} tokens; the model's context limit is {limit}")
-        reserve = TOOL_RESERVE if self.tools else 512  # a model may call a tool it was not given: room to say so
+        # a model may call a tool it was not given: room to say so
+        reserve = TOOL_RESERVE if self.tools or self.builtins else 512
         self.decoder = Decoder(
             model,
             batch_size=1,
@@ -136,7 +148,14 @@ class _ChatRun:
             top_p=top_p,
             seed=seed,
             capture=capture,
-            step_fn=step_fn,
+            engine=engine,
+        )
+        # The harmony parser of each assistant turn, fed token by token as they come (the trace reuses them).
+        self.parsers = [harmony.HarmonyStreamParser(role="assistant", offset=0)]
+        self.channels: list[str] = []
+        # Structured Outputs: the final message held to the response format's schema (ossscope.structured)
+        self.decoder.constraint, self.structured_note = structured.constraint_for(
+            response_format, self.tokenizer, model.config.vocab_size
         )
         self.turn_starts = [0]  # index into the generated tokens where each assistant turn starts
         self.tool_calls: list[ToolCall] = []
@@ -152,44 +171,52 @@ class _ChatRun:
         decoder = self.decoder
         try:
             decoder.feed([self.prompt_ids])
-            while True:
-                if len(decoder.tokens[0]) >= self.max_new_tokens:
+            while self.stop_reason == "interrupted":
+                budget = self.max_new_tokens - len(decoder.tokens[0])
+                if budget < 1:
                     self.stop_reason = "length"
                     return
                 if decoder.room < 1:
                     self.stop_reason = "context"
                     self.problems.append("the context is full")
                     return
-                model_id = decoder.step()[0]
-                index = len(decoder.tokens[0]) - 1
-                token = self.tokenizer.to_o200k([model_id])[0]
-                call = None
-                if decoder.done[0]:
-                    call = self._end_of_turn(token, index)
-                event = TokenEvent(
-                    step=index,
-                    token=token,
-                    text=self.tokenizer.token_texts_o200k([token])[0],
-                    channel=decoder.channels[0][index],
-                    tokens=[model_id],
-                    record=decoder.router_row(len(decoder.rows) - 1, 0),
-                    finished=self.stop_reason != "interrupted",
-                    tool_call=call,
-                )
-                if self.on_token is not None:
-                    self.on_token(event)
-                yield event
-                if event.finished:
-                    return
+                for step in decoder.run(budget):
+                    model_id = step.tokens[0]
+                    index = len(decoder.tokens[0]) - 1
+                    token = self.tokenizer.to_o200k([model_id])[0]
+                    self.channels.append(self.parsers[-1].feed(token))
+                    call = None
+                    if decoder.done[0]:
+                        call = self._end_of_turn(token, index)
+                    elif step.last:  # the budget or the cache ran out mid-turn
+                        self.stop_reason = "length" if len(decoder.tokens[0]) >= self.max_new_tokens else "context"
+                        if self.stop_reason == "context":
+                            self.problems.append("the context is full")
+                    event = TokenEvent(
+                        step=index,
+                        token=token,
+                        text=self.tokenizer.token_texts_o200k([token])[0],
+                        channel=self.channels[index],
+                        tokens=[model_id],
+                        record={name: step.record[name][0] for name in ("router_indices", "router_weights", "sink")},
+                        finished=self.stop_reason != "interrupted",
+                        tool_call=call,
+                    )
+                    if self.on_token is not None:
+                        self.on_token(event)
+                    yield event
+                    if event.finished:
+                        return
         finally:
             self.elapsed += time.perf_counter() - started
+            decoder.close()
 
     def _end_of_turn(self, token: int, index: int) -> ToolCall | None:
         """The model stopped (<|return|> or <|call|>): finish, or run the tool and open the next turn."""
         if token != tk.CALL:
             self.stop_reason = "return"
             return None
-        parser = self.decoder.parsers[0]
+        parser = self.parsers[-1]
         message = parser.messages[-1] if parser.messages else None
         if message is None or message["token_range"][1] != index + 1:
             self.problems.append(f"token {index}: <|call|> ends no message; nothing to call")
@@ -203,21 +230,25 @@ class _ChatRun:
         self.tool_calls.append(call)
         answer = call.result if call.error is None else json.dumps({"error": call.error})
         recipient = message["recipient"] or f"functions.{call.name}"
-        tokens = harmony.render_tool_result(recipient, answer)
+        channel = builtin_tools.answer_channel(self.builtins, message)  # built-in tools answer on the call's
+        tokens = harmony.render_tool_result(recipient, answer, channel)
         if len(tokens) > self.decoder.room - 1:
             self.problems.append(f"token {index}: the answer of {recipient} ({len(tokens)} tokens) does not fit")
             self.stop_reason = "context"
             return call
         self.decoder.feed([self.tokenizer.to_model(tokens)])
-        self.inserts.append({"after": index, "tokens": tokens, "recipient": recipient})
-        self.decoder.start_turn("assistant")
-        self.decoder.done[0] = False
+        self.inserts.append({"after": index, "tokens": tokens, "recipient": recipient, "channel": channel})
+        self.decoder.resume(0)
+        self.parsers.append(harmony.HarmonyStreamParser(role="assistant", offset=index + 1))
         self.turn_starts.append(index + 1)
         return call
 
     def _run_tool(self, message: dict[str, Any], index: int) -> ToolCall:
         """Call the Python function named by the message; every failure becomes `error` (told to the model)."""
         recipient = message["recipient"] or ""
+        builtin = builtin_tools.builtin_for(self.builtins, recipient)  # browser.* / python: ossscope.tools
+        if builtin is not None:
+            return builtin_tools.run_builtin(builtin, message, index)
         namespace, _, name = recipient.partition(".")
         call = ToolCall(name=name or recipient, arguments=message["content"], token_index=index)
         if not recipient:
@@ -225,7 +256,7 @@ class _ChatRun:
             return call
         tool = self.tools.get(name) if namespace == "functions" else None
         if tool is None:
-            available = ", ".join(f"functions.{n}" for n in self.tools) or "none"
+            available = ", ".join([f"functions.{n}" for n in self.tools] + list(self.builtins)) or "none"
             call.error = f"unknown tool {recipient!r}; available tools: {available}"
             return call
         text = message["content"].strip()
@@ -262,17 +293,16 @@ class _ChatRun:
         tokens = self.tokenizer.to_o200k(model_ids)
         messages = [dict(m, source="prompt", token_range=None) for m in self.inputs]
         errors: list[str] = []
-        bounds = [*self.turn_starts, len(tokens)]
-        for turn, (start, end) in enumerate(itertools.pairwise(bounds)):
-            parser = harmony.HarmonyStreamParser(role="assistant", offset=start)
-            parser.feed_all(tokens[start:end])
+        for turn, live in enumerate(self.parsers):
+            parser = live.copy()  # finishing closes an open message: keep the live parser as it is
             messages += [dict(m, source="model") for m in parser.finish()]
             errors += parser.errors
             if turn < len(self.inserts):
                 insert = self.inserts[turn]
                 call = self.tool_calls[turn]
                 content = call.result if call.error is None else json.dumps({"error": call.error})
-                messages.append({"role": "tool", "name": insert["recipient"], "channel": "commentary",
+                channel = insert.get("channel", "commentary")
+                messages.append({"role": "tool", "name": insert["recipient"], "channel": channel,
                                  "recipient": "assistant", "content": content, "source": "tool",
                                  "token_range": None, "after": insert["after"]})  # fmt: skip
         produced = [m for m in messages if m["source"] == "model"]
@@ -283,7 +313,7 @@ class _ChatRun:
         return Trace(
             prompt_tokens=list(self.prompt),
             tokens=tokens,
-            channels=list(decoder.channels[0][:T]),
+            channels=list(self.channels[:T]),
             token_texts=self.tokenizer.token_texts_o200k(tokens),
             messages=messages,
             analysis=analysis,
@@ -326,9 +356,12 @@ class _ChatRun:
             "ablation": _jsonable(getattr(model, "active_ablation", {}) or {}),
             "steering": {str(layer): float(torch.linalg.vector_norm(v.float())) for layer, v in steering.items()},
             "tools": list(self.tools),
+            "builtin_tools": list(self.builtins),
+            "structured": decoder.constraint.record() if decoder.constraint is not None else self.structured_note,
             "response_format": self.metadata_extra["response_format"],
             "developer": self.metadata_extra["developer"],
             "stop_reason": self.stop_reason,
+            "engine": decoder.engine.describe(),
             "tool_inserts": [{"after": i["after"], "tokens": list(i["tokens"])} for i in self.inserts],
             "prompt_tokens_outside_vocab": unknown,
             "elapsed_s": round(self.elapsed, 4),

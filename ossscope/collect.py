@@ -584,6 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runner", help="module:function(model, prompt) -> Trace | PromptStats (not chat)")
     parser.add_argument("--device", help="default: this rank's GPU, else cpu")
     parser.add_argument("--dtype", help="default: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--engine", choices=("auto", "kernels", "torch"), default="auto",
+                        help="default auto: the Triton kernels with CUDA graphs on a GPU, else torch")
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first failing prompt")
     parser.add_argument("--merge-only", action="store_true", help="only write summary.json from what is done")
     return parser
@@ -628,9 +630,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import ossscope
 
     device = args.device or distributed.default_device()
-    model = ossscope.load(args.model, device=device, dtype=args.dtype, progress=rank == 0)
-    log(f"{model.name} on {model.device}: {len([p for p in prompts if p.index % world == rank])} of "
-        f"{len(prompts)} prompts are this rank's")
+    model = ossscope.load(args.model, device=device, dtype=args.dtype, progress=rank == 0, engine=args.engine)
+    mine = len([p for p in prompts if p.index % world == rank])
+    log(f"{model.name} on {model.device} ({model.engine.describe()}): {mine} of {len(prompts)} prompts are this rank's")
     result = collect(model, prompts, out, runner, args.mode, rank, world, args.fail_fast, log)
     log(f"finished: {len(result.done)} done, {len(result.skipped)} already done, {len(result.failed)} failed, "
         f"{len(result.elsewhere)} left to another collect")

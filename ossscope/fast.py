@@ -2,17 +2,15 @@
 
 - `use_kernels(model)` swaps every block's `attention_fn` / `experts_fn` for `ossscope.kernels` (hooks, ablation
   and steering keep working: they live in the model's own forward).
-- `prefill(model, ids, cache)` runs a prompt and unembeds only its last position (a 8k prompt would otherwise
-  make 3.3 GB of logits for the 20b vocabulary); with the kernels on and no hook active, on fused kernels.
+- `prefill(model, ids, cache, fused=...)` runs a prompt and unembeds only its last position (a 8k prompt would
+  otherwise make 3.3 GB of logits for the 20b vocabulary); fused and with no hook active, on fused kernels.
 - `GraphDecoder(model, cache)` replays one CUDA graph per decode step. Inside the graph the kernels write the
   router's choices and weights, each head's sink mass, optionally the attention pattern and chosen residual
   hooks, into static buffers. Ablation masks and steering vectors are read from buffers inside the graph, so
   changing them needs no re-capture.
-- `enable(model)` does all of it for `generate`/`chat`: kernels on, and `model.step_fn` = a `FastStep`, which
-  replays the graph for one-token steps and falls back to the (kernel) forward for anything else.
 
-Python hook functions cannot run inside a graph: one-token steps asking for hooks other than the router,
-sink and residual ones take the eager path (still on the kernels).
+`ossscope.engine.KernelEngine` puts these together for generation, chat and everything above them. Python hook
+functions cannot run inside a graph: there, steps with an active hook take the eager path (still on the kernels).
 """
 
 from __future__ import annotations
@@ -29,8 +27,11 @@ from .cache import KVCache
 
 RESIDUAL_HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
 _RESIDUAL_NAME = re.compile(r"^blocks\.(\d+)\.(" + "|".join(RESIDUAL_HOOKS) + r")$")
-_RECORD_NAME = re.compile(
-    r"^blocks\.(\d+)\.(mlp\.hook_topk_indices|mlp\.hook_topk_weights|mlp\.hook_router_logits|attn\.hook_sink)$")
+
+
+def residual_hook(name: str) -> bool:
+    """Whether `name` is a residual-stream hook (blocks.{l}.hook_resid_pre, ...) that GraphDecoder can record."""
+    return _RESIDUAL_NAME.match(name) is not None
 
 
 def _kernels():
@@ -58,16 +59,16 @@ def use_kernels(model: Any, enable: bool = True) -> Any:
         for block in model.blocks:
             block.attn.attention_fn = ops.attention
             block.mlp.experts_fn = ops.moe_experts
-    model.kernels_enabled = enable
     return model
 
 
 @torch.no_grad()
-def prefill(model: Any, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+def prefill(model: Any, input_ids: torch.Tensor, cache: KVCache | None = None, fused: bool = False) -> torch.Tensor:
     """Run `input_ids` [B, T] (continuing `cache` if given) and return the last position's logits [B, V].
 
     The same computation as `model(input_ids, cache)[:, -1]`, minus the unembedding of the other positions.
-    With the kernels on and no hook active, the layers run on the fused kernels (`_layers_on_kernels`).
+    With `fused` (the kernels must be on: `use_kernels`) and no hook active, the layers run on the fused
+    kernels (`fused_layers` with a `PrefillStage`); otherwise through the blocks' own code, hooks and all.
     """
     input_ids = model._check_input_ids(input_ids)
     B, T = input_ids.shape
@@ -78,8 +79,10 @@ def prefill(model: Any, input_ids: torch.Tensor, cache: KVCache | None = None) -
     positions = torch.arange(start, start + T, device=input_ids.device)
     freqs = positions.float()[:, None] * model.rope_inv_freq[None, :]
     cos, sin = freqs.cos() * model.rope_concentration, freqs.sin() * model.rope_concentration
-    if getattr(model, "kernels_enabled", False) and not any(hook.active for hook in model.hook_dict.values()):
-        h = _layers_on_kernels(model, input_ids, positions, cos, sin, cache)
+    if fused and not any(hook.active for hook in model.hook_dict.values()):
+        x = model.embed(input_ids)  # [B, T, D]
+        h = _kernels().rms_norm(x, model.blocks[0].attn.norm.scale, model.config.rms_norm_eps)
+        _, h = fused_layers(model, x, h, PrefillStage(model, positions, cos, sin, cache))
         logits = model.unembed(h[:, -1])  # [B, V]
     else:
         x = model.hook_embed(model.embed(input_ids))
@@ -91,37 +94,61 @@ def prefill(model: Any, input_ids: torch.Tensor, cache: KVCache | None = None) -
     return logits
 
 
-def _layers_on_kernels(
-    model: Any, input_ids: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    cache: KVCache | None,
-) -> torch.Tensor:
-    """What the blocks and the final norm compute (no hooks: none is active), on the fused kernels -> the final
-    norm's output [B, T, D]. Through the blocks' torch code a 2,048-token prompt took 2,334 launches (about 97
-    a layer) and the host needed about as long to issue them as the GPU to run them; here RoPE, each residual
-    update with the norm after it, and the routing are one kernel each (scripts/prefill_profile.py: the host's
-    part went from 65 to 49 ms on an H100, docs/PERFORMANCE.md). RoPE is computed in fp32 and rounded once, as
-    in the decoder (the torch path, like HF, rounds cos/sin and each product to the model's dtype)."""
-    kn, cfg = _kernels(), model.config
-    B, T = input_ids.shape
-    eps = cfg.rms_norm_eps
-    x = model.embed(input_ids)  # [B, T, D]
-    h = kn.rms_norm(x, model.blocks[0].attn.norm.scale, eps)
+def fused_layers(model: Any, x: torch.Tensor, h: torch.Tensor, stage: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every block on the fused kernels, written once for a prompt (`PrefillStage`) and a decode step
+    (`GraphDecoder`): x is the residual stream, h its first norm ([B, T, D] or [B, D]). Per layer: attention of h,
+    then one kernel for the residual update and the MoE's norm (with the router), the experts, then one kernel for
+    the residual update (plus steering) and the next layer's norm. The stage supplies what differs between many
+    tokens and one token per sequence: `attention(layer, block, h) -> attn_out`, `moe(layer, block, x, attn_out,
+    next_norm) -> (x, h)` and `keep(layer, hook, tensor)` (residual captures). Returns (x, the final norm's h)."""
     for layer, block in enumerate(model.blocks):
-        attn, mlp = block.attn, block.mlp
-        q, k, v = kn.qkv_rope(attn.qkv(h), cos, sin, cfg.num_attention_heads, cfg.num_key_value_heads)
-        k_pos = positions
-        if cache is not None:
-            k, v, k_pos = cache.layers[layer].update(k, v, positions)  # held keys, then these
-        z, _ = kn.attention_prefill(q, k, v, attn.sinks, positions, k_pos, attn.window)  # [B, T, H, Dh]
-        x, h = kn.add_rms_norm(x, attn.out(z.reshape(B, T, -1)), mlp.norm.scale, eps)
+        next_norm = model.blocks[layer + 1].attn.norm if layer + 1 < len(model.blocks) else model.ln_final
+        stage.keep(layer, "hook_resid_pre", x)
+        attn_out = stage.attention(layer, block, h)
+        stage.keep(layer, "hook_attn_out", attn_out)
+        x, h = stage.moe(layer, block, x, attn_out, next_norm)
+        stage.keep(layer, "hook_resid_post", x)
+    return x, h
+
+
+class PrefillStage:
+    """`fused_layers` for T tokens per sequence, continuing `cache` (no hooks: none is active).
+
+    Through the blocks' torch code a 2,048-token prompt took 2,334 launches (about 97 a layer) and the host needed
+    about as long to issue them as the GPU to run them; here RoPE, each residual update with the norm after it,
+    and the routing are one kernel each (scripts/prefill_profile.py: the host's part went from 65 to 49 ms on an
+    H100, docs/PERFORMANCE.md). RoPE is computed in fp32 and rounded once, as in the decoder (the torch path, like
+    HF, rounds cos/sin and each product to the model's dtype)."""
+
+    def __init__(self, model: Any, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 cache: KVCache | None) -> None:
+        self.kernels, self.model, self.cache = _kernels(), model, cache
+        self.positions, self.cos, self.sin = positions, cos, sin
+
+    def keep(self, layer: int, hook: str, x: torch.Tensor) -> None:
+        pass
+
+    def attention(self, layer: int, block: Any, h: torch.Tensor) -> torch.Tensor:
+        kn, cfg, attn = self.kernels, self.model.config, block.attn
+        B, T, _ = h.shape
+        q, k, v = kn.qkv_rope(attn.qkv(h), self.cos, self.sin, cfg.num_attention_heads, cfg.num_key_value_heads)
+        k_pos = self.positions
+        if self.cache is not None:
+            k, v, k_pos = self.cache.layers[layer].update(k, v, self.positions)  # held keys, then these
+        z, _ = kn.attention_prefill(q, k, v, attn.sinks, self.positions, k_pos, attn.window)  # [B, T, H, Dh]
+        return attn.out(z.reshape(B, T, -1))  # [B, T, D]
+
+    def moe(self, layer: int, block: Any, x: torch.Tensor, attn_out: torch.Tensor, next_norm: Any
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        kn, cfg, mlp = self.kernels, self.model.config, block.mlp
+        B, T, D = x.shape
+        x, h = kn.add_rms_norm(x, attn_out, mlp.norm.scale, cfg.rms_norm_eps)
         indices, weights = kn.route(mlp.gate(h), cfg.experts_per_token, mlp.reroute_mask if mlp.rerouting else None,
                                     mlp.zero_mask if mlp.zeroing else None)  # [B, T, k]
-        y = kn.moe_experts(h.reshape(B * T, -1), indices.reshape(B * T, -1), weights.reshape(B * T, -1),
+        y = kn.moe_experts(h.reshape(B * T, D), indices.reshape(B * T, -1), weights.reshape(B * T, -1),
                            mlp.mlp1_blocks, mlp.mlp1_scales, mlp.mlp1_bias, mlp.mlp2_blocks, mlp.mlp2_scales,
                            mlp.mlp2_bias, cfg.swiglu_limit, cfg.swiglu_alpha)  # [B * T, D]
-        next_norm = model.blocks[layer + 1].attn.norm if layer + 1 < len(model.blocks) else model.ln_final
-        x, h = kn.add_rms_norm(x, y.view(B, T, -1), next_norm.scale, eps, block.steering_vector)
-    return h
+        return kn.add_rms_norm(x, y.view(B, T, D), next_norm.scale, cfg.rms_norm_eps, block.steering_vector)
 
 
 class GraphDecoder:
@@ -186,65 +213,68 @@ class GraphDecoder:
             self._capture()
 
     # -- the step ------------------------------------------------------------------------------------------
-    def _keep(self, layer: int, hook: str, x: torch.Tensor) -> None:
+    def keep(self, layer: int, hook: str, x: torch.Tensor) -> None:
         buffer = self._keep_at.get((layer, hook))
         if buffer is not None:
             buffer.copy_(x)
 
     def _body(self) -> torch.Tensor:
         """One decode step from the static inputs (tokens, position) to logits [B, V]; capturable."""
-        kn, m, cfg, B = self.kernels, self.model, self.model.config, self.batch
-        H, k, eps = cfg.num_attention_heads, cfg.experts_per_token, cfg.rms_norm_eps
+        kn, m = self.kernels, self.model
         pos = self.position  # [1]
         freqs = pos.float()[:, None] * m.rope_inv_freq[None, :]  # [1, Dh/2]
-        cos = (freqs.cos() * m.rope_concentration).contiguous()
-        sin = (freqs.sin() * m.rope_concentration).contiguous()
-        ring_slot = torch.remainder(pos, self._ring_slots)
+        self._cos = (freqs.cos() * m.rope_concentration).contiguous()
+        self._sin = (freqs.sin() * m.rope_concentration).contiguous()
+        self._ring_slot = torch.remainder(pos, self._ring_slots)
         x = F.embedding(self.tokens, m.embed.weight)  # [B, D]
         # Every kernel below launches with PDL (kernels/_common.py): it starts while the one before runs.
-        h = kn.rms_norm(x, m.blocks[0].attn.norm.scale, eps, pdl=True)
-        for layer, block in enumerate(m.blocks):
-            attn, mlp, lc = block.attn, block.mlp, self.cache.layers[layer]
-            self._keep(layer, "hook_resid_pre", x)
-            qkv = kn.linear(h, attn.qkv.weight, attn.qkv.bias, pdl=True)  # [B, (H + 2 Hkv) Dh]
-            # RoPE, the cache write and the attention, one kernel (kernels/attention.py)
-            z, _, _ = kn.attention_decode_step(
-                qkv, cos, sin, lc.k, lc.v, lc.pos, ring_slot if lc.ring else pos, pos, attn.sinks, attn.window, H,
-                need_pattern=self.patterns is not None, sink_out=self.sink[layer],
-                pattern_out=self.patterns[layer] if self.patterns is not None else None, counters=self._counters,
-                pdl=True)  # z [B, 1, H, Dh]
-            attn_out = kn.linear(z.view(B, -1), attn.out.weight, attn.out.bias, pdl=True)  # [B, D]
-            self._keep(layer, "hook_attn_out", attn_out)
-            # The norm also gives the router's logits, and the MoE kernels route from them themselves.
-            experts = (mlp.mlp1_blocks, mlp.mlp1_scales, mlp.mlp1_bias, mlp.mlp2_blocks, mlp.mlp2_scales,
-                       mlp.mlp2_bias, cfg.swiglu_limit, cfg.swiglu_alpha)
-            routing = dict(indices_out=self.router_indices[layer], weights_out=self.router_weights[layer], pdl=True)
-            router = dict(router=(mlp.gate.weight, mlp.gate.bias), logits_out=self.router_logits[layer], pdl=True)
-            next_norm = m.blocks[layer + 1].attn.norm if layer + 1 < len(m.blocks) else m.ln_final
-            # The residual update after the MoE: the weighted sum over the k experts' outputs (fp32 parts
-            # [B * k * splits, D], kernels/moe.py) plus steering, and the next norm.
-            update = dict(scale=next_norm.scale, eps=eps, extra=self.steering[layer],
-                          delta_out=self._keep_at.get((layer, "hook_mlp_out")))
-            if self.tensor_cores:
-                x, h = kn.add_rms_norm(x, attn_out, mlp.norm.scale, eps, slices_out=self._h_slices, **router)
-                self._keep(layer, "hook_resid_mid", x)
-                # The down kernel's last program to finish does the residual update too: no launch of its own.
-                x_next, h = torch.empty_like(x), torch.empty_like(x)
-                kn.moe_decode_slices(
-                    self._h_slices, None, *experts, router_logits=self.router_logits[layer], k=k,
-                    reroute_mask=mlp.reroute_mask, zero_mask=mlp.zero_mask, act_slices=self._act_slices,
-                    then_norm=dict(x=x, residual_out=x_next, out=h, counters=self._moe_counters, **update),
-                    **routing)
-                x = x_next
-            else:
-                h_words = torch.empty(B, h.shape[-1], device=h.device, dtype=torch.float32)  # h for the MoE kernels
-                x, h = kn.add_rms_norm(x, attn_out, mlp.norm.scale, eps, words_out=h_words, **router)
-                self._keep(layer, "hook_resid_mid", x)
-                parts, _, weights = kn.moe_decode_routed(h_words, self.router_logits[layer], k, *experts,
-                                                         mlp.reroute_mask, mlp.zero_mask, **routing)
-                x, h = kn.add_rms_norm(x, parts, weights=weights, pdl=True, **update)
-            self._keep(layer, "hook_resid_post", x)
+        h = kn.rms_norm(x, m.blocks[0].attn.norm.scale, m.config.rms_norm_eps, pdl=True)
+        _, h = fused_layers(m, x, h, self)
         return F.linear(h, m.unembed.weight)  # [B, V]
+
+    def attention(self, layer: int, block: Any, h: torch.Tensor) -> torch.Tensor:
+        """`fused_layers`' attention for one token per sequence: h [B, D] -> attn_out [B, D]."""
+        kn, attn, lc, pos = self.kernels, block.attn, self.cache.layers[layer], self.position
+        qkv = kn.linear(h, attn.qkv.weight, attn.qkv.bias, pdl=True)  # [B, (H + 2 Hkv) Dh]
+        # RoPE, the cache write and the attention, one kernel (kernels/attention.py)
+        z, _, _ = kn.attention_decode_step(
+            qkv, self._cos, self._sin, lc.k, lc.v, lc.pos, self._ring_slot if lc.ring else pos, pos, attn.sinks,
+            attn.window, self.model.config.num_attention_heads, need_pattern=self.patterns is not None,
+            sink_out=self.sink[layer], pattern_out=self.patterns[layer] if self.patterns is not None else None,
+            counters=self._counters, pdl=True, keys_in_order=not lc.ring)  # z [B, 1, H, Dh]
+        return kn.linear(z.view(self.batch, -1), attn.out.weight, attn.out.bias, pdl=True)  # [B, D]
+
+    def moe(self, layer: int, block: Any, x: torch.Tensor, attn_out: torch.Tensor, next_norm: Any
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`fused_layers`' MoE for one token per sequence, recording the routing: (x, h) [B, D] each."""
+        kn, cfg, mlp = self.kernels, self.model.config, block.mlp
+        k, eps = cfg.experts_per_token, cfg.rms_norm_eps
+        # The norm also gives the router's logits, and the MoE kernels route from them themselves.
+        experts = (mlp.mlp1_blocks, mlp.mlp1_scales, mlp.mlp1_bias, mlp.mlp2_blocks, mlp.mlp2_scales,
+                   mlp.mlp2_bias, cfg.swiglu_limit, cfg.swiglu_alpha)
+        routing = dict(indices_out=self.router_indices[layer], weights_out=self.router_weights[layer], pdl=True)
+        router = dict(router=(mlp.gate.weight, mlp.gate.bias), logits_out=self.router_logits[layer], pdl=True)
+        # The residual update after the MoE: the weighted sum over the k experts' outputs (fp32 parts
+        # [B * k * splits, D], kernels/moe.py) plus steering, and the next norm.
+        update = dict(scale=next_norm.scale, eps=eps, extra=self.steering[layer],
+                      delta_out=self._keep_at.get((layer, "hook_mlp_out")))
+        if self.tensor_cores:
+            x, h = kn.add_rms_norm(x, attn_out, mlp.norm.scale, eps, slices_out=self._h_slices, **router)
+            self.keep(layer, "hook_resid_mid", x)
+            # The down kernel's last program to finish does the residual update too: no launch of its own.
+            x_next, h = torch.empty_like(x), torch.empty_like(x)
+            kn.moe_decode_slices(
+                self._h_slices, None, *experts, router_logits=self.router_logits[layer], k=k,
+                reroute_mask=mlp.reroute_mask, zero_mask=mlp.zero_mask, act_slices=self._act_slices,
+                then_norm=dict(x=x, residual_out=x_next, out=h, counters=self._moe_counters, **update),
+                **routing)
+            return x_next, h
+        h_words = torch.empty(self.batch, x.shape[-1], device=x.device, dtype=torch.float32)  # h for the MoE kernels
+        x, h = kn.add_rms_norm(x, attn_out, mlp.norm.scale, eps, words_out=h_words, **router)
+        self.keep(layer, "hook_resid_mid", x)
+        parts, _, weights = kn.moe_decode_routed(h_words, self.router_logits[layer], k, *experts,
+                                                 mlp.reroute_mask, mlp.zero_mask, **routing)
+        return kn.add_rms_norm(x, parts, weights=weights, pdl=True, **update)
 
     def _slots_at(self, position: int) -> list[tuple[Any, int]]:
         return [(lc, position % lc.slots if lc.ring else position) for lc in self.cache.layers]
@@ -295,63 +325,3 @@ class GraphDecoder:
             lc.filled = min(lc.slots, lc.filled + 1)
         self.cache.advance(1)
         return self.logits
-
-    def kept(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        """The last step's tensors for hook `names` in `forward_and_capture`'s layout ([B, 1, ...]), copied."""
-        indices, weights, sink = self.router_indices.clone(), self.router_weights.clone(), self.sink.clone()
-        out = {}
-        for name in names:
-            if name in self.captured:
-                out[name] = self.captured[name].clone().unsqueeze(1)
-                continue
-            match = _RECORD_NAME.match(name)
-            if not match:
-                raise KeyError(f"{name!r} is not recorded by this GraphDecoder")
-            layer, what = int(match.group(1)), match.group(2)
-            source = {"mlp.hook_topk_indices": indices, "mlp.hook_topk_weights": weights, "attn.hook_sink": sink,
-                      "mlp.hook_router_logits": self.router_logits.to(self.model.dtype)}
-            out[name] = source[what][layer].unsqueeze(1)
-        return out
-
-    @staticmethod
-    def supports(names: Sequence[str]) -> bool:
-        """Whether a one-token step recording `names` can run in the graph."""
-        return all(_RECORD_NAME.match(n) or _RESIDUAL_NAME.match(n) for n in names)
-
-
-class FastStep:
-    """A `step_fn` for `ossscope.generation`: graph replays for one-token steps, the kernel forward otherwise.
-
-    A GraphDecoder is captured for the cache in use (and the residual hooks asked for), and captured again
-    when either changes; hooks the graph cannot record fall back to the eager forward.
-    """
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self.decoder: GraphDecoder | None = None
-        self._key: tuple | None = None
-
-    def __call__(self, model: Any, input_ids: torch.Tensor, cache: KVCache, names: Sequence[str]):
-        from .generation import forward_and_capture
-
-        one_token = input_ids.shape[1] == 1 and model.device.type == "cuda"
-        hooks_in_use = any(hook.active for hook in model.hook_dict.values())
-        if one_token and not hooks_in_use and GraphDecoder.supports(names):
-            residual = tuple(n for n in names if _RESIDUAL_NAME.match(n))
-            key = (id(cache), cache.batch_size, residual)
-            if self.decoder is None or self._key != key or self.decoder.cache is not cache:
-                self.decoder = None  # free the old graph's memory first
-                self.decoder = GraphDecoder(model, cache, capture=residual)
-                self._key = key
-            logits = self.decoder.step(input_ids[:, 0])
-            return logits.float(), self.decoder.kept(names)
-        if not names and not hooks_in_use:
-            return prefill(model, input_ids, cache).float(), {}
-        return forward_and_capture(model, input_ids, cache, names)
-
-
-def enable(model: Any) -> Any:
-    """Turn the whole fast path on for `model` (kernels in its forward, graph-replayed generation steps)."""
-    use_kernels(model, True)
-    model.step_fn = FastStep(model)
-    return model

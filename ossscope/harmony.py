@@ -33,6 +33,7 @@ from ossscope import encode, toolcall
 from ossscope import tokenizer as tk
 
 REASONING_EFFORTS = ("low", "medium", "high")
+BUILTIN_NAMESPACES = ("browser", "python")  # harmony's built-in tools: addressed by namespace, not functions.X
 CHANNELS = ("analysis", "commentary", "final")
 _CLOSERS = {tk.END: "<|end|>", tk.RETURN: "<|return|>", tk.CALL: "<|call|>"}
 
@@ -273,6 +274,10 @@ def _check_value(schema: dict[str, Any], value: Any) -> list[str]:
     if "anyOf" in schema:
         return [] if any(not _check_value(s, value) for s in schema["anyOf"]) else [f"{value!r} matches no option"]
     kind = schema.get("type")
+    if isinstance(kind, list):  # {"type": ["number", "string"]}: any of them
+        return [] if any(not _check_value({"type": k}, value) for k in kind) else [
+            f"expected {' or '.join(kind)}, got {json.dumps(value)}"
+        ]
     checks = {
         "string": lambda v: isinstance(v, str),
         "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
@@ -322,7 +327,7 @@ def to_harmony_message(message: Any) -> Any:
     text = _text_of(message.get("content", ""))
     if role == "tool":
         name = message.get("name") or message.get("recipient_of") or "functions.unknown"
-        name = name if "." in name else f"functions.{name}"
+        name = name if "." in name or name in BUILTIN_NAMESPACES else f"functions.{name}"
         out = Message.from_author_and_content(Author.new(Role.TOOL, name), text)
         return out.with_channel(message.get("channel") or "commentary").with_recipient("assistant")
     try:
@@ -431,13 +436,16 @@ def render_prompt(
     response_format: dict[str, Any] | None = None,
     model_identity: str | None = None,
     date: str | None = None,
+    builtin_tools: Sequence[Any] = (),
 ) -> list[int]:
     """Render a conversation to o200k_harmony prompt tokens ending at `<|start|>assistant`.
 
     `messages_or_text` is a user message as text, or a list of messages (dicts as in `Trace.messages`, or
     openai-harmony Messages). Messages with role system/developer become developer instructions, after
-    `developer`. `tools` are Python callables (schema from their signatures) or tool dicts. Texts are
-    encoded as plain text, bounded and chunked (ossscope.encode); raises EncodeError when one cannot be.
+    `developer`. `tools` are Python callables (schema from their signatures) or tool dicts. `builtin_tools`
+    are harmony's built-in tools (`ossscope.tools.Browser` / `Python`, or ToolNamespaceConfigs), declared in
+    the system message's `# Tools` section. Texts are encoded as plain text, bounded and chunked
+    (ossscope.encode); raises EncodeError when one cannot be.
     """
     from openai_harmony import Conversation, DeveloperContent, Message, Role, SystemContent
 
@@ -461,6 +469,8 @@ def render_prompt(
         system = system.with_model_identity(model_identity)
     if date is not None:
         system = system.with_conversation_start_date(date)
+    for builtin in builtin_tools:
+        system = system.with_tools(builtin.tool_config() if hasattr(builtin, "tool_config") else builtin)
     head = [Message.from_role_and_content(Role.SYSTEM, system)]
     tool_list = as_tools(tools)
     if instructions or tool_list or response_format:
@@ -497,21 +507,23 @@ def _add_response_format(tokens: list[int], section: str) -> list[int]:
     return tokens[:body_start] + encode.encode_text(enc, text) + tokens[body_end:]
 
 
-def render_tool_result(name: str, content: str) -> list[int]:
+def render_tool_result(name: str, content: str, channel: str = "commentary") -> list[int]:
     """Tokens that hand a tool's answer back and reopen the assistant's turn:
     `<|start|>functions.NAME to=assistant<|channel|>commentary<|message|>CONTENT<|end|><|start|>assistant`.
+    A bare NAME means functions.NAME, except the built-in `python` (and `browser`); built-in tools answer on
+    the channel of the call (`channel`).
 
     Raises EncodeError when the content cannot be encoded (see ossscope.encode). The last answers are cached:
     the chat loop renders an answer once to check it and once to feed it.
     """
-    return list(_render_tool_result(name, content))
+    return list(_render_tool_result(name, content, channel))
 
 
 @functools.lru_cache(maxsize=2)
-def _render_tool_result(name: str, content: str) -> tuple[int, ...]:
-    full_name = name if "." in name else f"functions.{name}"
+def _render_tool_result(name: str, content: str, channel: str) -> tuple[int, ...]:
+    full_name = name if "." in name or name in BUILTIN_NAMESPACES else f"functions.{name}"
     long_texts = _LongTexts()
-    message = to_harmony_message({"role": "tool", "name": full_name,
+    message = to_harmony_message({"role": "tool", "name": full_name, "channel": channel,
                                   "content": long_texts.put(content, f"the answer of {full_name}")})
     enc = tk.harmony_encoding()
     return (*long_texts.restore(_guarded(enc.render, message)), tk.START, *encode.encode_text(enc, "assistant"))
@@ -677,6 +689,16 @@ class HarmonyStreamParser:
             self.errors.append(f"token {i}: special token {name} inside message text")
             return ""
         return (self._open["channel"] or "") if self._open else ""
+
+    def copy(self) -> HarmonyStreamParser:
+        """An independent parser in the same state (to `finish()` a snapshot while this one goes on)."""
+        twin = object.__new__(HarmonyStreamParser)
+        twin.__dict__.update(self.__dict__)
+        twin.messages = [dict(m) for m in self.messages]
+        twin.errors = list(self.errors)
+        twin._open = dict(self._open) if self._open is not None else None
+        twin._header, twin._content = list(self._header), list(self._content)
+        return twin
 
     def feed_all(self, tokens: Iterable[int]) -> list[str]:
         """Feed many tokens; return their channel labels."""

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import GptOssConfig, resolve_config
+from .engine import ENGINES, kernels_available, set_engine
 from .model import Model
 from .mxfp4 import random_packed
 
@@ -238,7 +239,7 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 
 def load(
     path_or_name: str | os.PathLike = "nano", device: str | torch.device | None = None,
-    dtype: torch.dtype | str | None = None, progress: bool = True,
+    dtype: torch.dtype | str | None = None, progress: bool = True, engine: str = "auto",
 ) -> Model:
     """Load a gpt-oss checkpoint.
 
@@ -246,9 +247,12 @@ def load(
     Hugging Face: config.json with model_type gpt_oss, model.layers.N.* tensors, possibly sharded), a repo
     root holding original/, "nano" (the built-in model), or "gpt-oss-20b" / "gpt-oss-120b" (found in the
     Hugging Face cache). device: default cuda if available, else cpu. dtype: default bf16 on GPU, fp32 on CPU.
+    engine: what runs generation and chat (`ossscope.engine`): "auto" (the Triton kernels with CUDA graphs on a
+    CUDA device with Triton installed, else the torch reference), "kernels" or "torch"; `model.engine` holds it.
     """
-    found = locate(path_or_name)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_engine_choice(engine, device)
+    found = locate(path_or_name)
     dtype = _parse_dtype(dtype)
     name = "nano" if str(path_or_name) == "nano" else Path(found.root).name
     if name == "original":
@@ -281,7 +285,17 @@ def load(
     finally:
         open_files.clear()
     model.vocab_map, model.unknown_id = found.vocab_map, found.unknown_id
+    set_engine(model, engine)
     return model
+
+
+def check_engine_choice(engine: str, device: torch.device) -> None:
+    """Refuse an unknown engine name, or "kernels" where they cannot run, before any weight is read."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; use one of {ENGINES}")
+    ok, why = kernels_available(device)
+    if engine == "kernels" and not ok:
+        raise ValueError(f"engine='kernels' is not available: {why}")
 
 
 def _parse_dtype(dtype) -> torch.dtype | None:
@@ -368,15 +382,16 @@ def _check_tensor(name: str, tensor: torch.Tensor, slot: Slot, file: Path) -> No
 
 def random_model(
     config_or_name: GptOssConfig | str = "tiny", seed: int = 0, device: str | torch.device | None = None,
-    dtype: torch.dtype | str | None = None, name: str | None = None,
+    dtype: torch.dtype | str | None = None, name: str | None = None, engine: str = "auto",
 ) -> Model:
-    """A model with random weights of any preset or config, experts in real packed MXFP4.
+    """A model with random weights of any preset or config, experts in real packed MXFP4; `engine` as in `load`.
 
     Weights are drawn on the target device, so a gpt-oss-120b-shaped model never needs a host copy.
     Scales are chosen so activations stay well-conditioned through many layers (for benchmarks and tests).
     """
     config = resolve_config(config_or_name)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_engine_choice(engine, device)
     default_name = config_or_name if isinstance(config_or_name, str) else "random"
     model = Model(config, device=device, dtype=_parse_dtype(dtype), name=name or default_name)
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -404,6 +419,7 @@ def random_model(
                 blocks, scales = random_packed((E, rows), K, generator=generator, device=device, std=1.0 / K**0.5)
                 getattr(moe, f"{prefix}_blocks").copy_(blocks)
                 getattr(moe, f"{prefix}_scales").copy_(scales)
+    set_engine(model, engine)
     return model
 
 

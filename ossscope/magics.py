@@ -32,6 +32,7 @@ from IPython.core.magic_arguments import MagicArgumentParser
 from IPython.display import display
 
 MODEL_NAME = "oss_model"  # the notebook variable holding the current model
+PYTHON_TOOL_NAME = "oss_python"  # the notebook variable holding the python tool's kernel (`--python`)
 TRACE_NAME = "_oss"  # the notebook variable holding the last trace
 
 
@@ -61,6 +62,8 @@ def _build_parsers() -> dict[str, _Parser]:
                    help="a checkpoint folder, 'nano', 'gpt-oss-20b' or 'gpt-oss-120b' (from the HF cache)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if there is one)")
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--engine", choices=["auto", "kernels", "torch"], default="auto",
+                   help="what runs chat and generation (default auto: the Triton kernels on a GPU, else torch)")
 
     p = parsers["chat"] = _parser("chat", "Chat with the current model: the cell body (or the rest of the line) "
                                   f"is the user message. Shows the tokens live, then the dashboard; the Trace "
@@ -72,6 +75,10 @@ def _build_parsers() -> dict[str, _Parser]:
     p.add_argument("--seed", type=int, metavar="S", help="sampling seed")
     p.add_argument("--tools", metavar="f,g", help="names of Python functions in the notebook the model may call")
     p.add_argument("--developer", metavar="TEXT", help="developer instructions")
+    p.add_argument("--browser", metavar="DIR", help="give the model harmony's browser tool over the .txt/.md/.html "
+                   "files in DIR (or over a notebook variable holding an ossscope.tools.Browser)")
+    p.add_argument("--python", action="store_true", help="give the model harmony's python tool: a Jupyter kernel "
+                   f"kept in `{PYTHON_TOOL_NAME}` across chats")
     p.add_argument("--no-show", action="store_true", help="print the answer instead of showing the dashboard")
 
     p = parsers["ablate"] = _parser("ablate", "Ablate experts in the following chats until cleared (replaces any "
@@ -197,14 +204,14 @@ class OssMagics(Magics):
             if device.type == "cuda" and not torch.cuda.is_available():
                 raise UsageError("%oss load: --device cuda asked for, but torch sees no CUDA GPU here")
         try:
-            model = load(args.path, device=args.device, dtype=args.dtype, progress=True)
+            model = load(args.path, device=args.device, dtype=args.dtype, progress=True, engine=args.engine)
         except (FileNotFoundError, CheckpointError, ValueError) as exc:
             raise UsageError(f"%oss load: {exc}") from None
         self.shell.user_ns[MODEL_NAME] = model
         c = model.config
         print(f"loaded {model.name} as `{MODEL_NAME}`: {c.num_hidden_layers} layers, {c.num_experts} experts "
               f"(top-{c.experts_per_token}), d_model {c.hidden_size}, vocab {c.vocab_size}, "
-              f"{str(model.dtype).removeprefix('torch.')} on {model.device}")
+              f"{str(model.dtype).removeprefix('torch.')} on {model.device}, engine {model.engine.describe()}")
 
     def _chat(self, args: argparse.Namespace, cell: str | None) -> None:
         model = self._model()
@@ -223,8 +230,10 @@ class OssMagics(Magics):
             if value is not None and value < 0:
                 raise UsageError(f"%%oss chat: --{flag.replace('_', '-')} must be >= 0, got {value}")
         options = {key: value for key, value in options.items() if value is not None}  # chat's defaults rule
-        if args.tools:
-            options["tools"] = self._tools(args.tools)
+        tools = self._tools(args.tools) if args.tools else []
+        tools += self._builtin_tools(args.browser, args.python)
+        if tools:
+            options["tools"] = tools
 
         live = LiveDashboard(model, message, args.reasoning or "medium") if not args.no_show else None
         stream = model.chat(message, stream=True, **options)
@@ -256,6 +265,29 @@ class OssMagics(Magics):
             tools.append(fn)
         if not tools:
             raise UsageError("%%oss chat: --tools needs function names, e.g. --tools get_weather,convert")
+        return tools
+
+    def _builtin_tools(self, browser: str | None, python: bool) -> list[Any]:
+        """harmony's built-in tools for `--browser DIR` (a fresh browser: one conversation, one page stack) and
+        `--python` (the notebook's kernel in `oss_python`, made on first use, so its state outlives a chat)."""
+        from ossscope.tools import Browser, Python
+
+        tools: list[Any] = []
+        if browser is not None:
+            given = self.shell.user_ns.get(browser) if browser.isidentifier() else None
+            if isinstance(given, Browser):
+                given.reset()
+                tools.append(given)
+            else:
+                try:
+                    tools.append(Browser(Path(browser).expanduser()))
+                except ValueError as exc:
+                    raise UsageError(f"%%oss chat: --browser: {exc}") from None
+        if python:
+            kernel = self.shell.user_ns.get(PYTHON_TOOL_NAME)
+            if not isinstance(kernel, Python):
+                kernel = self.shell.user_ns[PYTHON_TOOL_NAME] = Python()
+            tools.append(kernel)
         return tools
 
     def _ablate(self, args: argparse.Namespace, cell: str | None) -> None:

@@ -204,6 +204,10 @@ class Model(HookedModule):
         inv_freq, self.rope_concentration = ops.yarn_inv_freq(config)
         self.register_buffer("rope_inv_freq", inv_freq.to(device), persistent=False)
         self.active_ablation: dict[str, Any] = {}
+        from .engine import TorchEngine
+
+        # What generation and chat run on (`ossscope.engine`); `ossscope.load` picks it (engine="auto").
+        self.engine = TorchEngine(self)
         self.requires_grad_(False)  # an inference and interpretability model: no autograd by default
         self.setup_hooks()
 
@@ -346,6 +350,12 @@ class Model(HookedModule):
 
             self._tokenizer = Tokenizer.for_model(self)
         return self._tokenizer
+
+    def set_engine(self, engine: str = "auto"):
+        """Switch what generation and chat run on: "auto", "kernels" or "torch" (see `ossscope.engine`)."""
+        from .engine import set_engine
+
+        return set_engine(self, engine)
 
     def generate(self, input_ids: torch.Tensor, **kwargs: Any):
         """Low-level generation with a KV cache; see `ossscope.generation.generate`."""

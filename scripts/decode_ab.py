@@ -112,7 +112,7 @@ def main() -> None:
     report: dict = {"device": torch.cuda.get_device_name(), "preset": args.preset, "context": args.context,
                     "variants": {}}
     prefilled = model.new_cache(1, args.context + args.steps + 16)
-    fast.prefill(model, ids, prefilled)
+    fast.prefill(model, ids, prefilled, fused=True)
     reference = None
     defaults, attention_programs = dict(moe_tc.TC_BLOCKS), attention.DECODE_PROGRAMS
     sweep_env = {"OSSSCOPE_PDL": "1", "OSSSCOPE_MOE_DECODE": "auto"}

@@ -1,4 +1,4 @@
-"""Write notebooks/02_*.ipynb ... 07_*.ipynb from the cells below: `python scripts/make_notebooks.py`.
+"""Write notebooks/02_*.ipynb ... 08_*.ipynb from the cells below: `python scripts/make_notebooks.py`.
 
 The notebooks are generated so they can be reviewed as code and are stored without outputs; CI executes them
 (tests/test_notebooks.py). Every number a notebook states is computed from the model when it runs: the prose
@@ -1281,6 +1281,179 @@ def real_checkpoints() -> list:
     ]
 
 
+# -- 08: harmony's built-in tools and Structured Outputs (issue 19) -------------------------------------------
+
+
+def agentic_tools() -> list:
+    return [
+        md("""
+            # 08 · Agentic tools: browser, python and Structured Outputs
+
+            gpt-oss was trained on two **built-in tools** besides function calling. They are declared in the
+            *system* message (not the developer message), and called by namespace:
+
+            - `browser`: `browser.search`, `browser.open`, `browser.find`. Pages come back with a cursor
+              (`[3] Title (url)`), a scrollbar (`viewing lines [0 - 5] of 5`) and numbered lines (`L4: ...`), and
+              the model cites what it read as `【cursor†L4】`.
+            - `python`: the message *is* the code; the answer is what a notebook cell would print.
+
+            `ossscope.tools` runs both offline: `Browser(corpus)` searches a local folder of text/markdown/HTML
+            with SQLite FTS5, `Python()` is a stateful Jupyter kernel in a subprocess with a timeout, a memory cap
+            and no network where the OS allows. Pass them in `model.chat(..., tools=[...])` beside functions.
+
+            A third capability, **Structured Outputs**, holds the final answer to a JSON schema
+            (`response_format=`) with a grammar (llguidance) while the chain of thought stays free.
+
+            **The shipped nano has not been trained on the built-in tools.** Its corpus now has browser and python
+            episodes (`ossscope/nano/agentic.py`), but the checkpoint predates them, so below it does not use the
+            tools well: this notebook shows the machinery (declaration, tools, tool loop, trace, grammar), and the
+            model card says how to retrain.
+        """),
+        code("""
+            import json
+
+            import torch
+
+            import ossscope
+            from ossscope import harmony
+            from ossscope.nano import agentic, data
+            from ossscope.tools import Browser, Python
+
+            torch.manual_seed(0)
+            model = ossscope.load("nano")
+            browser = Browser(agentic.TOWNS_DIR)  # 24 fictional towns: facts nobody knows without reading them
+            kernel = Python()  # declared as harmony declares it: "time out after 120.0 seconds"
+            print(f"{len(browser.documents)} documents, e.g. {browser.documents[0].url!r}")
+        """),
+        md("""
+            ## The declaration
+
+            The system message's `# Tools` section, as ossscope renders it, is byte for byte openai-harmony's
+            `SystemContent.with_browser_tool().with_python_tool()` (with their defaults: a `Browser(source=...)`
+            or a `Python(timeout=...)` writes its own `sources=` line or timeout into the declaration).
+        """),
+        code("""
+            from openai_harmony import Conversation, Message, Role, SystemContent
+
+            ours = harmony.render_prompt("hi", builtin_tools=[browser, kernel])
+            system = SystemContent.new().with_reasoning_effort(harmony._effort("medium"))
+            system = system.with_browser_tool().with_python_tool()
+            theirs = model.tokenizer.encoding.render_conversation_for_completion(
+                Conversation.from_messages([Message.from_role_and_content(Role.SYSTEM, system),
+                                            Message.from_role_and_content(Role.USER, "hi")]), Role.ASSISTANT)
+            print("identical to openai-harmony:", ours == list(theirs), f"({len(ours)} tokens)")
+            text = model.tokenizer.decode_o200k(ours)
+            print(text[text.index("# Tools"):text.index("type open")])
+        """),
+        md("""
+            ## The browser by hand
+
+            Search, open the first hit, find a word in it. Every page gets the next cursor; `citations` resolves
+            `【cursor†Lstart-Lend】` back to the lines the model would have read.
+        """),
+        code("""
+            print(browser.search("Tordun lighthouse", topn=3))
+            print()
+            page = browser.open(id=0)
+            print(page)
+            print()
+            print(browser.find("bridges"))
+            print()
+            print(browser.citations("It is 47 meters tall 【1†L4】; see also 【9†L2】."))
+        """),
+        md("""
+            ## The python kernel by hand
+
+            State persists between calls; an exception is the answer (a plain traceback); a call that runs past
+            the timeout is interrupted and the model is told so, and a kernel that dies is restarted.
+        """),
+        code("""
+            from ossscope.tools import ToolUsageError
+
+            print(repr(kernel.run("x = 17 ** 7\\nprint(x)")))
+            print(repr(kernel.run("x % 1000")))
+            print(kernel.run("1 / 0"))
+            with Python(timeout=1.5) as quick:
+                try:
+                    quick.run("import time\\nprint('working...', flush=True)\\ntime.sleep(60)")
+                except ToolUsageError as error:
+                    print("told to the model:", error)
+            print("limits that took here:", kernel.sandbox)
+        """),
+        md("""
+            ## The tool loop with nano
+
+            A chat with both tools. Each call the model makes to `browser.*` or `python` is run and answered on
+            the call's channel, and lands in `trace.tool_calls` like a function call. The untrained nano mostly
+            does not call them (and many tokens of the browser's declaration are outside its vocabulary, counted
+            in the metadata).
+        """),
+        code("""
+            trace = model.chat("How tall is the lighthouse of Tordun?", reasoning="low", tools=[browser, kernel],
+                               temperature=0, max_new_tokens=40)
+            print(trace)
+            print("tools declared:", trace.metadata["builtin_tools"])
+            print("prompt tokens outside nano's vocabulary:", trace.metadata["prompt_tokens_outside_vocab"])
+            for call in trace.tool_calls:
+                print(call.name, call.arguments, "->", (call.result or call.error)[:200])
+        """),
+        md("""
+            ## What nano will be trained on
+
+            A browser episode of the corpus, rendered exactly as `model.chat` renders it: the model searches,
+            opens the first result, and answers with a citation. The tool answers in it are the real `Browser`'s
+            over the same shipped corpus, so a retrained nano sees at inference what it saw in training (a test
+            checks this token for token).
+        """),
+        code("""
+            import random
+
+            episode = agentic.browser_episode(random.Random(4), "medium")
+            tokens, mask = data.render_episode(model.tokenizer.encoding, episode)
+            print(episode.user, "->", episode.answer["final"])
+            print(f"{len(tokens)} tokens, {sum(mask)} of them the model's own")
+            generated = "".join(model.tokenizer.token_texts_o200k([t for t, m in zip(tokens, mask, strict=True) if m]))
+            print(generated)
+        """),
+        md("""
+            ## Structured Outputs
+
+            With `response_format=`, the final channel's text is held to the schema: at each step of the final
+            message, tokens the grammar refuses are masked before sampling, and the message may end only when
+            the JSON is complete. The analysis channel is untouched. `trace.metadata["structured"]` records,
+            per token, whether the step was constrained and whether the mask changed the model's top choice (the
+            viewer outlines those tokens). At `low` effort nano's arithmetic is mostly wrong (its model card
+            says so); the point here is that whatever it answers parses and fits the schema.
+        """),
+        code("""
+            schema = {"type": "object", "properties": {"result": {"type": "integer", "minimum": 0, "maximum": 99999}},
+                      "required": ["result"], "additionalProperties": False}
+            trace = model.chat("What is 12 + 30?", reasoning="low", temperature=0, max_new_tokens=40,
+                               response_format={"name": "sum", "schema": schema})
+            record = trace.metadata["structured"]
+            print("analysis:", repr(trace.analysis))
+            print("final:", trace.final, "->", json.loads(trace.final))
+            print(f"{sum(record['constrained'])} tokens constrained, the grammar changed the top choice at "
+                  f"{sum(record['changed_top'])}: {[t for t, c in enumerate(record['changed_top']) if c]}")
+        """),
+        code("""
+            trace.show()
+        """),
+        md("""
+            ## Retraining nano on the tools (needs a GPU)
+
+            ```
+            python -m ossscope.nano.train prepare --out .carry/nano      # CPU: the corpus, now 12% browser/python
+            bash scripts/gpu_train_nano.sh                               # on the GPU machine, with .carry/nano
+            python -m ossscope.nano.eval --model DIR --agentic 20        # valid-call and right-answer rates
+            ```
+        """),
+        code("""
+            kernel.close()
+        """),
+    ]
+
+
 NOTEBOOK_CELLS = {
     "02_router_decisions.ipynb": router_decisions,
     "03_attention_sinks.ipynb": attention_sinks,
@@ -1288,6 +1461,7 @@ NOTEBOOK_CELLS = {
     "05_expert_ablation_and_steering.ipynb": ablation_and_steering,
     "06_tool_calls.ipynb": tool_calls,
     "07_real_checkpoints.ipynb": real_checkpoints,
+    "08_agentic_tools.ipynb": agentic_tools,
 }
 
 

@@ -29,12 +29,12 @@ def main() -> None:
     for T in args.tokens:
         ids = torch.randint(0, model.config.vocab_size, (1, T), device="cuda")
         for _ in range(2):
-            fast.prefill(model, ids, model.new_cache(1, T))
+            fast.prefill(model, ids, model.new_cache(1, T), fused=True)
         torch.cuda.synchronize()
         issue, total = [], []
         for _ in range(5):
             t0 = time.perf_counter()
-            fast.prefill(model, ids, model.new_cache(1, T))
+            fast.prefill(model, ids, model.new_cache(1, T), fused=True)
             t1 = time.perf_counter()
             torch.cuda.synchronize()
             issue.append(t1 - t0)
@@ -44,7 +44,7 @@ def main() -> None:
               f"({T / total[2]:,.0f} tok/s)")
         acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=acts) as prof:
-            fast.prefill(model, ids, model.new_cache(1, T))
+            fast.prefill(model, ids, model.new_cache(1, T), fused=True)
             torch.cuda.synchronize()
         events = prof.key_averages()
         gpu = sorted((e for e in events if e.device_time_total > 0), key=lambda e: -e.device_time_total)

@@ -94,6 +94,27 @@ def test_export_renders_offline_and_injected_markup_stays_text(offline, tmp_path
     assert view.errors == [] and view.blocked == []
 
 
+def test_builtin_tool_calls_and_grammar_marks_are_drawn(offline, tmp_path):
+    from ossscope.trace import ToolCall
+
+    trace = synthetic_trace(T=20)
+    trace.tool_calls = [ToolCall(name="python", arguments="print(4 * 32)", result="128\n", token_index=5)]
+    trace.metadata["structured"] = {"enforced": True, "constrained": [t >= 14 for t in range(20)],
+                                    "changed_top": [t in (14, 15) for t in range(20)], "problems": []}  # fmt: skip
+    view = offline(trace.to_html(tmp_path / "tools.html"))
+    page = view.page
+    card = page.locator(".oss-role-tool")
+    assert "PYTHON" in card.locator(".oss-msg-role").inner_text().upper()
+    assert card.locator(".oss-tool-call").inner_text() == "print(4 * 32)" and "128" in card.inner_text()
+    marked = page.locator(".oss-tok.oss-grammar-changed")
+    assert [marked.nth(i).get_attribute("data-t") for i in range(marked.count())] == ["14", "15"]
+    assert "(2 tokens)" in page.inner_text(".oss-grammar-key")
+    page.click(".oss-tok[data-t='14']")
+    page.mouse.move(0, 0)
+    assert page.inner_text(".oss-grammar-chip") == "grammar changed top choice"
+    assert view.errors == [] and view.blocked == []
+
+
 def test_click_on_a_token_updates_its_panel(offline, tmp_path):
     trace = synthetic_trace(T=30, L=4, E=8, k=2, H=4)
     page = offline(trace.to_html(tmp_path / "t.html")).page

@@ -16,6 +16,7 @@ from ossscope import encode, harmony, toolcall
 from ossscope import tokenizer as tk
 from ossscope.chat import chat
 from ossscope.config import PRESETS
+from ossscope.engine import TorchEngine, forward_and_capture
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,7 @@ class ScriptedModel:
         self.script = tk.Tokenizer.o200k().encode(script, allow_special=True)
         self.position = 0
         self.forced: int | None = None
+        self.engine = _ThroughCall(self)
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
@@ -50,6 +52,13 @@ class ScriptedModel:
         logits[:, -1, token] = 1e4
         self.forced = token
         return logits
+
+
+class _ThroughCall(TorchEngine):
+    """The torch engine, with prompts too going through `model(...)` (where ScriptedModel forces its script)."""
+
+    def prefill(self, input_ids, cache):
+        return forward_and_capture(self.model, input_ids, cache, ())[0]
 
 
 class Weather:
@@ -283,3 +292,28 @@ def test_compact_vocabulary_model_chats_in_o200k_ids():
     assert trace.metadata["prompt_tokens_outside_vocab"] > 0  # the system message's words are mostly unknown
     with pytest.raises(ValueError, match="vocab_map"):
         ossscope.random_model("tiny", seed=4, device="cpu").chat("hi")
+
+
+def test_chats_in_two_threads_keep_their_own_records(model):
+    """Two chats on one model at once: each gets the tokens and router/sink records it gets alone (the engine's
+    lock lets their steps interleave, never mix)."""
+    import threading
+
+    prompts = ["What is 2+2?", "Name three colours of the rainbow, please."]
+    alone = [model.chat(p, max_new_tokens=12, temperature=0.0) for p in prompts]
+    together: dict[int, ossscope.Trace] = {}
+    barrier = threading.Barrier(2)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        together[i] = model.chat(prompts[i], max_new_tokens=12, temperature=0.0)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for i in range(2):
+        assert together[i].tokens == alone[i].tokens
+        assert torch.equal(together[i].router_indices, alone[i].router_indices)
+        torch.testing.assert_close(together[i].sink, alone[i].sink)

@@ -8,20 +8,36 @@ import torch
 
 import ossscope
 from ossscope.config import PRESETS
-from ossscope.generation import forward_and_capture, generate, sample_next
+from ossscope.engine import TorchEngine
+from ossscope.generation import argmax_rows, generate, sample_next
+
+
+class LogitsSpy(TorchEngine):
+    """The torch engine, keeping the logits after every prefill and step."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.logits = []
+
+    def prefill(self, input_ids, cache):
+        logits = super().prefill(input_ids, cache)
+        self.logits.append(logits)
+        return logits
+
+    def step(self, tokens, cache, capture=()):
+        logits, record = super().step(tokens, cache, capture)
+        self.logits.append(logits)
+        return logits, record
 
 
 def test_cached_greedy_generation_matches_full_recompute(tiny_model):
     # 6 prompt + 14 new tokens: well past the sliding window of 8, so the ring buffer is exercised.
     prompt = torch.randint(0, 512, (2, 6), generator=torch.Generator().manual_seed(5))
-    step_logits = []
+    spy = LogitsSpy(tiny_model)
+    result = generate(tiny_model, prompt, max_new_tokens=14, stop_tokens=(), engine=spy)
+    step_logits = spy.logits
+    assert len(step_logits) == 15  # the prefill, then each of the 14 tokens fed once (the last one too)
 
-    def spy(model, ids, cache, names):
-        logits, kept = forward_and_capture(model, ids, cache, names)
-        step_logits.append(logits)
-        return logits, kept
-
-    result = generate(tiny_model, prompt, max_new_tokens=14, stop_tokens=(), step_fn=spy)
     assert result.lengths == [14, 14] and result.stop_reasons == ["length", "length"]
     full_ids = torch.cat([prompt, torch.tensor(result.tokens)], dim=1)  # [2, 20]
     logits, cache = tiny_model.run_with_cache(full_ids, names=lambda n: "hook_topk" in n or "hook_sink" in n)
@@ -98,6 +114,19 @@ def test_sampling_top_p_temperature_and_seed():
     assert torch.equal(sample_next(logits, temperature=0.0), torch.zeros(4000).long())
     with pytest.raises(ValueError):
         sample_next(logits, temperature=-1)
+    with pytest.raises(ValueError):
+        sample_next(logits, temperature=float("nan"))
+
+
+def test_two_pass_argmax_equals_torch_argmax_ties_and_infinities_included():
+    x = torch.randn(4, 201_088, generator=torch.Generator().manual_seed(1))
+    x[1, 5000] = x[1, 150_000] = 50.0  # tied across chunks: the first index wins, as in torch
+    x[2, 3141] = x[2, 3142] = 60.0  # tied across a chunk boundary
+    x[3, 199_999] = float("inf")
+    assert torch.equal(argmax_rows(x), x.argmax(-1))
+    assert argmax_rows(x).tolist()[1:] == [5000, 3141, 199_999]
+    small = torch.randn(2, 100)
+    assert torch.equal(argmax_rows(small), small.argmax(-1))
 
 
 def test_seeded_sampling_is_reproducible(tiny_model):

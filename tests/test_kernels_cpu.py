@@ -273,6 +273,29 @@ def test_attention_decode_step_equals_rope_then_decode(gen, window, splits, patt
     assert not counters.any()  # left zeroed for the next call
 
 
+@pytest.mark.parametrize("position,splits", [(0, 3), (17, 3), (44, None), (30, 1)])
+def test_attention_decode_step_keys_in_order_reads_no_slot_past_the_new_one(gen, position, splits):
+    """A full-attention cache fills its slots in order (slot = position): the step stops at the new slot, and
+    gives what reading every slot gives, however large the cache."""
+    B, S, H, Hkv, Dh = 2, 45, 8, 2, 16
+    qkv = torch.randn(B, (H + 2 * Hkv) * Dh, generator=gen)
+    k_cache, v_cache = torch.randn(B, S, Hkv, Dh, generator=gen), torch.randn(B, S, Hkv, Dh, generator=gen)
+    k_pos = torch.where(torch.arange(S) < position, torch.arange(S), -1)
+    slot = pos = torch.tensor([position])
+    sinks, cos, sin = torch.randn(H, generator=gen), torch.randn(1, Dh // 2, generator=gen), torch.randn(
+        1, Dh // 2, generator=gen)
+    results = []
+    for in_order in (False, True):
+        k, v, kp = k_cache.clone(), v_cache.clone(), k_pos.clone()
+        z, sink_mass, _ = kernels.attention_decode_step(qkv, cos, sin, k, v, kp, slot, pos, sinks, None, H,
+                                                        block_n=16, splits=splits, keys_in_order=in_order)
+        results.append((z, sink_mass, k, kp))
+    (z0, s0, k0, p0), (z1, s1, k1, p1) = results
+    assert torch.equal(k0, k1) and torch.equal(p0, p1) and int(p1[position]) == position
+    assert rel(z1, z0) < 1e-6
+    torch.testing.assert_close(s1, s0)
+
+
 def test_attention_dispatch_matches_twin(gen):
     q, k, v, sinks = _qkv(gen, 1, 1, 20, 4, 2, 16, torch.float16)
     pos = torch.arange(20)
@@ -562,7 +585,7 @@ def test_prefill_on_kernels_matches_torch_path_and_fills_the_cache_alike():
     for chunk in (ids[:, :7], ids[:, 7:]):
         ref = model(chunk, cache=ref_cache)[:, -1]
         fast.use_kernels(model)
-        got = fast.prefill(model, chunk, cache)
+        got = fast.prefill(model, chunk, cache, fused=True)
         fast.use_kernels(model, False)
         assert rel(got, ref) < 1e-5
     assert cache.length == ref_cache.length == 10
@@ -573,7 +596,7 @@ def test_prefill_on_kernels_matches_torch_path_and_fills_the_cache_alike():
     # With a hook active, the blocks' own code runs (and the hook with it).
     fast.use_kernels(model)
     with model.hooks([("blocks.1.hook_resid_mid", lambda x, hook: x * 0)]):
-        hooked = fast.prefill(model, ids[:, :3], model.new_cache(2, 16))
+        hooked = fast.prefill(model, ids[:, :3], model.new_cache(2, 16), fused=True)
     fast.use_kernels(model, False)
     with model.hooks([("blocks.1.hook_resid_mid", lambda x, hook: x * 0)]):
         assert rel(hooked, model(ids[:, :3])[:, -1]) < 1e-5
@@ -615,7 +638,36 @@ def test_model_on_kernels_and_eager_graph_step_match_torch_path(monkeypatch, spl
         assert not torch.isin(decoder.router_indices[1], torch.tensor([0, 3])).any()
         torch.testing.assert_close(decoder.sink[0], seen[names[2]][..., 0])
         torch.testing.assert_close(decoder.captured["blocks.0.hook_mlp_out"], seen[names[3]][:, 0], **close)
-        kept = decoder.kept(names[4:])
-        torch.testing.assert_close(kept[names[4]], seen[names[4]], **close)
-        torch.testing.assert_close(kept[names[5]], seen[names[5]], **close)
+        torch.testing.assert_close(decoder.router_logits[1], seen[names[4]][:, 0].float(), **close)
+        torch.testing.assert_close(decoder.router_weights[1], seen[names[5]][:, 0], **close)
     assert cache.length == ref_cache.length == 9
+
+
+# -- the kernel engine under generation and chat --------------------------------------------------------------
+
+
+def test_chat_on_the_kernel_engine_matches_the_torch_engine_and_reuses_its_decoder():
+    """model.chat on the kernel engine (fused prefill, the decoder's step: eager here, a CUDA graph on a GPU)
+    gives the torch engine's tokens, router records and sinks; a second chat reuses the pooled cache and its
+    decoder (nothing is built again); a Python hook sends steps down the eager kernel path instead."""
+    cfg = ossscope.PRESETS["tiny"].replace(num_hidden_layers=2, sliding_window=4, vocab_size=201_088)
+    model = ossscope.random_model(cfg, seed=3, device="cpu", engine="torch")
+    kwargs = dict(reasoning="low", max_new_tokens=5, temperature=0.0)
+    ref = model.chat("Why is the sky blue?", **kwargs)
+    engine = model.set_engine("kernels")
+    assert isinstance(engine, ossscope.engine.KernelEngine) and model.engine is engine and not engine.graphs
+    got = model.chat("Why is the sky blue?", **kwargs)
+    assert got.metadata["engine"].startswith("kernels")
+    assert got.tokens == ref.tokens and len(got.tokens) == 5
+    assert torch.equal(got.router_indices, ref.router_indices)
+    torch.testing.assert_close(got.router_weights, ref.router_weights, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.sink, ref.sink, atol=1e-5, rtol=1e-5)
+    assert engine.graph_steps == 5 and engine.captures == 1
+    again = model.chat("Why is the sky blue?", **kwargs)
+    assert again.tokens == ref.tokens and engine.captures == 1 and engine.graph_steps == 10
+    seen = []
+    with model.hooks([("blocks.1.hook_resid_post", lambda x, hook: seen.append(x.shape))]):
+        hooked = model.chat("Why is the sky blue?", **kwargs)
+    assert hooked.tokens == ref.tokens and engine.graph_steps == 10 and len(seen) == 6  # prefill + 5 steps
+    model.set_engine("torch")
+    assert model.blocks[0].mlp.experts_fn is ops.moe_experts

@@ -277,7 +277,8 @@ def _model(dtype):
     cfg = ossscope.PRESETS["tiny"].replace(hidden_size=256, intermediate_size=192, head_dim=64,
                                            num_attention_heads=8, num_key_value_heads=2, sliding_window=16,
                                            num_experts=16, experts_per_token=4, vocab_size=1000)
-    return ossscope.random_model(cfg, seed=int(torch.randint(0, 1000, ())), device="cuda", dtype=dtype)
+    return ossscope.random_model(cfg, seed=int(torch.randint(0, 1000, ())), device="cuda", dtype=dtype,
+                                 engine="torch")
 
 
 def test_model_forward_on_kernels_matches_torch_path():
@@ -288,7 +289,7 @@ def test_model_forward_on_kernels_matches_torch_path():
     ours = model(ids)
     assert rel(ours, ref) < 1e-4
     cache = model.new_cache(1, 100)
-    last = fast.prefill(model, ids[:1], cache)
+    last = fast.prefill(model, ids[:1], cache, fused=True)
     assert rel(last, ref[0, -1]) < 1e-4 and cache.length == 70
 
 
@@ -315,7 +316,7 @@ def test_graph_decoder_matches_torch_path_and_takes_new_settings_without_recaptu
     prompt = torch.randint(0, cfg.vocab_size, (2, 20), device=CUDA)
     ref_cache, cache = model.new_cache(2, 64), model.new_cache(2, 64)
     model(prompt, cache=ref_cache)
-    fast.prefill(model, prompt, cache)
+    fast.prefill(model, prompt, cache, fused=True)
     decoder = fast.GraphDecoder(model, cache, capture=["blocks.2.hook_resid_post"], pattern=True)
     names = ["blocks.2.hook_resid_post", "blocks.3.mlp.hook_topk_indices", "blocks.3.mlp.hook_topk_weights",
              "blocks.1.attn.hook_sink", "blocks.1.attn.hook_pattern"]
@@ -352,7 +353,7 @@ def test_bf16_graph_decoder_on_tensor_cores_is_as_close_to_fp32_as_on_cuda_cores
     for path in ("cuda_cores", "auto"):
         monkeypatch.setenv("OSSSCOPE_MOE_DECODE", path)
         cache = model.new_cache(2, 40)
-        fast.prefill(model, tokens[:, :20], cache)
+        fast.prefill(model, tokens[:, :20], cache, fused=True)
         decoder = fast.GraphDecoder(model, cache)
         assert decoder.tensor_cores == (path == "auto")
         logits = [decoder.step(tokens[:, 20 + i]).clone() for i in range(8)]
@@ -360,15 +361,45 @@ def test_bf16_graph_decoder_on_tensor_cores_is_as_close_to_fp32_as_on_cuda_cores
     assert errors["auto"] < 1.5 * errors["cuda_cores"] + 5e-3, errors
 
 
-def test_fast_step_in_generation_matches_torch_records():
+def test_kernel_engine_in_generation_matches_torch_records():
     from ossscope.generation import generate
 
     model = _model(torch.float32)
-    prompt = torch.randint(0, model.config.vocab_size, (1, 12))
+    prompt = torch.randint(0, model.config.vocab_size, (2, 12))
     ref = generate(model, prompt, max_new_tokens=8, stop_tokens=())
-    fast.enable(model)
+    engine = model.set_engine("kernels")
     ours = generate(model, prompt, max_new_tokens=8, stop_tokens=())
-    assert isinstance(model.step_fn.decoder, fast.GraphDecoder)
+    assert engine.graphs and engine.graph_steps == 8 and ours.engine == "kernels"
     assert ours.tokens == ref.tokens
     assert torch.equal(ours.router_indices, ref.router_indices)
     torch.testing.assert_close(ours.sink, ref.sink)
+
+
+def test_chat_on_the_kernel_engine_matches_torch_and_a_second_chat_captures_nothing():
+    """model.chat on a GPU: the kernel engine's CUDA graph gives the torch engine's tokens, router records and
+    sinks; a second chat of a similar length reuses the pooled cache and its graph; the tool loop's feeds work."""
+    cfg = ossscope.PRESETS["tiny"].replace(num_hidden_layers=4, sliding_window=16, vocab_size=201_088)
+    model = ossscope.random_model(cfg, seed=5, device="cuda", dtype=torch.float32, engine="torch")
+    kwargs = dict(reasoning="low", max_new_tokens=40, temperature=0.0)
+    ref = model.chat("Why is the sky blue?", **kwargs)
+    engine = model.set_engine("kernels")
+    assert model.engine is engine and engine.graphs
+    ours = model.chat("Why is the sky blue?", **kwargs)
+    assert ours.tokens == ref.tokens
+    assert torch.equal(ours.router_indices, ref.router_indices)
+    torch.testing.assert_close(ours.sink, ref.sink, atol=1e-4, rtol=1e-4)
+    assert engine.captures == 1 and engine.graph_steps == len(ours.tokens)
+    sampled = [model.chat("Why is the sky blue?", reasoning="low", max_new_tokens=30, seed=s) for s in (1, 1)]
+    assert sampled[0].tokens == sampled[1].tokens and engine.captures == 1
+
+
+def test_load_on_a_gpu_picks_the_kernel_engine_and_chat_replays_graphs(tmp_path):
+    """What a user gets: `ossscope.load(path, device="cuda")` of a checkpoint on disk runs chat on the kernels."""
+    cfg = ossscope.PRESETS["tiny"].replace(vocab_size=201_088)
+    path = ossscope.write_checkpoint(ossscope.random_model(cfg, seed=1, device="cpu"), tmp_path / "ckpt")
+    model = ossscope.load(path, device="cuda", progress=False)
+    assert isinstance(model.engine, ossscope.engine.KernelEngine) and model.engine.graphs
+    trace = model.chat("Why is the sky blue?", max_new_tokens=16, seed=0)
+    assert model.engine.graph_steps == len(trace.tokens) >= 1 and model.engine.captures == 1
+    assert trace.metadata["engine"].startswith("kernels (CUDA graphs")
+    assert ossscope.load(path, device="cuda", engine="torch", progress=False).engine.name == "torch"

@@ -296,6 +296,25 @@ def test_chat_tools_come_from_the_notebook(loaded):
     assert "get_weather" in text and "Weather in a city." in text
 
 
+def test_chat_builtin_tools_browser_and_python(loaded, tmp_path):
+    from ossscope.tools import Browser, Python
+
+    ip = loaded
+    (tmp_path / "notes.md").write_text("# Notes\n\nThe router picks 4 experts.\n")
+    run(ip, f"%%oss chat --browser {tmp_path} --python --max-new-tokens 4 --temperature 0 --no-show\nHow many?")
+    trace = ip.user_ns["_oss"]
+    assert trace.metadata["builtin_tools"] == ["browser", "python"]
+    text = ip.user_ns["oss_model"].tokenizer.decode_o200k(trace.prompt_tokens)
+    assert "## browser" in text and "## python" in text and "namespace functions" not in text
+    kernel = ip.user_ns["oss_python"]
+    assert isinstance(kernel, Python) and kernel._manager is None  # made for the chat, started only when called
+    # A Browser in the notebook can be named instead of a folder; the kernel is reused.
+    ip.user_ns["notes"] = Browser(tmp_path)
+    run(ip, "%%oss chat --browser notes --python --max-new-tokens 2 --temperature 0 --no-show\nHi")
+    assert ip.user_ns["oss_python"] is kernel and ip.user_ns["_oss"].metadata["builtin_tools"] == ["browser", "python"]
+    assert_one_line_error(ip, f"%%oss chat --browser {tmp_path / 'nowhere'}\nhi", "--browser", "is not a folder")
+
+
 def test_chat_errors_are_one_line(loaded):
     ip = loaded
     ip.user_ns["not_a_function"] = 3
@@ -338,3 +357,26 @@ def test_export_errors_are_one_line(loaded, tmp_path):
     assert_one_line_error(ip, "%oss export", "the following arguments are required: PATH.html")
     ip.user_ns["_oss"] = "something else"
     assert_one_line_error(ip, f"%oss export {tmp_path / 'run.html'}", "no trace yet")
+
+
+def test_chat_cell_runs_on_the_models_engine(loaded):
+    """%%oss chat goes through `model.engine`: one engine step per generated token."""
+    from ossscope.engine import TorchEngine
+
+    ip = loaded
+    model = ip.user_ns["oss_model"]
+    previous = model.engine
+    model.engine = TorchEngine(model)
+    try:
+        _, err, _, result = run(ip, "%%oss chat --max-new-tokens 7 --temperature 0 --no-show\nWhat is 2+2?")
+        assert result.success, err
+        assert model.engine.steps == len(ip.user_ns["_oss"].tokens) >= 1
+    finally:
+        model.engine = previous
+
+
+def test_load_engine_flag(ip, checkpoint):
+    _, err, _, result = run(ip, f"%oss load {checkpoint} --engine torch")
+    assert result.success, err
+    assert ip.user_ns["oss_model"].engine.name == "torch"
+    assert_one_line_error(ip, f"%oss load {checkpoint} --engine warp", "invalid choice")

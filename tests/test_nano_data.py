@@ -23,7 +23,7 @@ def test_corpus_is_deterministic_and_seeded():
     assert [e.user for e in a] == [e.user for e in b]
     assert [e.analysis_text for e in a] == [e.analysis_text for e in b]
     assert [e.user for e in a] != [e.user for e in c]
-    assert {e.kind for e in a} == {"add", "sub", "sort", "spell", "join", "tool"}
+    assert {e.kind for e in a} == {"add", "sub", "sort", "spell", "join", "tool", "browser", "python"}
     assert {e.effort for e in a} == set(data.EFFORTS)
 
 

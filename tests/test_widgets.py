@@ -62,7 +62,26 @@ def test_conversation_lists_prompt_messages_and_tool_answers_after_their_call():
     trace = synthetic_trace(T=12, user_text=EVIL)
     conversation = W.trace_payload(trace)["conversation"]
     assert [m["role"] for m in conversation] == ["system", "user", "tool add"]
-    assert conversation[1]["text"] == EVIL and conversation[2] == {"role": "tool add", "text": "4", "after": 5}
+    assert conversation[1]["text"] == EVIL
+    assert conversation[2] == {"role": "tool add", "text": "4", "after": 5, "call": '{"a": 2}', "error": False}
+
+
+def test_builtin_tool_calls_and_grammar_marks_reach_the_payload():
+    from ossscope.trace import ToolCall
+
+    trace = synthetic_trace(T=12)
+    trace.tool_calls.append(ToolCall(name="browser.open", arguments='{"id": 9}', error="Invalid link id `9`.",
+                                     token_index=8))  # fmt: skip
+    changed = [t == 9 for t in range(12)]
+    trace.metadata["structured"] = {"enforced": True, "constrained": [t >= 8 for t in range(12)],
+                                    "changed_top": changed, "problems": []}  # fmt: skip
+    payload = W.trace_payload(trace)
+    assert payload["conversation"][-1] == {"role": "tool browser.open", "text": "error: Invalid link id `9`.",
+                                           "after": 8, "call": '{"id": 9}', "error": True}  # fmt: skip
+    assert payload["grammar"]["changed"] == [int(c) for c in changed]
+    assert payload["grammar"]["constrained"] == [int(t >= 8) for t in range(12)]
+    trace.metadata["structured"] = {"enforced": False, "reason": "strict is False"}
+    assert W.trace_payload(trace)["grammar"] is None
 
 
 @pytest.mark.parametrize("text", [EVIL, "</SCRIPT>", "<!--", "a\u2028b\u2029c", "&lt;", "]]>", "\\u003c"])
@@ -366,3 +385,32 @@ def test_a_run_thread_does_not_leak(model):
     lab = W.Lab(model, max_new_tokens=4)
     lab.run("hi", wait=True)
     assert threading.active_count() <= before
+
+
+def test_lab_runs_on_the_models_engine(model):
+    """The Lab's chats go through `model.engine` (what `ossscope.load` chose), one step per generated token."""
+    from ossscope.engine import TorchEngine
+
+    previous = model.engine
+    model.engine = TorchEngine(model)  # a fresh one: its counters start at zero
+    try:
+        lab = W.Lab(model, max_new_tokens=5)
+        lab.run("hi", wait=True)
+        trace = lab.history[-1].trace
+        assert model.engine.steps == len(trace.tokens) >= 1 and model.engine.prefills >= 1
+    finally:
+        model.engine = previous
+
+
+def test_live_record_keeps_the_tool_calls_of_its_events():
+    from ossscope.widgets.lab import LiveRecord
+
+    from ossscope.trace import ToolCall
+
+    live = LiveRecord("hi", "low", num_layers=2, k=1, heads=1, experts=2)
+    call = ToolCall(name="browser.search", arguments='{"query": "x"}', result="[0] x", token_index=1)
+    live.add({"token": 5, "text": "a", "channel": "analysis"})
+    live.add({"token": 6, "text": "<|call|>", "channel": "", "tool_call": call})
+    trace = live.trace()
+    assert trace.tool_calls == [call] and len(trace.tokens) == 2
+    assert W.trace_payload(trace)["conversation"][-1]["role"] == "tool browser.search"

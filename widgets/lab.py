@@ -48,12 +48,15 @@ class LiveRecord:
         self.indices: list[torch.Tensor] = []  # per token [L, k]
         self.weights: list[torch.Tensor] = []  # per token [L, k]
         self.sinks: list[torch.Tensor] = []  # per token [L, H]
+        self.tool_calls: list[Any] = []  # ToolCalls (function or built-in) as their events arrive
 
     def add(self, event: Any) -> None:
         record = _field(event, "record", None) or {}
         self.tokens.append(int(_field(event, "token", -1)))
         self.texts.append(str(_field(event, "text", "")))
         self.channels.append(str(_field(event, "channel", "") or ""))
+        if _field(event, "tool_call", None) is not None:
+            self.tool_calls.append(_field(event, "tool_call"))
         # Events without a record (another engine) still stream text; their rows read as zeros.
         self.indices.append(record["router_indices"].detach().to("cpu", torch.int64) if "router_indices" in record
                             else torch.zeros(self.L, self.k, dtype=torch.int64))
@@ -75,7 +78,7 @@ class LiveRecord:
         return Trace(
             prompt_tokens=[], tokens=list(self.tokens), channels=list(self.channels), token_texts=list(self.texts),
             messages=[{"role": "user", "content": self.prompt}], analysis=text_of("analysis"),
-            final=text_of("final"), tool_calls=[],
+            final=text_of("final"), tool_calls=list(self.tool_calls),
             router_indices=stack(self.indices, (self.L, self.k), torch.int64),
             router_weights=stack(self.weights, (self.L, self.k), torch.float32),
             sink=stack(self.sinks, (self.L, self.H), torch.float32), reasoning=self.reasoning,

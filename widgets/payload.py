@@ -102,11 +102,25 @@ def _conversation(trace: Trace) -> list[dict[str, Any]]:
             continue
         out.append({"role": role, "text": _text(message.get("content")), "after": -1})
     # Tool answers go right after the token that ended the call (messages may not say where they belong).
+    # Built-in tools (browser.search, python) and function tools alike: the call's arguments, then the answer.
     out = [m for m in out if m["role"] != "tool"]
     for call in trace.tool_calls:
         answer = call.result if call.error is None else f"error: {call.error}"
-        out.append({"role": f"tool {call.name}", "text": answer or "", "after": int(call.token_index)})
+        out.append({"role": f"tool {call.name}", "text": answer or "", "after": int(call.token_index),
+                    "call": str(call.arguments), "error": call.error is not None})  # fmt: skip
     return out
+
+
+def _grammar(trace: Trace, T: int) -> dict[str, list[int]] | None:
+    """Per token, from Structured Outputs (trace.metadata["structured"]): was it constrained, and did the
+    grammar change the model's top choice (0/1 lists of length T); None when nothing was enforced."""
+    record = trace.metadata.get("structured")
+    if not isinstance(record, dict) or not record.get("enforced"):
+        return None
+    constrained, changed = record.get("constrained", []), record.get("changed_top", [])
+    if len(constrained) != T or len(changed) != T:
+        return None
+    return {"constrained": [int(bool(v)) for v in constrained], "changed": [int(bool(v)) for v in changed]}
 
 
 def _lens(trace: Trace, T: int, token_strings: dict[str, str]) -> dict[str, Any] | None:
@@ -194,6 +208,7 @@ def trace_payload(
         "positions": [int(p) for p in positions],  # position of each generated token in the whole sequence
         "context": [str(t) for t in context_texts] if trace.captured and _has_attention(trace) else [],
         "conversation": _conversation(trace),
+        "grammar": _grammar(trace, T),
         "final": trace.final,
         "parse_errors": [str(e) for e in trace.parse_errors],
         "router": {

@@ -111,7 +111,7 @@ class Msg:
 class Episode:
     """A conversation and what it checks. `turns` alternates model calls: each is (context messages, reply)."""
 
-    kind: str  # "add", "sub", "sort", "spell", "join", "tool"
+    kind: str  # "add", "sub", "sort", "spell", "join", "tool", "browser", "python" (agentic.py)
     effort: str
     user: str
     tools: list[str]  # names of the tools the developer message declares (may be empty)
@@ -121,6 +121,7 @@ class Episode:
     between: list[list[Msg]]  # messages that arrive between model calls (tool answers)
     answer: Any = None  # the final answer (int for arithmetic, list for sort, dict for tool episodes)
     meta: dict[str, Any] = field(default_factory=dict)
+    builtin_tools: list[str] = field(default_factory=list)  # "browser" / "python", declared in the system message
 
     @property
     def analysis_text(self) -> str:
@@ -365,7 +366,12 @@ def _tool_episode(rng: random.Random, effort: str, name: str | None) -> Episode:
 INSTRUCTIONS = ("Answer briefly.", "Be concise.", "You are a helpful assistant.", "Show your work in the analysis.")
 
 
-def random_episode(rng: random.Random) -> Episode:
+# Share of episodes replaced by browser/python episodes (agentic.py). Drawn after the episode it replaces, so
+# corpus(n, seed, agentic=False) is exactly the corpus the shipped nano was trained on.
+AGENTIC_SHARE = 0.12
+
+
+def random_episode(rng: random.Random, agentic: bool = True) -> Episode:
     """One training episode: a skill, an effort, and some variety in the system and developer messages."""
     effort = rng.choice(EFFORTS)
     r = rng.random()
@@ -384,6 +390,10 @@ def random_episode(rng: random.Random) -> Episode:
         episode = sort_episode(rng, effort)
     else:
         episode = tool_episode(rng, effort, held_out=False)
+    if agentic and rng.random() < AGENTIC_SHARE:  # harmony's built-in tools (a separate draw: see AGENTIC_SHARE)
+        from .agentic import browser_episode, python_episode
+
+        return (browser_episode if rng.random() < 0.5 else python_episode)(rng, effort, held_out=False)
     if episode.kind != "tool" and rng.random() < 0.15:  # tools declared but not needed
         episode.tools = rng.sample(list(TOOLS), rng.randint(1, 2))
     if rng.random() < 0.15:
@@ -393,10 +403,11 @@ def random_episode(rng: random.Random) -> Episode:
     return episode
 
 
-def corpus(n: int, seed: int = 0) -> list[Episode]:
-    """`n` training episodes, the same for the same seed."""
+def corpus(n: int, seed: int = 0, agentic: bool = True) -> list[Episode]:
+    """`n` training episodes, the same for the same seed; `agentic=False` leaves out the browser/python
+    episodes (the corpus of the nano checkpoint shipped before them)."""
     rng = random.Random(seed)
-    return [random_episode(rng) for _ in range(n)]
+    return [random_episode(rng, agentic) for _ in range(n)]
 
 
 def eval_arithmetic(n_per_case: int, seed: int = 1234) -> list[Episode]:
@@ -454,6 +465,10 @@ def header_messages(episode: Episode) -> list[Any]:
     system = SystemContent.new().with_reasoning_effort(ReasoningEffort(episode.effort.capitalize()))
     if episode.start_date:
         system = system.with_conversation_start_date(episode.start_date)
+    if "browser" in episode.builtin_tools:  # harmony's own declarations: what ossscope.tools renders by default
+        system = system.with_browser_tool()
+    if "python" in episode.builtin_tools:
+        system = system.with_python_tool()
     messages = [Message.from_role_and_content(Role.SYSTEM, system)]
     if episode.tools or episode.instructions:
         developer = DeveloperContent.new()

@@ -363,6 +363,26 @@ def evaluate_chat(model: Any, n_arithmetic: int = 10, n_tools: int = 10, max_new
     return summarize(results), results
 
 
+def evaluate_agentic(model: Any, n_per_effort: int = 10, max_new_tokens: int = 300
+                     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Held-out browser and python episodes through `model.chat(..., temperature=0)` with the real tools
+    (a fresh Browser over the shipped towns per episode, one Python kernel): valid-call and right-answer rates
+    per (kind, effort), as `agentic.score_chat` defines them."""
+    from ..tools import Browser, Python
+    from . import agentic
+
+    results = []
+    with Python(timeout=10) as kernel:
+        for episode in agentic.eval_agentic(n_per_effort):
+            tools = [Browser(agentic.TOWNS_DIR)] if episode.kind == "browser" else [kernel]
+            trace = model.chat(episode.user, reasoning=episode.effort, tools=tools, temperature=0.0,
+                               max_new_tokens=max_new_tokens, max_tool_calls=4)
+            r = agentic.score_chat(episode, trace)
+            r["analysis_tokens"] = sum(c == "analysis" for c in trace.channels)
+            results.append(r)
+    return summarize(results), results
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -373,6 +393,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="greedy: batched KV-cache decoding of rendered prompts (fast); chat: model.chat")
     parser.add_argument("--n", type=int, default=50, help="problems per (operation, effort)")
     parser.add_argument("--n-tools", type=int, default=20, help="tool episodes per effort")
+    parser.add_argument("--agentic", type=int, default=0, metavar="N",
+                        help="also N held-out browser and N python episodes per effort, through chat with the tools")
     parser.add_argument("--json", default=None, help="write the summary and per-item results here")
     args = parser.parse_args(argv)
 
@@ -384,6 +406,9 @@ def main(argv: list[str] | None = None) -> None:
         summary, results = evaluate_model(model, args.n, args.n_tools)
     else:
         summary, results = evaluate_chat(model, args.n, args.n_tools)
+    if args.agentic:
+        more, extra = evaluate_agentic(model, args.agentic)
+        summary, results = {**summary, **more}, results + extra
     print(format_summary(summary))
     print(f"({args.engine}, {time.time() - t0:.0f}s)")
     if args.json:

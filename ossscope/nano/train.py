@@ -249,14 +249,16 @@ def to_model(twin: NanoTwin, vocab: dict[str, Any], dtype: torch.dtype = torch.b
 # -- data --------------------------------------------------------------------------------------------------------
 
 
-def prepare(out: Path, episodes: int, seed: int, eval_sizes: tuple[int, int, int] = (100, 40, 30)) -> dict:
-    """Render the corpus and the held-out sets; save model-id tensors and the vocabulary under `out`."""
+def prepare(out: Path, episodes: int, seed: int, eval_sizes: tuple[int, int, int] = (100, 40, 30),
+            agentic: bool = True) -> dict:
+    """Render the corpus and the held-out sets; save model-id tensors and the vocabulary under `out`.
+    agentic=False leaves out the browser/python episodes (the corpus of the checkpoint shipped before them)."""
     from ..tokenizer import harmony_encoding
     from . import data
 
     enc = harmony_encoding()
     t0 = time.time()
-    train = [data.render_episode(enc, e) for e in data.corpus(episodes, seed)]
+    train = [data.render_episode(enc, e) for e in data.corpus(episodes, seed, agentic=agentic)]
     n_arith, n_tool, n_sort = eval_sizes
     held = data.eval_arithmetic(n_arith) + data.eval_tools(n_tool) + data.eval_sort(n_sort)
     items = []
@@ -550,6 +552,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--episodes", type=int, default=500_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-agentic", action="store_true",
+                        help="prepare without the browser/python episodes (the shipped checkpoint's corpus)")
     parser.add_argument("--steps", type=int, default=None, help="fixed step count (default: fit --minutes)")
     parser.add_argument("--minutes", type=float, default=6.0)
     parser.add_argument("--batch-tokens", type=int, default=32_768, help="padded tokens per training batch")
@@ -565,7 +569,7 @@ def main(argv: list[str] | None = None) -> None:
                         device=args.device or "cpu")
         print(f"smoke run wrote {out} (checkpoint vs twin {metrics['checkpoint_max_abs_diff']:.1e})")
     elif args.stage == "prepare":
-        print(prepare(args.out or args.data, args.episodes, args.seed))
+        print(prepare(args.out or args.data, args.episodes, args.seed, agentic=not args.no_agentic))
     elif args.stage == "train":
         train(args.data, args.out or Path("runs/nano"), seed=args.seed, steps=args.steps, minutes=args.minutes,
               batch_tokens=args.batch_tokens, lr=args.lr, device=args.device)

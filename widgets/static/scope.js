@@ -384,14 +384,21 @@
       legend.appendChild(h("span", { class: "oss-legend" }, "Top expert at " +
         this.layerName(s.layer === null ? 0 : s.layer) + " (one color per expert)"));
     }
+    if (p.grammar) {
+      legend.appendChild(h("span", { class: "oss-legend oss-grammar-key" }, "dashed: the schema's grammar changed " +
+        "the model's top choice (" + p.grammar.changed.reduce((a, b) => a + b, 0) + " tokens)"));
+    }
     legend.appendChild(h("span", { class: "oss-hint" }, "Hover a token for its router decisions; click to pin."));
     this.main.appendChild(legend);
 
     const convo = h("div", { class: "oss-convo" });
     const after = new Map();
     for (const m of p.conversation) {
-      const card = h("div", { class: "oss-msg oss-role-" + m.role.split(" ")[0] },
-        h("div", { class: "oss-msg-role" }, m.role), h("div", { class: "oss-msg-text" }, m.text));
+      const card = h("div", { class: "oss-msg oss-role-" + m.role.split(" ")[0] + (m.error ? " oss-tool-error" : "") },
+        h("div", { class: "oss-msg-role" }, m.role));
+      // A tool call (function or built-in browser/python): what the model sent, then what came back.
+      if (m.call !== undefined) card.appendChild(h("pre", { class: "oss-tool-call" }, m.call));
+      card.appendChild(h("div", { class: "oss-msg-text" }, m.text));
       if (m.after < 0) convo.appendChild(card);
       else after.set(m.after, (after.get(m.after) || []).concat([card]));
     }
@@ -413,6 +420,7 @@
       const text = p.tokens[t];
       const span = h("span", { class: "oss-tok" + (ch ? "" : " oss-special") + (t === s.selected ? " selected" : ""),
         "data-t": String(t) }, text.includes("\n") ? text.replace(/\n/g, "\u21b5\n") : text || "\u2205");
+      if (p.grammar && p.grammar.changed[t]) span.classList.add("oss-grammar-changed");
       const v = values[t];
       if (ch) {
         if (scale) {
@@ -482,7 +490,9 @@
     const v = metricValue(d, this.state.metric, this.state.layer, t);
     panel.appendChild(h("div", { class: "oss-panel-title", "data-token": String(t) },
       "Token " + t + (t === this.state.selected ? " (pinned)" : ""),
-      h("span", { class: "oss-chip oss-ch-" + (p.channels[t] || "none") }, p.channels[t] || "special")));
+      h("span", { class: "oss-chip oss-ch-" + (p.channels[t] || "none") }, p.channels[t] || "special"),
+      p.grammar && p.grammar.constrained[t] ? h("span", { class: "oss-chip oss-grammar-chip" },
+        p.grammar.changed[t] ? "grammar changed top choice" : "grammar kept top choice") : null));
     panel.appendChild(h("div", { class: "oss-token-big" }, showToken(p.tokens[t])));
     panel.appendChild(h("div", { class: "oss-kv" },
       h("span", {}, "id " + p.ids[t]), h("span", {}, "position " + p.positions[t]),
