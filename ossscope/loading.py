@@ -1,7 +1,8 @@
 """Loading gpt-oss checkpoints (original or Hugging Face layout), random models, and writing checkpoints.
 
-Loading is strict: every tensor the config implies must be present with the right shape and dtype, and
-nothing else may be; a damaged file is named in the error. Tensors are memory-mapped from safetensors and
+Loading is strict: the config's values must be in range, every tensor the config implies must be present with
+the right shape and dtype, and nothing else may be; float weights must be finite and no MXFP4 scale may be NaN
+(byte 255). A damaged file or tensor is named in the error. Tensors are memory-mapped from safetensors and
 moved to the device one at a time, so host memory never holds the whole model, and MXFP4 expert weights stay
 packed all the way.
 """
@@ -20,6 +21,7 @@ from safetensors.torch import save_file
 from .config import GptOssConfig, resolve_config
 from .model import Model
 from .mxfp4 import random_packed
+from .weight_checks import BadWeightsError, WeightChecks
 
 ORIGINAL, HF = "original", "hf"
 NANO_DIR = Path(__file__).parent / "nano" / "weights"
@@ -194,10 +196,13 @@ def _read_json(path: Path):
 def _safetensors_files(root: Path) -> list[Path]:
     index = root / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        data = _read_json(index)
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{index} must hold a JSON object, got {type(data).__name__}")
+        weight_map = data.get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index} has no 'weight_map' object")
-        files = sorted({root / f for f in weight_map.values()})
+        files = sorted({_shard_path(root, index, name, shard) for name, shard in weight_map.items()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"{index} lists shard files that are missing: {', '.join(missing)}")
@@ -206,6 +211,20 @@ def _safetensors_files(root: Path) -> list[Path]:
     if not files:
         raise CheckpointError(f"no .safetensors file in {root} (ossscope loads safetensors only, never pickle)")
     return files
+
+
+def _shard_path(root: Path, index: Path, tensor: str, shard: object) -> Path:
+    """The shard file an index names for `tensor`: a relative path that stays in the checkpoint folder (an
+    index is data from the internet: "../x" or "/etc/x" must not make us open files elsewhere)."""
+    if not isinstance(shard, str) or not shard:
+        raise CheckpointError(f"{index}: weight_map[{tensor!r}] must be a shard file name, got {shard!r}")
+    path = Path(shard)
+    # Checked on the text, not resolved: in the Hugging Face cache every shard is a symlink into ../../blobs.
+    if path.is_absolute() or ".." in path.parts:
+        raise CheckpointError(
+            f"{index}: weight_map[{tensor!r}] = {shard!r} leaves the checkpoint folder: shards must be files "
+            "in the folder of the index")
+    return root / path
 
 
 def _read_vocab_map(root: Path, config: GptOssConfig) -> tuple[list[int] | None, int | None]:
@@ -253,14 +272,14 @@ def load(
     name = "nano" if str(path_or_name) == "nano" else Path(found.root).name
     if name == "original":
         name = found.root.parent.name
-    model = Model(found.config, device=device, dtype=dtype, name=name)
-    state = dict(model.state_dict())
     slots = checkpoint_slots(found.config, found.layout)
-
     where = _index_tensors(found.files)
     problems = _check_names(slots, where, found)
-    if problems:
+    if problems:  # found from the config and the headers alone: report before allocating the model
         raise CheckpointError(_format_problems(found, problems))
+    model = Model(found.config, device=device, dtype=dtype, name=name)
+    state = dict(model.state_dict())
+    checks = WeightChecks()
     open_files = {}
     try:
         for ckpt_name, slot in _progress(slots.items(), len(slots), f"loading {name}", progress):
@@ -274,14 +293,24 @@ def load(
             _check_tensor(ckpt_name, tensor, slot, file)
             target = state[slot.target]
             value = tensor.to(device=device, dtype=target.dtype)
-            if slot.part is None:
-                target.copy_(value)
-            else:
-                target[slot.part[0] : slot.part[1]].copy_(value)
+            if slot.part is not None:
+                target = target[slot.part[0] : slot.part[1]]
+            target.copy_(value)
+            checks.add(ckpt_name, file, target, value_kind(slot))
+        checks.raise_if_bad()
+    except BadWeightsError as exc:
+        raise CheckpointError(f"cannot load the checkpoint in {found.root}: {exc}") from None
     finally:
         open_files.clear()
     model.vocab_map, model.unknown_id = found.vocab_map, found.unknown_id
     return model
+
+
+def value_kind(slot: Slot) -> str:
+    """What WeightChecks verifies in a slot's values: "float", "scales" (MXFP4 E8M0) or "blocks" (E2M1)."""
+    if slot.kind == "float":
+        return "float"
+    return "scales" if slot.target.endswith("_scales") else "blocks"
 
 
 def _parse_dtype(dtype) -> torch.dtype | None:
