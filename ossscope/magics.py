@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import re
 import shlex
 import textwrap
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import MagicArgumentParser
 from IPython.display import display
 
@@ -135,6 +135,7 @@ class OssMagics(Magics):
     """The %oss line magic and %%oss cell magic (registered by `%load_ext ossscope`)."""
 
     @line_cell_magic
+    @no_var_expand  # a message is sent as typed ($x, {expr} stay text), and IPython's expansion is quadratic
     def oss(self, line: str, cell: str | None = None) -> None:
         """ossscope in one line: `%oss load`, `%%oss chat`, `%oss ablate`, `%oss steer`, `%oss trace`,
         `%oss export`, `%oss help`."""
@@ -218,16 +219,16 @@ class OssMagics(Magics):
             "reasoning": args.reasoning, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
             "seed": args.seed, "developer": args.developer,
         }
-        for flag in ("max_new_tokens", "temperature", "seed"):
-            value = options[flag]
-            if value is not None and value < 0:
-                raise UsageError(f"%%oss chat: --{flag.replace('_', '-')} must be >= 0, got {value}")
+        _check_sampling_flags(args)
         options = {key: value for key, value in options.items() if value is not None}  # chat's defaults rule
         if args.tools:
             options["tools"] = self._tools(args.tools)
 
+        try:  # the chat checks its prompt and options here, before generating: a mistake is one line
+            stream = model.chat(message, stream=True, **options)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"%%oss chat: {exc}") from None
         live = LiveDashboard(model, message, args.reasoning or "medium") if not args.no_show else None
-        stream = model.chat(message, stream=True, **options)
         interrupted = False
         try:
             for event in stream:
@@ -245,7 +246,9 @@ class OssMagics(Magics):
         if interrupted:
             print(f"interrupted after {len(trace.tokens)} tokens; the partial trace is in `{TRACE_NAME}`")
 
-    def _tools(self, names: str) -> list[Callable]:
+    def _tools(self, names: str) -> list[Any]:
+        from .harmony import Tool
+
         tools = []
         for name in filter(None, (n.strip() for n in names.split(","))):
             fn = self.shell.user_ns.get(name)
@@ -253,7 +256,10 @@ class OssMagics(Magics):
                 raise UsageError(f"%%oss chat: --tools names {name!r}, but the notebook has no such function")
             if not callable(fn):
                 raise UsageError(f"%%oss chat: --tools names {name!r}, which is a {type(fn).__name__}, not a function")
-            tools.append(fn)
+            try:  # a lambda (no usable name) or a builtin without a signature cannot be declared to the model
+                tools.append(Tool.from_function(fn))
+            except (ValueError, TypeError) as exc:
+                raise UsageError(f"%%oss chat: --tools {name}: {exc} (define it with `def {name}(...):`)") from None
         if not tools:
             raise UsageError("%%oss chat: --tools needs function names, e.g. --tools get_weather,convert")
         return tools
@@ -308,8 +314,33 @@ class OssMagics(Magics):
             raise UsageError(f"%oss export writes HTML: give a path ending in .html, not {args.path!r}")
         if not path.parent.is_dir():
             raise UsageError(f"%oss export: the folder {str(path.parent)!r} does not exist")
-        written = Path(trace.to_html(path))
+        if path.is_dir():
+            raise UsageError(f"%oss export: {str(path)!r} is a folder: give a file path, "
+                             f"e.g. {str(path / 'run.html')!r}")
+        try:
+            written = Path(trace.to_html(path))
+        except OSError as exc:  # no permission, disk full: the user's to fix, not a traceback
+            raise UsageError(f"%oss export: cannot write {str(path)!r}: {exc.strerror or exc}") from None
         print(f"wrote {written} ({written.stat().st_size / 1e6:.2f} MB): open it in any browser, no kernel needed")
+
+
+SEED_LIMIT = 2**63  # torch generators take seeds below 2**64; the chat records seeds in signed 64 bits
+
+
+def _check_sampling_flags(args: argparse.Namespace) -> None:
+    """Refuse chat flags the model would choke on (argparse has checked only that they are numbers)."""
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UsageError(f"%%oss chat: --max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UsageError(f"%%oss chat: --temperature must be a finite number >= 0 (0 is greedy), "
+                         f"got {args.temperature}")
+    if args.seed is not None and not 0 <= args.seed < SEED_LIMIT:
+        raise UsageError(f"%%oss chat: --seed must be in 0..2**63-1, got {_short_number(args.seed)}")
+
+
+def _short_number(value: int) -> str:
+    text = str(value)
+    return text if len(text) <= 24 else f"{text[:12]}... ({len(text)} digits)"
 
 
 def describe_ablation(active: dict[str, Any]) -> str:

@@ -305,7 +305,7 @@ def test_chat_errors_are_one_line(loaded):
     assert_one_line_error(ip, "%%oss chat --tools ,\nhi", "--tools needs function names")
     assert_one_line_error(ip, "%%oss chat --reasoning extreme\nhi", "invalid choice: 'extreme'")
     assert_one_line_error(ip, "%%oss chat --max-new-tokens many\nhi", "invalid int value: 'many'")
-    assert_one_line_error(ip, "%%oss chat --max-new-tokens -1\nhi", "must be >= 0")
+    assert_one_line_error(ip, "%%oss chat --max-new-tokens -1\nhi", "must be at least 1")
     assert_one_line_error(ip, "%%oss chat --temperature\nhi", "expected one argument")
     assert_one_line_error(ip, "%%oss chat extra words\nhi", "either in the cell body or on the line")
     assert "_oss" not in ip.user_ns
