@@ -256,10 +256,13 @@ class OssMagics(Magics):
                 raise UsageError(f"%%oss chat: --tools names {name!r}, but the notebook has no such function")
             if not callable(fn):
                 raise UsageError(f"%%oss chat: --tools names {name!r}, which is a {type(fn).__name__}, not a function")
-            try:  # a lambda (no usable name) or a builtin without a signature cannot be declared to the model
+            if getattr(fn, "__name__", None) == "<lambda>":  # the model calls a tool by its name: it needs one
+                raise UsageError(f"%%oss chat: --tools {name} is a lambda, which has no name to call it by: "
+                                 f"define it with `def {name}(...):`")
+            try:  # e.g. a builtin without a signature, or a callable object without a __name__
                 tools.append(Tool.from_function(fn))
             except (ValueError, TypeError) as exc:
-                raise UsageError(f"%%oss chat: --tools {name}: {exc} (define it with `def {name}(...):`)") from None
+                raise UsageError(f"%%oss chat: --tools {name}: {exc}") from None
         if not tools:
             raise UsageError("%%oss chat: --tools needs function names, e.g. --tools get_weather,convert")
         return tools
