@@ -10,8 +10,10 @@
 The current model is whatever `oss_model` holds in the notebook, and the last trace is `_oss`: the magics keep
 no hidden state, so `oss_model = ossscope.load(...)` in plain Python works with them too.
 
-A user's mistake (unknown subcommand, bad flag, bad layer:expert, no model, missing file) raises IPython's
-UsageError, which IPython shows as one `UsageError: ...` line without a traceback.
+A user's mistake (unknown subcommand, bad flag or flag value, bad layer:expert, no model, missing file, a
+checkpoint that does not load, a lambda as a tool) raises IPython's UsageError, which IPython shows as one
+`UsageError: ...` line without a traceback. The line is not $-expanded: `$x` and `{expr}` reach the model as
+typed (and IPython's expansion is quadratic in the line's length).
 """
 
 from __future__ import annotations
