@@ -191,6 +191,8 @@ def _read_json(path: Path):
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    except RecursionError:  # e.g. "[[[[...": a hostile file, not a config
+        raise CheckpointError(f"{path} is nested too deeply to be a config") from None
 
 
 def _safetensors_files(root: Path) -> list[Path]:

@@ -201,8 +201,15 @@ class OssMagics(Magics):
                 raise UsageError("%oss load: --device cuda asked for, but torch sees no CUDA GPU here")
         try:
             model = load(args.path, device=args.device, dtype=args.dtype, progress=True)
-        except (FileNotFoundError, CheckpointError, ValueError) as exc:
+        except (OSError, CheckpointError, ValueError) as exc:  # OSError: missing, unreadable (permissions)
             raise UsageError(f"%oss load: {exc}") from None
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+            text = str(exc)
+            if not isinstance(exc, (torch.OutOfMemoryError, MemoryError)) and "can't allocate memory" not in text:
+                raise  # a bug, not the user's to fix: keep the traceback
+            where = args.device or "the default device"
+            detail = text[text.find("you tried"):].splitlines()[0] if "you tried" in text else type(exc).__name__
+            raise UsageError(f"%oss load: not enough memory for {args.path} on {where} ({detail})") from None
         self.shell.user_ns[MODEL_NAME] = model
         c = model.config
         print(f"loaded {model.name} as `{MODEL_NAME}`: {c.num_hidden_layers} layers, {c.num_experts} experts "

@@ -308,3 +308,10 @@ def test_the_end_of_a_lab_run_keeps_steering_set_during_it():
     lab.steering.enabled.value = False
     lab.run("again", wait=True)
     assert set(model.active_steering) == {1, 3}  # and a later run puts it back too
+
+
+def test_a_deeply_nested_config_is_refused(tmp_path, tiny_checkpoints, no_allocation):
+    path = _copy(tmp_path, tiny_checkpoints["original"])
+    (path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        ossscope.load(path, device="cpu", progress=False)

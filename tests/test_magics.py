@@ -411,3 +411,30 @@ def test_loading_a_checkpoint_with_a_bad_config_is_one_line(ip, checkpoint, tmp_
         (broken / "config.json").write_text(json.dumps({**config, field: value}))
         assert_one_line_error(ip, f"%oss load {broken}", "%oss load:", fragment)
     assert "oss_model" not in ip.user_ns
+
+
+def test_load_out_of_memory_is_one_line(ip, monkeypatch):
+    from ossscope import loading
+
+    def too_big(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 4398046511104 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(loading, "load", too_big)
+    assert_one_line_error(ip, "%oss load nano", "not enough memory for nano", "you tried to allocate 4398046511104")
+    monkeypatch.setattr(loading, "load", lambda *a, **k: 1 / 0)  # a bug keeps its traceback
+    _, _, _, result = run(ip, "%oss load nano")
+    assert isinstance(result.error_in_exec, ZeroDivisionError)
+
+
+def test_steering_with_nan_is_one_line_and_keeps_the_old_vector(loaded):
+    ip = loaded
+    model = ip.user_ns["oss_model"]
+    D = model.config.hidden_size
+    ip.user_ns["good"], ip.user_ns["bad"] = torch.ones(D), torch.full((D,), math.nan)
+    run(ip, "%oss steer 1 good --scale 2")
+    before = model.active_steering[1]
+    assert_one_line_error(ip, "%oss steer 1 bad", "%oss steer: bad:", "holds NaN or Inf")
+    assert_one_line_error(ip, "%oss steer 1 good --scale nan", "scale must be a finite number, got nan")
+    assert_one_line_error(ip, "%oss steer 1 good --scale inf", "scale must be a finite number, got inf")
+    assert model.active_steering[1] is before
