@@ -10,6 +10,7 @@ packed all the way.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,6 +280,7 @@ def load(
     problems = _check_names(slots, where, found)
     if problems:  # found from the config and the headers alone: report before allocating the model
         raise CheckpointError(_format_problems(found, problems))
+    _check_fits(found, slots, device, dtype)
     model = Model(found.config, device=device, dtype=dtype, name=name)
     state = dict(model.state_dict())
     checks = WeightChecks()
@@ -306,6 +308,51 @@ def load(
         open_files.clear()
     model.vocab_map, model.unknown_id = found.vocab_map, found.unknown_id
     return model
+
+
+def model_bytes(slots: dict[str, Slot], dtype: torch.dtype) -> int:
+    """Bytes the model's tensors take on the device: packed experts 1 byte an element, norms fp32, the rest dtype."""
+    total = 0
+    for slot in slots.values():
+        if slot.kind == "uint8":
+            size = 1
+        elif slot.target.endswith(".scale"):  # RMSNorm scales stay fp32
+            size = 4
+        else:
+            size = dtype.itemsize
+        total += math.prod(slot.shape) * size
+    return total
+
+
+def _device_memory(device: torch.device) -> int | None:
+    """Total memory of the device in bytes (physical RAM for the CPU), or None where it cannot be told."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError, RuntimeError, AssertionError):  # no sysconf, no such GPU
+        return None
+    return None
+
+
+def _check_fits(
+    found: CheckpointFiles, slots: dict[str, Slot], device: torch.device, dtype: torch.dtype | None
+) -> None:
+    """Refuse a config whose model is larger than the device's whole memory: allocating it would fail, or, with
+    memory overcommit, get the process killed while the weights are written."""
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    need, have = model_bytes(slots, dtype), _device_memory(device)
+    if have is None or need <= have:
+        return
+    largest = max(slots.items(), key=lambda item: math.prod(item[1].shape))
+    c = found.config
+    raise CheckpointError(
+        f"{found.root / 'config.json'} describes a model of {need / 2**30:,.1f} GiB in "
+        f"{str(dtype).removeprefix('torch.')}, more than the {have / 2**30:,.1f} GiB of memory {device} has "
+        f"(largest tensor {largest[0]} {largest[1].shape}; num_hidden_layers={c.num_hidden_layers}, "
+        f"num_experts={c.num_experts}, vocab_size={c.vocab_size}, hidden_size={c.hidden_size}, "
+        f"intermediate_size={c.intermediate_size})")
 
 
 def value_kind(slot: Slot) -> str:

@@ -315,3 +315,20 @@ def test_a_deeply_nested_config_is_refused(tmp_path, tiny_checkpoints, no_alloca
     (path / "config.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(CheckpointError, match="nested too deeply"):
         ossscope.load(path, device="cpu", progress=False)
+
+
+def test_a_config_too_big_for_the_device_is_refused_before_allocating(tmp_path, tiny_checkpoints, no_allocation):
+    """Each value in range, together a 16 TiB model: refused from the config alone, naming the sizes."""
+    path = _copy(tmp_path, tiny_checkpoints["original"])
+    config = json.loads((path / "config.json").read_text())
+    config.update(vocab_size=1 << 24, hidden_size=1 << 17)
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"describes a model of [\d,.]+ GiB in float32, more than the .* GiB "
+                                              r"of memory cpu has .*vocab_size=16777216, hidden_size=131072"):
+        ossscope.load(path, device="cpu", progress=False)
+
+
+def test_model_bytes_matches_the_allocated_model(tiny_model):
+    slots = loading.checkpoint_slots(tiny_model.config, "original")
+    allocated = sum(t.numel() * t.element_size() for t in tiny_model.state_dict().values())
+    assert loading.model_bytes(slots, torch.float32) == allocated
