@@ -69,9 +69,9 @@ def _build_parsers() -> dict[str, _Parser]:
                                   f"is bound to `{TRACE_NAME}`. Active ablations and steering apply.")
     p.add_argument("message", nargs="*", metavar="MESSAGE", help="the message, when not given as the cell body")
     p.add_argument("--reasoning", choices=["low", "medium", "high"], help="reasoning effort (default: medium)")
-    p.add_argument("--max-new-tokens", type=int, metavar="N", help="generation budget")
-    p.add_argument("--temperature", type=float, metavar="T", help="0 means greedy")
-    p.add_argument("--seed", type=int, metavar="S", help="sampling seed")
+    p.add_argument("--max-new-tokens", type=int, metavar="N", help="generation budget (at least 1)")
+    p.add_argument("--temperature", type=float, metavar="T", help="finite, >= 0; 0 means greedy")
+    p.add_argument("--seed", type=int, metavar="S", help="sampling seed, 0..2**63-1")
     p.add_argument("--tools", metavar="f,g", help="names of Python functions in the notebook the model may call")
     p.add_argument("--developer", metavar="TEXT", help="developer instructions")
     p.add_argument("--no-show", action="store_true", help="print the answer instead of showing the dashboard")
@@ -144,7 +144,9 @@ class OssMagics(Magics):
         try:
             words = shlex.split(line)
         except ValueError as exc:  # an unclosed quote
-            raise UsageError(f"%oss: cannot split the line: {exc}") from None
+            hint = ("; a message with an apostrophe or a quote goes in the cell body (%%oss chat, the message below), "
+                    "sent exactly as typed") if line.lstrip().startswith("chat") else ""
+            raise UsageError(f"%oss: cannot split the line: {exc}{hint}") from None
         if not words:
             print(usage())
             return

@@ -390,6 +390,7 @@ def test_every_chat_mistake_is_one_line(loaded, tmp_path):
     assert_one_line_error(ip, "%%oss chat --tools shout\nhi", "--tools shout is a lambda", "def shout(")
     assert_one_line_error(ip, "%%oss chat --bogus 3\nhi", "unrecognized arguments: --bogus")
     assert_one_line_error(ip, "%oss ablate 1:2 --bogus", "unrecognized arguments: --bogus")
+    assert_one_line_error(ip, "%oss chat What's 2+2?", "No closing quotation", "goes in the cell body")
     assert "_oss" not in ip.user_ns
 
 
