@@ -49,7 +49,7 @@ def no_allocation(monkeypatch):
     monkeypatch.setattr(loading, "Model", refuse)
 
 
-# -- bullet 1: NaN/Inf weights and NaN MXFP4 scales -----------------------------------------------------------
+# -- weight values: NaN/Inf floats and NaN MXFP4 scales -------------------------------------------------------------
 
 
 @pytest.mark.parametrize("layout, tensor, value, fragment", [
@@ -91,7 +91,7 @@ def test_finite_weights_that_overflow_float16_say_so(tmp_path, tiny_checkpoints)
         ossscope.load(path, device="cpu", dtype="float16", progress=False)
 
 
-# -- bullet 2: config values, the index --------------------------------------------------------------------------
+# -- config values and the index, before allocating -----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("field, value, fragment", [
@@ -161,7 +161,7 @@ def test_an_index_naming_a_shard_outside_the_folder_is_refused(tmp_path, tiny_ch
         ossscope.load(path, device="cpu", progress=False)
 
 
-# -- bullet 1 and 3 on the model: steering and ablation -----------------------------------------------------------
+# -- steering and ablation on the model: a refusal keeps the old state ----------------------------------------------
 
 
 @pytest.fixture
@@ -214,7 +214,7 @@ def test_a_failed_ablation_keeps_the_active_one(own_model):
     assert not torch.equal(model(ids), expected_logits)
 
 
-# -- bullets 3 and 4: the Lab ---------------------------------------------------------------------------------
+# -- the Lab: one run at a time, and the end of a run keeps what the user set ---------------------------------------
 
 
 def _blocking_chat(started: list, release: threading.Event):
