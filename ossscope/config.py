@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,9 @@ class GptOssConfig:
     max_context: int = 131072
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = _range_problems(self)
+        if problems:  # the relations below would divide by zero or compare garbage on out-of-range values
+            raise ValueError("invalid gpt-oss config: " + "; ".join(problems))
         if self.num_attention_heads % self.num_key_value_heads:
             problems.append(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -49,9 +52,6 @@ class GptOssConfig:
             problems.append(
                 f"experts_per_token ({self.experts_per_token}) must be in 1..num_experts ({self.num_experts})"
             )
-        for name in ("num_hidden_layers", "vocab_size", "sliding_window"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be positive, got {getattr(self, name)}")
         if problems:
             raise ValueError("invalid gpt-oss config: " + "; ".join(problems))
 
@@ -156,6 +156,8 @@ class GptOssConfig:
     @classmethod
     def _from_hf(cls, d: dict[str, Any], source: str) -> GptOssConfig:
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"{source}: rope_parameters / rope_scaling must be an object, got {rope!r}")
         values: dict[str, Any] = {
             "num_hidden_layers": d.get("num_hidden_layers"),
             "num_experts": d.get("num_local_experts", d.get("num_experts")),
@@ -179,6 +181,8 @@ class GptOssConfig:
         config = cls._build({k: v for k, v in values.items() if v is not None}, source)
         layer_types = d.get("layer_types")
         if layer_types is not None:
+            if not isinstance(layer_types, list):
+                raise ValueError(f"{source}: layer_types must be a list, got {layer_types!r}")
             expected = ["sliding_attention" if config.is_sliding(i) else "full_attention"
                         for i in range(config.num_hidden_layers)]
             if list(layer_types) != expected:
@@ -198,8 +202,14 @@ class GptOssConfig:
             want = float if types[key] in (float, "float") else int
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{source}: {key} must be a number, got {value!r}")
-            if want is int and float(value) != int(value):
+            # json reads NaN, Infinity and 400-digit integers: none may reach int()/float(), which would raise
+            # an error that does not name the field.
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{source}: {key} must be a finite number, got {value!r}")
+            if want is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError(f"{source}: {key} must be an integer, got {value!r}")
+            if want is float and isinstance(value, int) and abs(value) > 1e300:
+                raise ValueError(f"{source}: {key} is out of range, got {_short(value)}")
             clean[key] = want(value)
         try:
             return cls(**clean)
@@ -216,6 +226,60 @@ class GptOssConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a JSON object")
         return cls.from_json(data, source=str(path))
+
+
+# Plausible ranges, checked before any tensor is allocated: generous around the released models (20b: 24 layers,
+# 32 experts, d_model 2880, vocab 201,088, context 131,072), but small enough that a typo or a hostile
+# config.json (a zero, 1e300, NaN) is named here instead of failing in the allocator or giving NaN logits.
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "num_hidden_layers": (1, 1024),
+    "num_experts": (1, 65536),  # router indices are stored in two bytes past 256 experts
+    "experts_per_token": (1, 65536),
+    "vocab_size": (1, 1 << 24),
+    "hidden_size": (32, 1 << 17),
+    "intermediate_size": (32, 1 << 17),
+    "head_dim": (2, 1024),
+    "num_attention_heads": (1, 1024),
+    "num_key_value_heads": (1, 1024),
+    "sliding_window": (1, 1 << 24),
+    "initial_context_length": (1, 1 << 24),
+    "max_context": (1, 1 << 24),
+}
+# Floats must be finite and strictly above the lower bound: rope_theta is the log base of YaRN's band (1 would
+# divide by zero), the YaRN betas go through a log, and a zero norm epsilon divides by zero on a zero vector.
+FLOAT_LOWER_BOUNDS: dict[str, float] = {
+    "rope_theta": 1.0,
+    "rope_scaling_factor": 0.0,
+    "rope_ntk_alpha": 0.0,
+    "rope_ntk_beta": 0.0,
+    "swiglu_limit": 0.0,
+    "swiglu_alpha": 0.0,
+    "rms_norm_eps": 0.0,
+}
+
+
+def _range_problems(config: GptOssConfig) -> list[str]:
+    """Each field outside its range (or of the wrong type), as "name must ..., got value" texts."""
+    problems = []
+    for name, (low, high) in INT_RANGES.items():
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{name} must be an integer, got {value!r}")
+        elif not low <= value <= high:
+            problems.append(f"{name} must be in {low}..{high}, got {_short(value)}")
+    for name, low in FLOAT_LOWER_BOUNDS.items():
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{name} must be a number, got {value!r}")
+        elif not (math.isfinite(value) and value > low):
+            problems.append(f"{name} must be a finite number above {low:g}, got {value!r}")
+    return problems
+
+
+def _short(value: Any) -> str:
+    """repr of a config value, cut short (a hostile config.json may hold a 400-digit number)."""
+    text = repr(value)
+    return text if len(text) <= 24 else f"{text[:12]}... ({len(text)} digits)"
 
 
 PRESETS: dict[str, GptOssConfig] = {

@@ -51,8 +51,10 @@ from .loading import (
     _parse_dtype,
     checkpoint_slots,
     locate,
+    value_kind,
 )
 from .model import Model, MoE
+from .weight_checks import BadWeightsError, WeightChecks
 
 EXPERT_BUFFERS = ("mlp1_blocks", "mlp1_scales", "mlp1_bias", "mlp2_blocks", "mlp2_scales", "mlp2_bias")
 # Buffers the model computes itself rather than loads; the loader fills these by hand after `to_empty`.
@@ -276,6 +278,7 @@ def load_expert_parallel(
     problems = _check_names(slots, where, found)
     if problems:
         raise CheckpointError(_format_problems(found, problems))
+    checks = WeightChecks()
     open_files = {}
     try:
         for ckpt_name, slot in slots.items():
@@ -286,10 +289,13 @@ def load_expert_parallel(
             _check_tensor(ckpt_name, tensor, slot, file)
             target = state[slot.target]
             value = tensor.to(device=device, dtype=target.dtype)
-            if slot.part is None:
-                target.copy_(value)
-            else:
-                target[slot.part[0] : slot.part[1]].copy_(value)
+            if slot.part is not None:
+                target = target[slot.part[0] : slot.part[1]]
+            target.copy_(value)
+            checks.add(ckpt_name, file, target, value_kind(slot))
+        checks.raise_if_bad()
+    except BadWeightsError as exc:
+        raise CheckpointError(f"cannot load the checkpoint in {found.root}: {exc}") from None
     finally:
         open_files.clear()
     model.vocab_map, model.unknown_id = found.vocab_map, found.unknown_id

@@ -1,7 +1,8 @@
 """Loading gpt-oss checkpoints (original or Hugging Face layout), random models, and writing checkpoints.
 
-Loading is strict: every tensor the config implies must be present with the right shape and dtype, and
-nothing else may be; a damaged file is named in the error. Tensors are memory-mapped from safetensors and
+Loading is strict: the config's values must be in range, every tensor the config implies must be present with
+the right shape and dtype, and nothing else may be; float weights must be finite and no MXFP4 scale may be NaN
+(byte 255). A damaged file or tensor is named in the error. Tensors are memory-mapped from safetensors and
 moved to the device one at a time, so host memory never holds the whole model, and MXFP4 expert weights stay
 packed all the way.
 """
@@ -9,6 +10,7 @@ packed all the way.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from .config import GptOssConfig, resolve_config
 from .engine import ENGINES, kernels_available, set_engine
 from .model import Model
 from .mxfp4 import random_packed
+from .weight_checks import BadWeightsError, WeightChecks
 
 ORIGINAL, HF = "original", "hf"
 NANO_DIR = Path(__file__).parent / "nano" / "weights"
@@ -190,15 +193,20 @@ def _read_json(path: Path):
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    except RecursionError:  # e.g. "[[[[...": a hostile file, not a config
+        raise CheckpointError(f"{path} is nested too deeply to be a config") from None
 
 
 def _safetensors_files(root: Path) -> list[Path]:
     index = root / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        data = _read_json(index)
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{index} must hold a JSON object, got {type(data).__name__}")
+        weight_map = data.get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index} has no 'weight_map' object")
-        files = sorted({root / f for f in weight_map.values()})
+        files = sorted({_shard_path(root, index, name, shard) for name, shard in weight_map.items()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"{index} lists shard files that are missing: {', '.join(missing)}")
@@ -207,6 +215,20 @@ def _safetensors_files(root: Path) -> list[Path]:
     if not files:
         raise CheckpointError(f"no .safetensors file in {root} (ossscope loads safetensors only, never pickle)")
     return files
+
+
+def _shard_path(root: Path, index: Path, tensor: str, shard: object) -> Path:
+    """The shard file an index names for `tensor`: a relative path that stays in the checkpoint folder (an
+    index is data from the internet: "../x" or "/etc/x" must not make us open files elsewhere)."""
+    if not isinstance(shard, str) or not shard:
+        raise CheckpointError(f"{index}: weight_map[{tensor!r}] must be a shard file name, got {shard!r}")
+    path = Path(shard)
+    # Checked on the text, not resolved: in the Hugging Face cache every shard is a symlink into ../../blobs.
+    if path.is_absolute() or ".." in path.parts:
+        raise CheckpointError(
+            f"{index}: weight_map[{tensor!r}] = {shard!r} leaves the checkpoint folder: shards must be files "
+            "in the folder of the index")
+    return root / path
 
 
 def _read_vocab_map(root: Path, config: GptOssConfig) -> tuple[list[int] | None, int | None]:
@@ -257,14 +279,15 @@ def load(
     name = "nano" if str(path_or_name) == "nano" else Path(found.root).name
     if name == "original":
         name = found.root.parent.name
-    model = Model(found.config, device=device, dtype=dtype, name=name)
-    state = dict(model.state_dict())
     slots = checkpoint_slots(found.config, found.layout)
-
     where = _index_tensors(found.files)
     problems = _check_names(slots, where, found)
-    if problems:
+    if problems:  # found from the config and the headers alone: report before allocating the model
         raise CheckpointError(_format_problems(found, problems))
+    _check_fits(found, slots, device, dtype)
+    model = Model(found.config, device=device, dtype=dtype, name=name)
+    state = dict(model.state_dict())
+    checks = WeightChecks()
     open_files = {}
     try:
         for ckpt_name, slot in _progress(slots.items(), len(slots), f"loading {name}", progress):
@@ -278,10 +301,13 @@ def load(
             _check_tensor(ckpt_name, tensor, slot, file)
             target = state[slot.target]
             value = tensor.to(device=device, dtype=target.dtype)
-            if slot.part is None:
-                target.copy_(value)
-            else:
-                target[slot.part[0] : slot.part[1]].copy_(value)
+            if slot.part is not None:
+                target = target[slot.part[0] : slot.part[1]]
+            target.copy_(value)
+            checks.add(ckpt_name, file, target, value_kind(slot))
+        checks.raise_if_bad()
+    except BadWeightsError as exc:
+        raise CheckpointError(f"cannot load the checkpoint in {found.root}: {exc}") from None
     finally:
         open_files.clear()
     model.vocab_map, model.unknown_id = found.vocab_map, found.unknown_id
@@ -296,6 +322,58 @@ def check_engine_choice(engine: str, device: torch.device) -> None:
     ok, why = kernels_available(device)
     if engine == "kernels" and not ok:
         raise ValueError(f"engine='kernels' is not available: {why}")
+
+
+def model_bytes(slots: dict[str, Slot], dtype: torch.dtype) -> int:
+    """Bytes the model's tensors take on the device: packed experts 1 byte an element, norms fp32, the rest dtype."""
+    total = 0
+    for slot in slots.values():
+        if slot.kind == "uint8":
+            size = 1
+        elif slot.target.endswith(".scale"):  # RMSNorm scales stay fp32
+            size = 4
+        else:
+            size = dtype.itemsize
+        total += math.prod(slot.shape) * size
+    return total
+
+
+def _device_memory(device: torch.device) -> int | None:
+    """Total memory of the device in bytes (physical RAM for the CPU), or None where it cannot be told."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError, RuntimeError, AssertionError):  # no sysconf, no such GPU
+        return None
+    return None
+
+
+def _check_fits(
+    found: CheckpointFiles, slots: dict[str, Slot], device: torch.device, dtype: torch.dtype | None
+) -> None:
+    """Refuse a config whose model is larger than the device's whole memory: allocating it would fail, or, with
+    memory overcommit, get the process killed while the weights are written."""
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    need, have = model_bytes(slots, dtype), _device_memory(device)
+    if have is None or need <= have:
+        return
+    largest = max(slots.items(), key=lambda item: math.prod(item[1].shape))
+    c = found.config
+    raise CheckpointError(
+        f"{found.root / 'config.json'} describes a model of {need / 2**30:,.1f} GiB in "
+        f"{str(dtype).removeprefix('torch.')}, more than the {have / 2**30:,.1f} GiB of memory {device} has "
+        f"(largest tensor {largest[0]} {largest[1].shape}; num_hidden_layers={c.num_hidden_layers}, "
+        f"num_experts={c.num_experts}, vocab_size={c.vocab_size}, hidden_size={c.hidden_size}, "
+        f"intermediate_size={c.intermediate_size})")
+
+
+def value_kind(slot: Slot) -> str:
+    """What WeightChecks verifies in a slot's values: "float", "scales" (MXFP4 E8M0) or "blocks" (E2M1)."""
+    if slot.kind == "float":
+        return "float"
+    return "scales" if slot.target.endswith("_scales") else "blocks"
 
 
 def _parse_dtype(dtype) -> torch.dtype | None:

@@ -10,24 +10,26 @@
 The current model is whatever `oss_model` holds in the notebook, and the last trace is `_oss`: the magics keep
 no hidden state, so `oss_model = ossscope.load(...)` in plain Python works with them too.
 
-A user's mistake (unknown subcommand, bad flag, bad layer:expert, no model, missing file) raises IPython's
-UsageError, which IPython shows as one `UsageError: ...` line without a traceback.
+A user's mistake (unknown subcommand, bad flag or flag value, bad layer:expert, no model, missing file, a
+checkpoint that does not load, a lambda as a tool) raises IPython's UsageError, which IPython shows as one
+`UsageError: ...` line without a traceback. The line is not $-expanded: `$x` and `{expr}` reach the model as
+typed (and IPython's expansion is quadratic in the line's length).
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import re
 import shlex
 import textwrap
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import MagicArgumentParser
 from IPython.display import display
 
@@ -70,9 +72,9 @@ def _build_parsers() -> dict[str, _Parser]:
                                   f"is bound to `{TRACE_NAME}`. Active ablations and steering apply.")
     p.add_argument("message", nargs="*", metavar="MESSAGE", help="the message, when not given as the cell body")
     p.add_argument("--reasoning", choices=["low", "medium", "high"], help="reasoning effort (default: medium)")
-    p.add_argument("--max-new-tokens", type=int, metavar="N", help="generation budget")
-    p.add_argument("--temperature", type=float, metavar="T", help="0 means greedy")
-    p.add_argument("--seed", type=int, metavar="S", help="sampling seed")
+    p.add_argument("--max-new-tokens", type=int, metavar="N", help="generation budget (at least 1)")
+    p.add_argument("--temperature", type=float, metavar="T", help="finite, >= 0; 0 means greedy")
+    p.add_argument("--seed", type=int, metavar="S", help="sampling seed, 0..2**63-1")
     p.add_argument("--tools", metavar="f,g", help="names of Python functions in the notebook the model may call")
     p.add_argument("--developer", metavar="TEXT", help="developer instructions")
     p.add_argument("--browser", metavar="DIR", help="give the model harmony's browser tool over the .txt/.md/.html "
@@ -142,13 +144,16 @@ class OssMagics(Magics):
     """The %oss line magic and %%oss cell magic (registered by `%load_ext ossscope`)."""
 
     @line_cell_magic
+    @no_var_expand  # a message is sent as typed ($x, {expr} stay text), and IPython's expansion is quadratic
     def oss(self, line: str, cell: str | None = None) -> None:
         """ossscope in one line: `%oss load`, `%%oss chat`, `%oss ablate`, `%oss steer`, `%oss trace`,
         `%oss export`, `%oss help`."""
         try:
             words = shlex.split(line)
         except ValueError as exc:  # an unclosed quote
-            raise UsageError(f"%oss: cannot split the line: {exc}") from None
+            hint = ("; a message with an apostrophe or a quote goes in the cell body (%%oss chat, the message below), "
+                    "sent exactly as typed") if line.lstrip().startswith("chat") else ""
+            raise UsageError(f"%oss: cannot split the line: {exc}{hint}") from None
         if not words:
             print(usage())
             return
@@ -205,8 +210,15 @@ class OssMagics(Magics):
                 raise UsageError("%oss load: --device cuda asked for, but torch sees no CUDA GPU here")
         try:
             model = load(args.path, device=args.device, dtype=args.dtype, progress=True, engine=args.engine)
-        except (FileNotFoundError, CheckpointError, ValueError) as exc:
+        except (OSError, CheckpointError, ValueError) as exc:  # OSError: missing, unreadable (permissions)
             raise UsageError(f"%oss load: {exc}") from None
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+            text = str(exc)
+            if not isinstance(exc, (torch.OutOfMemoryError, MemoryError)) and "can't allocate memory" not in text:
+                raise  # a bug, not the user's to fix: keep the traceback
+            where = args.device or "the default device"
+            detail = text[text.find("you tried"):].splitlines()[0] if "you tried" in text else type(exc).__name__
+            raise UsageError(f"%oss load: not enough memory for {args.path} on {where} ({detail})") from None
         self.shell.user_ns[MODEL_NAME] = model
         c = model.config
         print(f"loaded {model.name} as `{MODEL_NAME}`: {c.num_hidden_layers} layers, {c.num_experts} experts "
@@ -225,18 +237,18 @@ class OssMagics(Magics):
             "reasoning": args.reasoning, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
             "seed": args.seed, "developer": args.developer,
         }
-        for flag in ("max_new_tokens", "temperature", "seed"):
-            value = options[flag]
-            if value is not None and value < 0:
-                raise UsageError(f"%%oss chat: --{flag.replace('_', '-')} must be >= 0, got {value}")
+        _check_sampling_flags(args)
         options = {key: value for key, value in options.items() if value is not None}  # chat's defaults rule
         tools = self._tools(args.tools) if args.tools else []
         tools += self._builtin_tools(args.browser, args.python)
         if tools:
             options["tools"] = tools
 
+        try:  # the chat checks its prompt and options here, before generating: a mistake is one line
+            stream = model.chat(message, stream=True, **options)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"%%oss chat: {exc}") from None
         live = LiveDashboard(model, message, args.reasoning or "medium") if not args.no_show else None
-        stream = model.chat(message, stream=True, **options)
         interrupted = False
         try:
             for event in stream:
@@ -254,7 +266,9 @@ class OssMagics(Magics):
         if interrupted:
             print(f"interrupted after {len(trace.tokens)} tokens; the partial trace is in `{TRACE_NAME}`")
 
-    def _tools(self, names: str) -> list[Callable]:
+    def _tools(self, names: str) -> list[Any]:
+        from .harmony import Tool
+
         tools = []
         for name in filter(None, (n.strip() for n in names.split(","))):
             fn = self.shell.user_ns.get(name)
@@ -262,7 +276,13 @@ class OssMagics(Magics):
                 raise UsageError(f"%%oss chat: --tools names {name!r}, but the notebook has no such function")
             if not callable(fn):
                 raise UsageError(f"%%oss chat: --tools names {name!r}, which is a {type(fn).__name__}, not a function")
-            tools.append(fn)
+            if getattr(fn, "__name__", None) == "<lambda>":  # the model calls a tool by its name: it needs one
+                raise UsageError(f"%%oss chat: --tools {name} is a lambda, which has no name to call it by: "
+                                 f"define it with `def {name}(...):`")
+            try:  # e.g. a builtin without a signature, or a callable object without a __name__
+                tools.append(Tool.from_function(fn))
+            except (ValueError, TypeError) as exc:
+                raise UsageError(f"%%oss chat: --tools {name}: {exc}") from None
         if not tools:
             raise UsageError("%%oss chat: --tools needs function names, e.g. --tools get_weather,convert")
         return tools
@@ -340,8 +360,33 @@ class OssMagics(Magics):
             raise UsageError(f"%oss export writes HTML: give a path ending in .html, not {args.path!r}")
         if not path.parent.is_dir():
             raise UsageError(f"%oss export: the folder {str(path.parent)!r} does not exist")
-        written = Path(trace.to_html(path))
+        if path.is_dir():
+            raise UsageError(f"%oss export: {str(path)!r} is a folder: give a file path, "
+                             f"e.g. {str(path / 'run.html')!r}")
+        try:
+            written = Path(trace.to_html(path))
+        except OSError as exc:  # no permission, disk full: the user's to fix, not a traceback
+            raise UsageError(f"%oss export: cannot write {str(path)!r}: {exc.strerror or exc}") from None
         print(f"wrote {written} ({written.stat().st_size / 1e6:.2f} MB): open it in any browser, no kernel needed")
+
+
+SEED_LIMIT = 2**63  # torch generators take seeds below 2**64; the chat records seeds in signed 64 bits
+
+
+def _check_sampling_flags(args: argparse.Namespace) -> None:
+    """Refuse chat flags the model would choke on (argparse has checked only that they are numbers)."""
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UsageError(f"%%oss chat: --max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UsageError(f"%%oss chat: --temperature must be a finite number >= 0 (0 is greedy), "
+                         f"got {args.temperature}")
+    if args.seed is not None and not 0 <= args.seed < SEED_LIMIT:
+        raise UsageError(f"%%oss chat: --seed must be in 0..2**63-1, got {_short_number(args.seed)}")
+
+
+def _short_number(value: int) -> str:
+    text = str(value)
+    return text if len(text) <= 24 else f"{text[:12]}... ({len(text)} digits)"
 
 
 def describe_ablation(active: dict[str, Any]) -> str:

@@ -11,6 +11,7 @@ which default to the torch reference in `ossscope.ops`; the Triton fast path swa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -284,6 +285,11 @@ class Model(HookedModule):
                     raise ValueError(f"expert {expert!r} (layer {layer}) is out of range: experts are "
                                      f"0..{cfg.num_experts - 1}")
             clean[layer] = sorted(set(experts))
+            if mode == "reroute" and len(clean[layer]) > cfg.num_experts - cfg.experts_per_token:
+                raise ValueError(
+                    f"cannot reroute {len(clean[layer])} of {cfg.num_experts} experts of layer {layer}: "
+                    f"each token needs {cfg.experts_per_token} experts to choose from"
+                )
         return clean
 
     def set_ablation(self, experts_by_layer: Mapping[int, Sequence[int]], mode: str = "reroute") -> None:
@@ -291,14 +297,19 @@ class Model(HookedModule):
 
         reroute: the expert can never be chosen (its logit is removed before top-k; the next best replaces it).
         zero: routing is unchanged but the expert's contribution is dropped (the others are not renormalized).
+        A bad request (unknown mode, layer or expert out of range, too many rerouted experts) raises ValueError
+        and leaves the ablation that was active untouched.
         """
-        clean = self._normalize_ablation(experts_by_layer, mode)
+        clean = self._normalize_ablation(experts_by_layer, mode)  # every check happens before any change
+        previous = self.active_ablation
         self.clear_ablation()
         try:
             for layer, experts in clean.items():
                 self.blocks[layer].mlp.set_ablation(experts, mode)
-        except ValueError:
+        except BaseException:  # not expected after the checks above, but the old state must survive anything
             self.clear_ablation()
+            if previous:
+                self.set_ablation(previous["experts"], previous["mode"])
             raise
         if clean:
             self.active_ablation = {"mode": mode, "experts": clean}
@@ -330,7 +341,22 @@ class Model(HookedModule):
         if vector.shape != (self.config.hidden_size,):
             raise ValueError(
                 f"a steering vector must have shape ({self.config.hidden_size},), got {tuple(vector.shape)}")
-        self.blocks[layer].steering_vector = (scale * vector.to(self.device, torch.float32)).to(self.dtype)
+        try:
+            scale = float(scale)  # a Python, numpy or 0-d torch number
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"the steering scale must be a number, got {scale!r}") from None
+        if not math.isfinite(scale):
+            raise ValueError(f"the steering scale must be a finite number, got {scale!r}")
+        if vector.is_complex() or vector.dtype == torch.bool:
+            raise ValueError(f"a steering vector must hold real numbers, got dtype {vector.dtype}")
+        steered = (scale * vector.to(self.device, torch.float32)).to(self.dtype)
+        if not bool(torch.isfinite(steered).all()):  # a NaN would spread to every logit of every token
+            finite_input = bool(torch.isfinite(vector.float()).all())
+            raise ValueError(
+                "the steering vector holds NaN or Inf values" if not finite_input else
+                f"scale * vector overflows {str(self.dtype).removeprefix('torch.')} (scale {scale!r}, "
+                f"largest |value| {float(vector.float().abs().max()):.3g})")
+        self.blocks[layer].steering_vector = steered
 
     def clear_steering(self, layer: int | None = None) -> None:
         for index, block in enumerate(self.blocks):

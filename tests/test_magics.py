@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import math
+import shutil
+import time
+
 import pytest
 import torch
 
@@ -324,7 +329,7 @@ def test_chat_errors_are_one_line(loaded):
     assert_one_line_error(ip, "%%oss chat --tools ,\nhi", "--tools needs function names")
     assert_one_line_error(ip, "%%oss chat --reasoning extreme\nhi", "invalid choice: 'extreme'")
     assert_one_line_error(ip, "%%oss chat --max-new-tokens many\nhi", "invalid int value: 'many'")
-    assert_one_line_error(ip, "%%oss chat --max-new-tokens -1\nhi", "must be >= 0")
+    assert_one_line_error(ip, "%%oss chat --max-new-tokens -1\nhi", "must be at least 1")
     assert_one_line_error(ip, "%%oss chat --temperature\nhi", "expected one argument")
     assert_one_line_error(ip, "%%oss chat extra words\nhi", "either in the cell body or on the line")
     assert "_oss" not in ip.user_ns
@@ -380,3 +385,100 @@ def test_load_engine_flag(ip, checkpoint):
     assert result.success, err
     assert ip.user_ns["oss_model"].engine.name == "torch"
     assert_one_line_error(ip, f"%oss load {checkpoint} --engine warp", "invalid choice")
+
+
+# -- hostile input: sent as typed, long lines, one line per mistake ------------------------------------------
+
+
+def test_a_failed_oss_ablate_keeps_the_active_one(loaded):
+    ip = loaded
+    model = ip.user_ns["oss_model"]
+    run(ip, "%oss ablate 1:2 --mode zero")
+    assert_one_line_error(ip, "%oss ablate 0:0,1,2,3,4,5,6", "cannot reroute 7 of 8 experts of layer 0")
+    assert model.active_ablation == {"mode": "zero", "experts": {1: [2]}}
+    assert bool(model.blocks[1].mlp.zero_mask[2]) and model.blocks[1].mlp.zeroing
+
+
+def test_a_chat_message_is_sent_as_typed(loaded):
+    ip = loaded
+    ip.user_ns["x"] = "EXPANDED"
+    out, err, _, result = run(ip, "%oss chat --max-new-tokens 1 --temperature 0 --no-show costs $x or {1+1} or {x}")
+    assert result.success, err
+    user = [m["content"] for m in ip.user_ns["_oss"].messages if m.get("role") == "user"]
+    assert user == ["costs $x or {1+1} or {x}"]
+    out, err, _, result = run(ip, "%%oss chat --max-new-tokens 1 --temperature 0 --no-show --developer $x\nhi {x}")
+    assert result.success, err
+    developer = [m["content"] for m in ip.user_ns["_oss"].messages if m.get("role") == "developer"]
+    assert developer and "$x" in str(developer[0]) and "EXPANDED" not in str(developer[0])
+
+
+def test_a_100k_character_line_is_not_quadratic(ip):
+    """IPython's $-expansion took ~40 s on a 100k-character line; without it the line is split in well under 1 s."""
+    for word in ("x", "word "):
+        line = "%oss chat " + (word * (100_000 // len(word)))
+        started = time.perf_counter()
+        assert_one_line_error(ip, line, "no model loaded")
+        assert time.perf_counter() - started < 5
+
+
+def test_every_chat_mistake_is_one_line(loaded, tmp_path):
+    ip = loaded
+    ip.run_cell("shout = lambda text: text.upper()")
+    assert_one_line_error(ip, "%%oss chat --max-new-tokens 0\nhi", "--max-new-tokens must be at least 1, got 0")
+    assert_one_line_error(ip, "%%oss chat --temperature nan\nhi", "--temperature must be a finite number >= 0")
+    assert_one_line_error(ip, "%%oss chat --temperature inf\nhi", "--temperature must be a finite number >= 0")
+    assert_one_line_error(ip, "%%oss chat --temperature -0.5\nhi", "got -0.5")
+    assert_one_line_error(ip, "%%oss chat --seed 123456789012345678901234567890\nhi",
+                          "--seed must be in 0..2**63-1, got 123456789012... (30 digits)")
+    assert_one_line_error(ip, "%%oss chat --tools shout\nhi", "--tools shout is a lambda", "def shout(")
+    assert_one_line_error(ip, "%%oss chat --bogus 3\nhi", "unrecognized arguments: --bogus")
+    assert_one_line_error(ip, "%oss ablate 1:2 --bogus", "unrecognized arguments: --bogus")
+    assert_one_line_error(ip, "%oss chat What's 2+2?", "No closing quotation", "goes in the cell body")
+    assert "_oss" not in ip.user_ns
+
+
+def test_export_onto_a_folder_is_one_line(loaded, tmp_path):
+    ip = loaded
+    run(ip, "%%oss chat --max-new-tokens 2 --temperature 0 --no-show\nhi")
+    (tmp_path / "trace.html").mkdir()
+    assert_one_line_error(ip, f"%oss export {tmp_path / 'trace.html'}", "is a folder")
+    assert_one_line_error(ip, f"%oss export {tmp_path / 'run.html'} --bogus", "unrecognized arguments")
+
+
+def test_loading_a_checkpoint_with_a_bad_config_is_one_line(ip, checkpoint, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    config = json.loads((broken / "config.json").read_text())
+    for field, value, fragment in [("num_key_value_heads", 0, "num_key_value_heads must be in 1..1024, got 0"),
+                                   ("num_hidden_layers", math.inf, "num_hidden_layers must be a finite number"),
+                                   ("hidden_size", 10**400, "hidden_size must be in 32..131072")]:
+        (broken / "config.json").write_text(json.dumps({**config, field: value}))
+        assert_one_line_error(ip, f"%oss load {broken}", "%oss load:", fragment)
+    assert "oss_model" not in ip.user_ns
+
+
+def test_load_out_of_memory_is_one_line(ip, monkeypatch):
+    from ossscope import loading
+
+    def too_big(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 4398046511104 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(loading, "load", too_big)
+    assert_one_line_error(ip, "%oss load nano", "not enough memory for nano", "you tried to allocate 4398046511104")
+    monkeypatch.setattr(loading, "load", lambda *a, **k: 1 / 0)  # a bug keeps its traceback
+    _, _, _, result = run(ip, "%oss load nano")
+    assert isinstance(result.error_in_exec, ZeroDivisionError)
+
+
+def test_steering_with_nan_is_one_line_and_keeps_the_old_vector(loaded):
+    ip = loaded
+    model = ip.user_ns["oss_model"]
+    D = model.config.hidden_size
+    ip.user_ns["good"], ip.user_ns["bad"] = torch.ones(D), torch.full((D,), math.nan)
+    run(ip, "%oss steer 1 good --scale 2")
+    before = model.active_steering[1]
+    assert_one_line_error(ip, "%oss steer 1 bad", "%oss steer: bad:", "holds NaN or Inf")
+    assert_one_line_error(ip, "%oss steer 1 good --scale nan", "scale must be a finite number, got nan")
+    assert_one_line_error(ip, "%oss steer 1 good --scale inf", "scale must be a finite number, got inf")
+    assert model.active_steering[1] is before

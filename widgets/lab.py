@@ -107,6 +107,11 @@ class Run:
         return f"#{number} {short} ({len(self.trace.tokens)} tok){extras}"
 
 
+def _same_steering(a: dict[int, torch.Tensor], b: dict[int, torch.Tensor]) -> bool:
+    """Whether two {layer: vector} steering states are the same (same layers, equal vectors)."""
+    return a.keys() == b.keys() and all(a[layer] is b[layer] or torch.equal(a[layer], b[layer]) for layer in a)
+
+
 def _default_chat() -> Callable[..., Any]:
     from ossscope.chat import chat
 
@@ -131,6 +136,9 @@ class Lab:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        # Held from the moment run() accepts a run until its worker has put the model's interventions back, so
+        # two run() calls (two threads, or a click racing a call) can never both start.
+        self._run_lock = threading.Lock()
         if model is not None:
             c = model.config
             self.dims = (c.num_hidden_layers, c.experts_per_token, c.num_attention_heads, c.num_experts)
@@ -211,17 +219,32 @@ class Lab:
     # -- runs ------------------------------------------------------------------------------------------------
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """True from the moment a run is accepted until it has ended and the model's state is restored."""
+        return self._run_lock.locked()
 
     def run(self, prompt: str | None = None, wait: bool = False) -> threading.Thread:
         """Generate from `prompt` (default: the prompt box) with the current settings, ablation and steering.
 
         Returns the worker thread; `wait=True` joins it. The run lands in `history` when it ends or is stopped.
+        One run at a time: while one is in progress (from any thread), run() raises RuntimeError at once; it
+        does not queue. When the run ends, the ablation and steering the model had before are put back, unless
+        they were changed during the run (then the new ones are kept).
         """
         if self.model is None:
             raise RuntimeError("this Lab has no model: create it with Lab(model) to run")
-        if self.running:
-            raise RuntimeError("a run is already in progress: stop it first (lab.stop())")
+        if not self._run_lock.acquire(blocking=False):
+            raise RuntimeError("a run is already in progress: stop it first (lab.stop()) or wait for it to end")
+        try:
+            thread = self._start(prompt)
+        except BaseException:
+            self._run_lock.release()  # nothing started: the worker that would release it does not exist
+            raise
+        if wait:
+            thread.join()
+        return thread
+
+    def _start(self, prompt: str | None) -> threading.Thread:
+        """Check the prompt, apply the interventions and start the worker (which releases the run lock)."""
         if prompt is not None:
             self.prompt.value = prompt
         text = self.prompt.value.strip()
@@ -247,33 +270,41 @@ class Lab:
         self.tabs.selected_index = 0
         run_info = {"ablation": ablation, "steering": steering, "ablation_text": self.picker.describe(),
                     "steering_text": self.steering.describe()}
-        self._thread = threading.Thread(target=self._generate_then_restore, args=(text, settings, run_info, saved),
-                                        daemon=True)
+        applied = (dict(self.model.active_ablation), dict(self.model.active_steering))
+        self._thread = threading.Thread(target=self._generate_then_restore,
+                                        args=(text, settings, run_info, saved, applied), daemon=True)
         self._thread.start()
-        if wait:
-            self._thread.join()
         return self._thread
 
     def stop(self) -> None:
         """Ask the running generation to stop after its current token (the partial run is kept)."""
         self._stop.set()
 
-    def _restore(self, saved: tuple[dict[str, Any], dict[int, torch.Tensor]]) -> None:
+    def _restore(self, saved: tuple[dict[str, Any], dict[int, torch.Tensor]],
+                 applied: tuple[dict[str, Any], dict[int, torch.Tensor]] | None = None) -> None:
+        """Put the model's ablation and steering back to `saved`. With `applied` (what the run set), each is put
+        back only if the model still has what the run set: one the user set during the run is kept."""
         ablation, steering = saved
-        self.model.clear_ablation()
-        if ablation:
-            self.model.set_ablation(ablation["experts"], ablation["mode"])
-        self.model.clear_steering()
-        for layer, vector in steering.items():  # stored already scaled
-            self.model.set_steering(layer, vector, 1.0)
+        if applied is None or self.model.active_ablation == applied[0]:
+            self.model.clear_ablation()
+            if ablation:
+                self.model.set_ablation(ablation["experts"], ablation["mode"])
+        if applied is None or _same_steering(self.model.active_steering, applied[1]):
+            self.model.clear_steering()
+            for layer, vector in steering.items():  # stored already scaled
+                self.model.set_steering(layer, vector, 1.0)
 
     def _generate_then_restore(self, prompt: str, settings: dict[str, Any], run_info: dict[str, Any],
-                               saved: tuple[dict[str, Any], dict[int, torch.Tensor]]) -> None:
+                               saved: tuple[dict[str, Any], dict[int, torch.Tensor]],
+                               applied: tuple[dict[str, Any], dict[int, torch.Tensor]]) -> None:
         try:
             self._generate(prompt, settings, run_info)
         finally:
-            self._restore(saved)
-            self.run_button.disabled, self.stop_button.disabled = False, True
+            try:
+                self._restore(saved, applied)
+            finally:
+                self.run_button.disabled, self.stop_button.disabled = False, True
+                self._run_lock.release()
 
     def _generate(self, prompt: str, settings: dict[str, Any], run_info: dict[str, Any]) -> None:
         L, k, H, E = self.dims
