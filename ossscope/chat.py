@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ossscope import harmony, structured
+from ossscope import harmony, structured, toolcall
 from ossscope import tokenizer as tk
 from ossscope.cache import ContextLimitError
 from ossscope.engine import Engine
@@ -231,7 +231,12 @@ class _ChatRun:
         answer = call.result if call.error is None else json.dumps({"error": call.error})
         recipient = message["recipient"] or f"functions.{call.name}"
         channel = builtin_tools.answer_channel(self.builtins, message)  # built-in tools answer on the call's
-        tokens = harmony.render_tool_result(recipient, answer, channel)
+        try:
+            tokens = harmony.render_tool_result(recipient, answer, channel)
+        except tk.EncodeError as exc:  # a built-in tool's answer the encoder refuses: told to the model instead
+            call.result, call.error = None, f"the tool's answer cannot be read: {exc}"
+            answer = json.dumps({"error": call.error})
+            tokens = harmony.render_tool_result(recipient, answer, channel)
         if len(tokens) > self.decoder.room - 1:
             self.problems.append(f"token {index}: the answer of {recipient} ({len(tokens)} tokens) does not fit")
             self.stop_reason = "context"
@@ -273,12 +278,17 @@ class _ChatRun:
         if tool.fn is None:
             call.error = f"{recipient} has no Python function behind it"
             return call
-        try:
-            result = tool.fn(**args)
-        except Exception as exc:  # noqa: BLE001 - whatever the tool raises is reported to the model, not raised
-            call.error = f"{type(exc).__name__}: {exc}"
+        try:  # raised, timed out, or no text/JSON form: the model is told why
+            answer = toolcall.answer_text(toolcall.run_with_timeout(tool.fn, args, tool.timeout_s))
+        except toolcall.ToolError as exc:
+            call.error = str(exc)
             return call
-        call.result = result if isinstance(result, str) else json.dumps(result, default=str)
+        try:  # rendered now so that an answer the encoder refuses is an error, not a crash (cached for the feed)
+            harmony.render_tool_result(recipient, answer)
+        except tk.EncodeError as exc:
+            call.error = f"the tool's answer cannot be read: {exc}"
+            return call
+        call.result = answer
         return call
 
     # -- the record -------------------------------------------------------------------------------------

@@ -8,7 +8,11 @@ each prompt it writes, atomically (a temporary file renamed into place):
     traces/ID.safetensors   the Trace of `model.chat(...)` (mode "traces" only)
     stats/ID.safetensors    the prompt's router/sink statistics: this file is the prompt's done-marker
     errors/ID.json          the traceback, when the prompt failed (the others go on; a rerun retries it)
-Run the same command again after a crash and finished prompts are skipped. When every rank is done, rank 0
+Run the same command again after a crash and finished prompts are skipped (an empty or truncated marker or
+trace is not finished: it is computed again). run.json keeps the settings and the prompts file's SHA-256; a
+rerun with other settings or another prompts file into the same folder is refused. Several collects may share
+a folder (two jobs, or a second one started by mistake): each claims a prompt (claims/ID.claim) before it
+computes it, so none is computed twice at once. When every rank is done, rank 0
 merges the statistics, in prompt order, into summary.json: expert counts per layer [L][E], mean sink mass per
 layer and head [L][H] (over the tokens counted), and an index of the prompts.
 
@@ -27,14 +31,20 @@ returns a Trace or PromptStats; `--runner module:function` names one on the comm
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import hashlib
 import importlib
 import json
 import os
 import re
+import socket
+import struct
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,10 +262,19 @@ def load_runner(spec: str) -> Runner:
 # -- the run -------------------------------------------------------------------------------------------------
 
 
+_HOST = socket.gethostname()
+_HOST_TAG = re.sub(r"[^A-Za-z0-9-]", "-", _HOST)  # the host in temporary file names (no dots to split on)
+
+
+def _temp_name(path: Path) -> Path:
+    """`.NAME.HOST.PID.tmp` beside path: the host and process say whose temporary file it is."""
+    return path.with_name(f".{path.name}.{_HOST_TAG}.{os.getpid()}.tmp")
+
+
 def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
     """write(a temporary path), then rename it to `path`: a crash leaves no file or a whole one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _temp_name(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -280,18 +299,116 @@ def error_path(out: Path, prompt: Prompt) -> Path:
     return out / "errors" / f"{prompt.id}.json"
 
 
+def safetensors_complete(path: Path) -> bool:
+    """Whether `path` is a whole safetensors file: its header parses and the file is as long as the header
+    says (a zero-byte or truncated file, from a full disk or a copy cut short, is not)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return False
+            (length,) = struct.unpack("<Q", head)
+            if length > size - 8:
+                return False
+            header = json.loads(f.read(length))
+        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+        return size == 8 + length + max(ends, default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return False
+
+
+def finished(out: Path, prompt: Prompt, mode: str) -> bool:
+    """Whether the prompt is done: a whole done-marker, and in mode "traces" a whole trace beside it."""
+    if not safetensors_complete(stats_path(out, prompt)):
+        return False
+    return mode != "traces" or safetensors_complete(trace_path(out, prompt))
+
+
+def prompts_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a prompts file's bytes (kept in run.json: one folder, one prompts file)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def check_settings(out: str | os.PathLike, settings: dict[str, Any]) -> None:
-    """Record the run's settings in OUT/run.json, or check they match the ones a resumed run recorded."""
+    """Record the run's settings in OUT/run.json, or check they match the ones a resumed run recorded.
+
+    A setting an older run.json lacks is added to it rather than refused.
+    """
     path = Path(out) / SETTINGS_FILE
     if path.is_file():
         old = json.loads(path.read_text())
-        changed = {key: (old.get(key), value) for key, value in settings.items() if old.get(key) != value}
+        changed = {key: (old[key], value) for key, value in settings.items() if key in old and old[key] != value}
+        if "prompts_sha256" in changed:
+            raise ValueError(f"{out} holds a run of another prompts file (SHA-256 {changed['prompts_sha256'][0]}, "
+                             f"this one's is {changed['prompts_sha256'][1]}); use another --out")
         if changed:
             detail = ", ".join(f"{key}: {was!r} -> {now!r}" for key, (was, now) in changed.items())
             raise ValueError(f"{out} holds a run with other settings ({detail}); resume with the same "
                              "settings or use another --out")
+        if any(key not in old for key in settings):
+            _write_json(path, {**old, **settings})
     else:
         _write_json(path, settings)
+
+
+def _process_alive(host: str, pid: int) -> bool:
+    """Whether a process may still be running: on another host we cannot tell, so yes."""
+    if host not in (_HOST, _HOST_TAG):
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+class Claims:
+    """OUT/claims/ID.claim files, so that collects sharing a folder (processes, hosts, threads) never compute
+    the same prompt at once. A claim names its holder (host, pid, token); one whose process has died on this
+    host is taken over. Decisions are made under an exclusive lock on OUT/claims/.lock (flock)."""
+
+    def __init__(self, out: Path):
+        self.folder = out / "claims"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.owner = {"host": _HOST, "pid": os.getpid(), "token": uuid.uuid4().hex}
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.folder / ".lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _holder(self, path: Path) -> dict[str, Any] | None:
+        try:
+            holder = json.loads(path.read_text())
+            return holder if isinstance(holder, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    def take(self, prompt: Prompt) -> str | None:
+        """Claim the prompt for this collect; returns None, or "HOST:PID" of the live collect holding it."""
+        path = self.folder / f"{prompt.id}.claim"
+        with self._locked():
+            holder = self._holder(path)
+            if holder is not None and holder.get("token") != self.owner["token"]:
+                host, pid = str(holder.get("host")), int(holder.get("pid", -1))
+                if _process_alive(host, pid):
+                    return f"{host}:{pid}"
+            _write_json(path, self.owner)
+        return None
+
+    def release(self, prompt: Prompt) -> None:
+        path = self.folder / f"{prompt.id}.claim"
+        with self._locked():
+            holder = self._holder(path)
+            if holder is not None and holder.get("token") == self.owner["token"]:
+                path.unlink()
 
 
 @dataclass
@@ -299,6 +416,7 @@ class CollectResult:
     done: list[str] = field(default_factory=list)  # prompt ids finished by this call
     skipped: list[str] = field(default_factory=list)  # already finished by an earlier run
     failed: list[str] = field(default_factory=list)
+    elsewhere: list[str] = field(default_factory=list)  # being run, or failed during this call, by another collect
 
 
 def collect(
@@ -308,66 +426,110 @@ def collect(
     """Run `runner(model, prompt)` on this rank's prompts (index % world_size == rank), skipping finished ones
 
     mode "traces": the runner returns a Trace, saved to OUT/traces/ID.safetensors; "stats": a Trace or
-    PromptStats, of which only the statistics are kept. Either way OUT/stats/ID.safetensors marks it done.
-    A prompt that raises is recorded in OUT/errors/ID.json and the run goes on (unless fail_fast).
+    PromptStats, of which only the statistics are kept. Either way OUT/stats/ID.safetensors marks it done; an
+    empty or truncated marker or trace does not, and the prompt is computed again. A prompt that raises
+    (anything but KeyboardInterrupt/SystemExit) is recorded in OUT/errors/ID.json and the run goes on
+    (unless fail_fast). Collects sharing OUT claim each prompt first (`Claims`), so none is computed twice
+    at once; a prompt another collect holds, or failed while this one ran, lands in `result.elsewhere`.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
     out = Path(out)
-    cfg = model.config
     result = CollectResult()
+    claims = Claims(out)
+    started = time.time()
     mine = [p for p in prompts if p.index % world_size == rank]
     for position, prompt in enumerate(mine, start=1):
-        if stats_path(out, prompt).is_file():
+        if finished(out, prompt, mode):
             result.skipped.append(prompt.id)
             continue
-        started = time.perf_counter()
-        try:
-            output = runner(model, prompt)
-            if mode == "traces" and not isinstance(output, Trace):
-                raise TypeError(f"mode 'traces' needs the runner to return a Trace, got "
-                                f"{type(output).__name__}")
-            if isinstance(output, Trace):
-                stats = PromptStats.from_trace(output, cfg.num_experts)
-                if mode == "traces":
-                    _atomic(trace_path(out, prompt), output.save)
-            elif isinstance(output, PromptStats):
-                stats = output
-            else:
-                raise TypeError(f"the runner must return a Trace or PromptStats, got {type(output).__name__}")
-        except Exception as exc:
-            if fail_fast:
-                raise
-            _write_json(error_path(out, prompt), {"id": prompt.id, "line": prompt.line, "error": repr(exc),
-                                                  "traceback": traceback.format_exc()})
-            result.failed.append(prompt.id)
+        if stats_path(out, prompt).exists() and log:
+            log(f"prompt {prompt.id}: its done-marker or trace is damaged (empty or cut short); recomputing")
+        holder = claims.take(prompt)
+        if holder is not None:
+            result.elsewhere.append(prompt.id)
             if log:
-                log(f"prompt {prompt.id} (line {prompt.line}) failed: {exc!r}")
+                log(f"prompt {prompt.id} is being run by another collect ({holder}); left to it")
             continue
-        info = {"id": prompt.id, "line": prompt.line, "trace": mode == "traces"}
-        # the done-marker, written last
-        _atomic(stats_path(out, prompt), lambda tmp, stats=stats, info=info: stats.save(tmp, info))
-        if error_path(out, prompt).exists():
-            error_path(out, prompt).unlink()  # an earlier attempt failed; this one did not
-        result.done.append(prompt.id)
-        if log:
-            elapsed = time.perf_counter() - started
-            log(f"{position}/{len(mine)} {prompt.id}: {stats.tokens} tokens in {elapsed:.2f}s")
+        try:
+            if finished(out, prompt, mode):  # finished by another collect before we claimed it
+                result.skipped.append(prompt.id)
+            elif _failed_since(out, prompt, started):  # another collect on this folder tried it just now
+                result.elsewhere.append(prompt.id)
+            else:
+                _run_one(model, prompt, out, runner, mode, fail_fast, result, log, f"{position}/{len(mine)}")
+        finally:
+            claims.release(prompt)
     return result
+
+
+def _failed_since(out: Path, prompt: Prompt, since: float) -> bool:
+    try:
+        return float(json.loads(error_path(out, prompt).read_text()).get("time", 0)) >= since
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _run_one(model: Any, prompt: Prompt, out: Path, runner: Runner, mode: str, fail_fast: bool,
+             result: CollectResult, log: Callable[[str], None] | None, where: str) -> None:
+    """Run one claimed prompt and write its files (the done-marker last), or its errors/ID.json."""
+    started = time.perf_counter()
+    try:
+        output = runner(model, prompt)
+        if mode == "traces" and not isinstance(output, Trace):
+            raise TypeError(f"mode 'traces' needs the runner to return a Trace, got "
+                            f"{type(output).__name__}")
+        if isinstance(output, Trace):
+            stats = PromptStats.from_trace(output, model.config.num_experts)
+            if mode == "traces":
+                _atomic(trace_path(out, prompt), output.save)
+        elif isinstance(output, PromptStats):
+            stats = output
+        else:
+            raise TypeError(f"the runner must return a Trace or PromptStats, got {type(output).__name__}")
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a pyo3 panic is a BaseException and must not end the run
+        if fail_fast:
+            raise
+        _write_json(error_path(out, prompt), {"id": prompt.id, "line": prompt.line, "error": repr(exc),
+                                              "traceback": traceback.format_exc(), "time": time.time()})
+        result.failed.append(prompt.id)
+        if log:
+            log(f"prompt {prompt.id} (line {prompt.line}) failed: {exc!r}")
+        return
+    info = {"id": prompt.id, "line": prompt.line, "trace": mode == "traces"}
+    # the done-marker, written last
+    _atomic(stats_path(out, prompt), lambda tmp, stats=stats, info=info: stats.save(tmp, info))
+    if error_path(out, prompt).exists():
+        error_path(out, prompt).unlink()  # an earlier attempt failed; this one did not
+    result.done.append(prompt.id)
+    if log:
+        log(f"{where} {prompt.id}: {stats.tokens} tokens in {time.perf_counter() - started:.2f}s")
+
+
+def _temp_file_is_stale(path: Path) -> bool:
+    """Whether a `.NAME.HOST.PID.tmp` file is ours or a dead process's of this host (never a live writer's)."""
+    host_pid = path.name.removesuffix(".tmp").rsplit(".", 2)
+    if len(host_pid) != 3 or not host_pid[2].isdigit():
+        return False  # not a name _atomic makes: not ours to delete
+    host, pid = host_pid[1], int(host_pid[2])
+    return (host == _HOST_TAG and pid == os.getpid()) or not _process_alive(host, pid)
 
 
 def merge(out: str | os.PathLike, prompts: Sequence[Prompt], settings: dict[str, Any] | None = None) -> dict:
     """Add up every finished prompt's statistics, in prompt order, into OUT/summary.json (also returned).
 
-    Prompts not finished are listed under "failed" (with the error) or "missing"; leftover temporary files of
-    crashed runs are removed.
+    Prompts not finished are listed under "failed" (with the error) or "missing" (an empty or truncated
+    done-marker counts as missing). Temporary files this process left are removed, and those of processes
+    of this host that are gone; another live collect's are not touched.
     """
     out = Path(out)
     total: PromptStats | None = None
     index, failed, missing = [], [], []
     for prompt in prompts:
         path = stats_path(out, prompt)
-        if not path.is_file():
+        if not safetensors_complete(path):
             error = error_path(out, prompt)
             if error.is_file():
                 reason = json.loads(error.read_text())["error"]
@@ -377,11 +539,12 @@ def merge(out: str | os.PathLike, prompts: Sequence[Prompt], settings: dict[str,
             continue
         stats, _ = PromptStats.load(path)
         total = stats if total is None else total + stats
-        has_trace = trace_path(out, prompt).is_file()
+        has_trace = safetensors_complete(trace_path(out, prompt))
         index.append({"id": prompt.id, "line": prompt.line, "tokens": stats.tokens,
                       "trace": str(trace_path(out, prompt).relative_to(out)) if has_trace else None})
     for leftover in out.glob("*/.*.tmp"):
-        leftover.unlink(missing_ok=True)
+        if _temp_file_is_stale(leftover):
+            leftover.unlink(missing_ok=True)
     summary = {
         "settings": settings or {},
         "prompts": len(prompts),
@@ -428,15 +591,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What run.json records (and a resumed run must repeat), the prompts file's SHA-256 included."""
+    return {"model": str(args.model), "mode": args.mode, "no_generate": args.no_generate,
+            "reasoning": args.reasoning, "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature, "seed": args.seed, "capture": sorted(args.capture),
+            "runner": args.runner, "prompts_sha256": prompts_sha256(args.prompts)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.no_generate and args.mode != "stats":
         raise SystemExit("--no-generate keeps no Trace: use it with --mode stats")
     prompts = read_prompts(args.prompts, allow_tokens=args.no_generate or bool(args.runner))
-    settings = {"model": str(args.model), "mode": args.mode, "no_generate": args.no_generate,
-                "reasoning": args.reasoning, "max_new_tokens": args.max_new_tokens,
-                "temperature": args.temperature, "seed": args.seed, "capture": sorted(args.capture),
-                "runner": args.runner}
+    settings = run_settings(args)
     out = Path(args.out)
     if args.merge_only:
         summary = merge(out, prompts, settings)
@@ -466,7 +634,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     mine = len([p for p in prompts if p.index % world == rank])
     log(f"{model.name} on {model.device} ({model.engine.describe()}): {mine} of {len(prompts)} prompts are this rank's")
     result = collect(model, prompts, out, runner, args.mode, rank, world, args.fail_fast, log)
-    log(f"finished: {len(result.done)} done, {len(result.skipped)} already done, {len(result.failed)} failed")
+    log(f"finished: {len(result.done)} done, {len(result.skipped)} already done, {len(result.failed)} failed, "
+        f"{len(result.elsewhere)} left to another collect")
     if world > 1:
         torch.distributed.barrier()
     status = 0

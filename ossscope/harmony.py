@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import inspect
 import json
 import re
 import types
 import typing
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from ossscope import encode, toolcall
 from ossscope import tokenizer as tk
 
 REASONING_EFFORTS = ("low", "medium", "high")
@@ -189,21 +192,29 @@ def _is_json_value(value: Any) -> bool:
 
 @dataclasses.dataclass
 class Tool:
-    """A function tool: its name, description and JSON schema, and the Python callable behind it (if any)."""
+    """A function tool: its name, description and JSON schema, and the Python callable behind it (if any).
+
+    timeout_s: how long a call may run before the model is told it timed out (None: toolcall.DEFAULT_TIMEOUT_S,
+    60 s; math.inf: no limit). The callable may be a coroutine function; it is awaited.
+    """
 
     name: str
     description: str
     parameters: dict[str, Any] | None
     fn: Callable | None = None
+    timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        self.timeout_s = toolcall.check_timeout(self.timeout_s)
 
     @classmethod
-    def from_function(cls, fn: Callable, name: str | None = None) -> Tool:
+    def from_function(cls, fn: Callable, name: str | None = None, timeout_s: float | None = None) -> Tool:
         """A tool from a Python callable: name from `__name__`, description from the docstring."""
         description, _ = _docstring_parts(fn)
         tool_name = name or getattr(fn, "__name__", None)
         if not tool_name or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", tool_name):
             raise ValueError(f"tool name {tool_name!r} is not a valid identifier; pass name=...")
-        return cls(tool_name, description, function_schema(fn), fn)
+        return cls(tool_name, description, function_schema(fn), fn, timeout_s)
 
     def to_harmony(self) -> Any:
         from openai_harmony import ToolDescription
@@ -213,13 +224,14 @@ class Tool:
 
 def as_tools(tools: Iterable[Any] | None) -> list[Tool]:
     """Normalize tools: Python callables, `Tool`s, harmony ToolDescriptions or dicts {name, description,
-    parameters}. Raises ValueError on duplicates."""
+    parameters[, fn, timeout_s]}. Raises ValueError on duplicates."""
     out: list[Tool] = []
     for item in tools or ():
         if isinstance(item, Tool):
             out.append(item)
         elif isinstance(item, dict):
-            out.append(Tool(item["name"], item.get("description", ""), item.get("parameters"), item.get("fn")))
+            out.append(Tool(item["name"], item.get("description", ""), item.get("parameters"), item.get("fn"),
+                            item.get("timeout_s")))
         elif hasattr(item, "name") and hasattr(item, "description") and not callable(item):
             out.append(Tool(item.name, item.description, getattr(item, "parameters", None)))
         elif callable(item):
@@ -351,6 +363,71 @@ def response_format_text(response_format: dict[str, Any]) -> str:
     return f"# Response Formats\n\n## {name}\n\n{comment}{json.dumps(schema, separators=(',', ':'))}"
 
 
+class _LongTexts:
+    """Stand-ins for long texts while openai-harmony renders, so its encoder never sees them whole.
+
+    harmony's renderer encodes each message body in one call, which panics or crawls on a long piece (see
+    ossscope.encode). A text longer than CHUNK_CHARS is replaced by a short marker; afterwards every rendered
+    body holding a marker is decoded, the marker replaced by its text, and the body encoded again with
+    `encode.encode_text` (bounded and chunked). Short texts render exactly as harmony renders them.
+    """
+
+    def __init__(self) -> None:
+        self.texts: dict[str, str] = {}
+        self._nonce = uuid.uuid4().hex[:12]
+
+    def put(self, text: str, where: str) -> str:
+        """The text itself when short, else a marker that stands for it. `where` names it in errors."""
+        if len(text) <= encode.CHUNK_CHARS:
+            return text
+        if len(text) > encode.MAX_TEXT_CHARS:
+            raise encode.EncodeError(f"{where} has {len(text):,} characters, more than the encoder's limit of "
+                                     f"{encode.MAX_TEXT_CHARS:,} (ossscope.encode.MAX_TEXT_CHARS)")
+        marker = f"OSSSCOPETEXT{self._nonce}N{len(self.texts)}END"
+        self.texts[marker] = text
+        return marker
+
+    def restore(self, tokens: Sequence[int]) -> list[int]:
+        """Rendered tokens with each marker's body re-encoded around the real text."""
+        tokens = list(tokens)
+        if not self.texts:
+            return tokens
+        enc = tk.harmony_encoding()
+        out: list[int] = []
+        i = 0
+        while i < len(tokens):
+            out.append(tokens[i])
+            i += 1
+            if tokens[i - 1] != tk.MESSAGE:
+                continue
+            end = i
+            while end < len(tokens) and tokens[end] < tk.START_OF_TEXT:  # a body is ordinary text to a special
+                end += 1
+            body = enc.decode(tokens[i:end])
+            if "OSSSCOPETEXT" + self._nonce in body:
+                for marker, text in self.texts.items():
+                    body = body.replace(marker, text)
+                out += encode.encode_text(enc, body)
+            else:
+                out += tokens[i:end]
+            i = end
+        return out
+
+
+def _guarded(render: Callable[..., Any], *args: Any) -> Any:
+    """render(*args), with a failure of harmony's Rust side (a pyo3 PanicException is a BaseException, e.g. on
+    a long text inside a harmony Message we could not swap out) turned into an EncodeError."""
+    try:
+        return render(*args)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001
+        if isinstance(exc, Exception) and not type(exc).__name__.endswith("PanicException"):
+            raise  # harmony's own errors (HarmonyError, ValueError) say what is wrong already
+        raise encode.EncodeError(f"openai-harmony failed to render the conversation: {type(exc).__name__}: "
+                                 f"{str(exc)[:200]}") from exc
+
+
 def render_prompt(
     messages_or_text: str | Sequence[Any],
     reasoning: str = "medium",
@@ -367,18 +444,23 @@ def render_prompt(
     openai-harmony Messages). Messages with role system/developer become developer instructions, after
     `developer`. `tools` are Python callables (schema from their signatures) or tool dicts. `builtin_tools`
     are harmony's built-in tools (`ossscope.tools.Browser` / `Python`, or ToolNamespaceConfigs), declared in
-    the system message's `# Tools` section.
+    the system message's `# Tools` section. Texts are encoded as plain text, bounded and chunked
+    (ossscope.encode); raises EncodeError when one cannot be.
     """
     from openai_harmony import Conversation, DeveloperContent, Message, Role, SystemContent
 
     enc = tk.harmony_encoding()
     if isinstance(messages_or_text, str):
         messages_or_text = [{"role": "user", "content": messages_or_text}]
-    instructions = [developer] if developer else []
+    long_texts = _LongTexts()
+    instructions = [long_texts.put(developer, "the developer instructions")] if developer else []
     conversation = []
-    for message in messages_or_text:
+    for number, message in enumerate(messages_or_text):
+        if isinstance(message, dict):
+            where = f"message {number} ({message.get('role')})"
+            message = {**message, "content": long_texts.put(_text_of(message.get("content", "")), where)}
         if isinstance(message, dict) and message.get("role") in ("system", "developer"):
-            instructions.append(_text_of(message.get("content", "")))
+            instructions.append(message["content"])
         else:
             conversation.append(to_harmony_message(message))
 
@@ -399,7 +481,9 @@ def render_prompt(
             dev = dev.with_function_tools([t.to_harmony() for t in tool_list])
         head.append(Message.from_role_and_content(Role.DEVELOPER, dev))
 
-    tokens = enc.render_conversation_for_completion(Conversation.from_messages(head + conversation), Role.ASSISTANT)
+    rendered = _guarded(enc.render_conversation_for_completion, Conversation.from_messages(head + conversation),
+                        Role.ASSISTANT)
+    tokens = long_texts.restore(rendered)
     if response_format:
         tokens = _add_response_format(tokens, response_format_text(response_format))
     return list(tokens)
@@ -420,18 +504,29 @@ def _add_response_format(tokens: list[int], section: str) -> list[int]:
     body_start = tokens.index(tk.MESSAGE, developer_start) + 1
     body_end = tokens.index(tk.END, body_start)
     text = enc.decode(tokens[body_start:body_end]) + "\n\n" + section
-    return tokens[:body_start] + enc.encode(text, allowed_special=set()) + tokens[body_end:]
+    return tokens[:body_start] + encode.encode_text(enc, text) + tokens[body_end:]
 
 
 def render_tool_result(name: str, content: str, channel: str = "commentary") -> list[int]:
     """Tokens that hand a tool's answer back and reopen the assistant's turn:
     `<|start|>functions.NAME to=assistant<|channel|>commentary<|message|>CONTENT<|end|><|start|>assistant`.
     A bare NAME means functions.NAME, except the built-in `python` (and `browser`); built-in tools answer on
-    the channel of the call (`channel`)."""
+    the channel of the call (`channel`).
+
+    Raises EncodeError when the content cannot be encoded (see ossscope.encode). The last answers are cached:
+    the chat loop renders an answer once to check it and once to feed it.
+    """
+    return list(_render_tool_result(name, content, channel))
+
+
+@functools.lru_cache(maxsize=2)
+def _render_tool_result(name: str, content: str, channel: str) -> tuple[int, ...]:
     full_name = name if "." in name or name in BUILTIN_NAMESPACES else f"functions.{name}"
-    message = to_harmony_message({"role": "tool", "name": full_name, "content": content, "channel": channel})
+    long_texts = _LongTexts()
+    message = to_harmony_message({"role": "tool", "name": full_name, "channel": channel,
+                                  "content": long_texts.put(content, f"the answer of {full_name}")})
     enc = tk.harmony_encoding()
-    return list(enc.render(message)) + [tk.START] + enc.encode("assistant", allowed_special=set())
+    return (*long_texts.restore(_guarded(enc.render, message)), tk.START, *encode.encode_text(enc, "assistant"))
 
 
 # -- tolerant parsing -----------------------------------------------------------------------------------------

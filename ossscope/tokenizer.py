@@ -24,6 +24,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ossscope.encode import EncodeError as EncodeError  # re-exported: what encode() raises
+from ossscope.encode import encode_text
+
 O200K_BASE_FILE = "o200k_base.tiktoken"
 O200K_BASE_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
 CACHE_DIR_ENV = "OSSSCOPE_TIKTOKEN_DIR"  # overrides where the rebuilt vocabulary is cached
@@ -279,13 +282,20 @@ class Tokenizer:
         return [m for m in (self.model_id(t) for t in HARMONY_STOP_TOKENS) if m is not None]
 
     # -- text -------------------------------------------------------------------------------------------
-    def encode_o200k(self, text: str, allowed_special: str | set[str] = "all") -> list[int]:
-        """Text -> o200k_harmony ids. Special-token text like `<|start|>` is a special token by default."""
-        return self.encoding.encode(text, allowed_special=allowed_special)
+    def encode_o200k(self, text: str, allow_special: bool = False) -> list[int]:
+        """Text -> o200k_harmony ids, as plain text: `<|start|>` in the text is ordinary characters.
 
-    def encode(self, text: str, allowed_special: str | set[str] = "all") -> list[int]:
-        """Text -> model ids."""
-        return self.to_model(self.encode_o200k(text, allowed_special))
+        allow_special=True reads special-token text (`<|start|>`, `<|channel|>`...) as the special tokens,
+        for harmony you write by hand. Encoding is bounded and chunked (ossscope.encode): raises EncodeError
+        for text over MAX_TEXT_CHARS characters or when harmony's encoder fails.
+        """
+        if not isinstance(allow_special, bool):
+            raise TypeError(f"allow_special must be True or False, got {allow_special!r}")
+        return encode_text(self.encoding, text, allow_special)
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Text -> model ids (plain text unless allow_special=True; see `encode_o200k`)."""
+        return self.to_model(self.encode_o200k(text, allow_special))
 
     def decode(self, model_ids: Iterable[int]) -> str:
         """Model ids -> text (bytes that are not valid UTF-8 become U+FFFD)."""

@@ -766,7 +766,7 @@ def ablation_and_steering() -> list:
         code('''
             from ossscope import harmony
 
-            ANALYSIS_HEADER = model.tokenizer.encode_o200k("<|channel|>analysis<|message|>")
+            ANALYSIS_HEADER = model.tokenizer.encode_o200k("<|channel|>analysis<|message|>", allow_special=True)
             BUILD = ["What is 31 + 54?", "What is 68 - 25?", "What is 19 + 77?", "What is 90 - 42?",
                      "What is 250 + 13?", "What is 5 + 8?"]
             TEST = {"What is 47 + 25?": str(47 + 25), "What is 27 + 82?": str(27 + 82),

@@ -165,3 +165,28 @@ def test_a_1000_token_gpt_oss_20b_trace_opens_quickly(offline, tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "export_20b_attention.png"))
     assert view.errors == [] and view.blocked == [] and loaded < 15
+
+
+def test_a_131k_token_trace_draws(offline, tmp_path):
+    """gpt-oss's whole context: no argument-spreading helper overflows the stack, and the heatmaps stay within
+    the largest canvas a browser draws (a wider one stays blank)."""
+    T = 131_072
+    trace = synthetic_trace(T=T, L=2, E=8, k=2, H=2, P=4)
+    view = offline(trace.to_html(tmp_path / "long.html"))
+    page = view.page
+    assert page.locator(".oss-tok").count() == T
+    for metric in ("sink", "entropy"):
+        page.select_option("select[aria-label='Color by']", metric)
+    for tab in ("router", "attention"):
+        page.click(f".oss-tab[data-tab='{tab}']")
+        page.wait_for_selector(".oss-main canvas")
+        drawn = page.evaluate("""() => Array.from(document.querySelectorAll('.oss-main canvas'))
+          .filter((c) => c.width > 1000).map((c) => {
+            const px = c.getContext('2d').getImageData(Math.floor(c.width * 0.9), 3, 1, 1).data;
+            return [c.width, px[3]];  // the canvas width, and the alpha of a cell near the last tokens
+          })""")
+        assert drawn and all(width <= 16384 and alpha > 0 for width, alpha in drawn), (tab, drawn)
+    page.click(".oss-tab[data-tab='reasoning']")
+    page.click(f".oss-tok[data-t='{T - 2}']")
+    assert page.locator(".oss-panel-title").get_attribute("data-token") == str(T - 2)
+    assert view.errors == [] and view.blocked == []

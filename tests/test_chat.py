@@ -3,12 +3,16 @@ calls included), the per-token record across tool answers, streaming with early 
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
+import threading
 
 import pytest
 import torch
 
 import ossscope
+from ossscope import encode, harmony, toolcall
 from ossscope import tokenizer as tk
 from ossscope.chat import chat
 from ossscope.config import PRESETS
@@ -31,7 +35,7 @@ class ScriptedModel:
 
     def __init__(self, inner, script: str):
         self._inner = inner
-        self.script = tk.Tokenizer.o200k().encode(script)
+        self.script = tk.Tokenizer.o200k().encode(script, allow_special=True)
         self.position = 0
         self.forced: int | None = None
         self.engine = _ThroughCall(self)
@@ -159,6 +163,85 @@ def test_malformed_calls_are_reported_back_not_raised(model):
     assert trace.final == "Done." and trace.metadata["stop_reason"] == "return"
 
 
+def test_tool_timeouts_async_tools_and_results_that_are_not_text(model, monkeypatch):
+    release = threading.Event()
+
+    def sleepy() -> str:
+        release.wait(30)
+        return "late"
+
+    async def forecast() -> dict:
+        await asyncio.sleep(0)
+        return {"rain": float("nan"), "days": (1, 2), "raw": b"caf\xc3\xa9"}
+
+    async def stuck() -> str:
+        await asyncio.sleep(30)
+        return "never"
+
+    def huge() -> str:
+        return "x" * (encode.MAX_TEXT_CHARS + 1)
+
+    monkeypatch.setattr(toolcall, "DEFAULT_TIMEOUT_S", 0.5)  # the default, for tools that set none
+    tools = [harmony.Tool.from_function(sleepy, timeout_s=0.2), forecast, stuck, huge]
+    script = "".join(call("{}", name=t) for t in ("sleepy", "forecast", "stuck", "huge")) + "<|return|>"
+    try:
+        trace = chat(ScriptedModel(model, script), "Weather?", tools=tools, temperature=0.0, max_new_tokens=100)
+    finally:
+        release.set()
+    calls = {c.name: c for c in trace.tool_calls}
+    assert calls["sleepy"].error == "the tool did not answer within 0.2 s" and calls["sleepy"].result is None
+    assert calls["stuck"].error == "the tool did not answer within 0.5 s"
+    assert calls["forecast"].error is None
+
+    def no_nan(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    assert json.loads(calls["forecast"].result, parse_constant=no_nan) == {"rain": None, "days": [1, 2], "raw": "café"}
+    assert "cannot be read" in calls["huge"].error and "more than the encoder's limit" in calls["huge"].error
+    # Each error was answered to the model, and the chat went on.
+    inserted = [tk.Tokenizer.o200k().decode_o200k(i["tokens"]) for i in trace.metadata["tool_inserts"]]
+    assert len(inserted) == 4 and "did not answer within 0.2 s" in inserted[0] and "cannot be read" in inserted[3]
+    assert trace.metadata["stop_reason"] == "return"
+
+
+def test_answer_text_and_timeout_settings():
+    import numpy as np
+
+    assert toolcall.answer_text("as is") == "as is" and toolcall.answer_text(b"ok") == "ok"
+    assert toolcall.answer_text({"a": np.float32(1.5), "b": torch.tensor([1, 2]), 3: float("inf")}) == (
+        '{"a": 1.5, "b": [1, 2], "3": null}')
+    with pytest.raises(toolcall.ToolError, match="3 bytes that are not UTF-8 text"):
+        toolcall.answer_text(b"\xff\xfe\x00")
+    with pytest.raises(toolcall.ToolError, match="builtins.object, which has no JSON form"):
+        toolcall.answer_text([object()])
+    with pytest.raises(toolcall.ToolError, match="key of type tuple"):
+        toolcall.answer_text({(1, 2): 3})
+    with pytest.raises(toolcall.ToolError, match="TimeoutError: its own"):  # not mistaken for our time limit
+
+        async def own_timeout():
+            raise TimeoutError("its own")
+
+        toolcall.run_with_timeout(own_timeout, {}, 5.0)
+    for bad in (0, -1, float("nan"), "5", True):
+        with pytest.raises(ValueError, match="timeout_s must be a positive number"):
+            harmony.Tool("t", "", None, None, timeout_s=bad)
+    assert harmony.as_tools([{"name": "t", "timeout_s": 2}])[0].timeout_s == 2.0
+
+
+def test_a_megabyte_tool_answer_is_not_a_crash(model):
+    blob = base64.b64encode(bytes(750_000)).decode()  # 1 MB of "A": harmony's encoder panicked on it
+
+    def dump(city: str) -> str:
+        return blob
+
+    trace = chat(ScriptedModel(model, call('{"city": "Oslo"}', name="dump") + "<|return|>"), "Dump it.",
+                 tools=[dump], temperature=0.0, max_new_tokens=60)
+    (made,) = trace.tool_calls
+    assert made.error is None and made.result == blob
+    assert trace.metadata["stop_reason"] == "context"  # 125,000 tokens do not fit the tiny model's cache
+    assert any("does not fit" in problem for problem in trace.parse_errors)
+
+
 def test_tool_budget_and_budget_cut(model):
     weather = Weather()
     loop = ScriptedModel(model, call('{"city": "Rome"}') * 5)
@@ -196,14 +279,16 @@ def test_streaming_and_early_stop(model):
 def test_compact_vocabulary_model_chats_in_o200k_ids():
     tok = tk.Tokenizer.o200k()
     words = "<|channel|>final<|message|>Hi there<|return|> analysis commentary What is 2+2?"
-    keep = set(tok.encode(words)) | {tk.START, tk.END, tk.MESSAGE, tk.CHANNEL, tk.CALL, tk.CONSTRAIN}
+    keep = set(tok.encode(words, allow_special=True))
+    keep |= {tk.START, tk.END, tk.MESSAGE, tk.CHANNEL, tk.CALL, tk.CONSTRAIN}
     o200k_ids = sorted(keep) + [i for i in range(100, 1000) if i not in keep][: 512 - len(keep)]
     small = ossscope.random_model("tiny", seed=4, device="cpu")
     small.vocab_map, small.unknown_id = o200k_ids, o200k_ids.index(100)
     scripted = ScriptedModel(small, "")
-    scripted.script = small.tokenizer.encode("<|channel|>final<|message|>Hi there<|return|>")  # model ids
+    script = "<|channel|>final<|message|>Hi there<|return|>"
+    scripted.script = small.tokenizer.encode(script, allow_special=True)  # model ids
     trace = chat(scripted, "What is 2+2?", temperature=0.0)
-    assert trace.final == "Hi there" and trace.tokens == tok.encode("<|channel|>final<|message|>Hi there<|return|>")
+    assert trace.final == "Hi there" and trace.tokens == tok.encode(script, allow_special=True)
     assert trace.metadata["prompt_tokens_outside_vocab"] > 0  # the system message's words are mostly unknown
     with pytest.raises(ValueError, match="vocab_map"):
         ossscope.random_model("tiny", seed=4, device="cpu").chat("hi")

@@ -9,10 +9,14 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from _widget_fixtures import synthetic_trace
 
 import ossscope
 from ossscope import collect
@@ -269,3 +273,139 @@ def test_failures_are_reported_and_merge_only_lists_them(tmp_path, tiny_model):
     merge_only = ["--model", "unused", "--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "out"),
                   "--mode", "stats", "--merge-only", "--runner", "x:y"]
     assert collect.main(merge_only) == 1  # not every prompt is done
+
+
+# -- damaged files, other prompts files, shared folders ------------------------------------------------------
+
+FAKE_MODEL = SimpleNamespace(config=SimpleNamespace(num_experts=8))
+
+
+def _prompt_list(tmp_path: Path, n: int) -> list[collect.Prompt]:
+    return collect.read_prompts(write_prompts(tmp_path / "p.jsonl", [f"prompt {i}" for i in range(n)]))
+
+
+def test_empty_or_truncated_markers_and_traces_are_recomputed(tmp_path):
+    prompts = _prompt_list(tmp_path, 4)
+    calls = []
+
+    def runner(model, prompt):
+        calls.append(prompt.id)
+        return synthetic_trace(T=6, seed=prompt.index)
+
+    out = tmp_path / "out"
+    assert collect.collect(FAKE_MODEL, prompts, out, runner).done == [p.id for p in prompts]
+    (out / "stats" / "line-1.safetensors").write_bytes(b"")  # a zero-byte done-marker
+    marker = out / "stats" / "line-2.safetensors"
+    marker.write_bytes(marker.read_bytes()[:-5])  # cut short
+    trace = out / "traces" / "line-3.safetensors"
+    trace.write_bytes(trace.read_bytes()[: trace.stat().st_size // 2])
+    damaged = collect.merge(out, prompts)
+    assert damaged["missing"] == ["line-1", "line-2"]
+    assert damaged["per_prompt"][0] == {"id": "line-3", "line": 3, "tokens": 6, "trace": None}
+    calls.clear()
+    result = collect.collect(FAKE_MODEL, prompts, out, runner)
+    assert calls == result.done == ["line-1", "line-2", "line-3"] and result.skipped == ["line-4"]
+    summary = collect.merge(out, prompts)
+    assert summary["done"] == 4 and all(entry["trace"] for entry in summary["per_prompt"])
+    assert ossscope.Trace.load(trace).tokens == synthetic_trace(T=6, seed=2).tokens
+
+
+def test_another_prompts_file_into_the_same_folder_is_refused(tmp_path):
+    first = write_prompts(tmp_path / "a.jsonl", ["one", "two"])
+    second = write_prompts(tmp_path / "b.jsonl", ["one", "three"])
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["--model", "nano", "--out", str(out), "--mode", "stats", "--no-generate"]
+    collect.check_settings(out, collect.run_settings(collect.build_parser().parse_args([*args, "--prompts",
+                                                                                        str(first)])))
+    assert json.loads((out / "run.json").read_text())["prompts_sha256"] == collect.prompts_sha256(first)
+    with pytest.raises(ValueError, match="holds a run of another prompts file"):
+        collect.main([*args, "--prompts", str(second)])  # refused before any model is loaded
+    # A run.json from before the hash was kept gains it instead of refusing the resume.
+    old = {k: v for k, v in json.loads((out / "run.json").read_text()).items() if k != "prompts_sha256"}
+    (out / "run.json").write_text(json.dumps(old))
+    collect.check_settings(out, collect.run_settings(collect.build_parser().parse_args([*args, "--prompts",
+                                                                                        str(second)])))
+    assert json.loads((out / "run.json").read_text())["prompts_sha256"] == collect.prompts_sha256(second)
+
+
+def test_merge_deletes_only_its_own_or_dead_processes_temp_files(tmp_path):
+    prompts = _prompt_list(tmp_path, 1)
+    out = tmp_path / "out"
+    collect.collect(FAKE_MODEL, prompts, out, lambda m, p: PromptStats.zeros(2, 8, 4), "stats")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = collect._HOST_TAG
+    mine = out / "stats" / f".line-1.safetensors.{host}.{os.getpid()}.tmp"
+    gone = out / "stats" / f".line-1.safetensors.{host}.{int(dead.stdout)}.tmp"
+    live = out / "stats" / f".line-1.safetensors.{host}.1.tmp"  # pid 1 is alive: another collect writing
+    remote = out / "traces" / f".line-1.safetensors.other-host.{os.getpid()}.tmp"
+    odd = out / "stats" / ".notes.tmp"
+    for path in (mine, gone, live, remote, odd):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("x")
+    collect.merge(out, prompts)
+    assert not mine.exists() and not gone.exists()
+    assert live.exists() and remote.exists() and odd.exists()
+
+
+def test_two_collects_on_one_folder_never_compute_a_prompt_twice(tmp_path):
+    prompts = _prompt_list(tmp_path, 12)
+    out = tmp_path / "out"
+    calls: list[tuple[str, str]] = []
+    lock = threading.Lock()
+    start = threading.Barrier(2)
+
+    def runner(model, prompt):
+        with lock:
+            calls.append((threading.current_thread().name, prompt.id))
+        time.sleep(0.02)  # long enough for the other collect to reach the same prompt
+        if prompt.id == "line-5":
+            raise RuntimeError("cursed")  # failed here: the other collect must not retry it in the same run
+        return PromptStats.zeros(2, 8, 4)
+
+    results = {}
+
+    def run(name):
+        start.wait()
+        results[name] = collect.collect(FAKE_MODEL, prompts, out, runner, "stats")
+
+    threads = [threading.Thread(target=run, args=(name,), name=name) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    computed = [prompt_id for _, prompt_id in calls]
+    assert sorted(computed) == sorted(p.id for p in prompts)  # every prompt once, none twice
+    assert {name for name, _ in calls} == {"a", "b"}  # and both collects did some of the work
+    a, b = results["a"], results["b"]
+    assert sorted(a.done + b.done) == sorted(p.id for p in prompts if p.id != "line-5")
+    assert (a.failed + b.failed) == ["line-5"]
+    assert not list((out / "claims").glob("*.claim"))  # every claim released
+    # A claim left by a process that died is taken over.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / "claims" / "line-5.claim").write_text(json.dumps({"host": collect._HOST, "pid": int(dead.stdout),
+                                                             "token": "x"}))
+    calls.clear()
+    retry = collect.collect(FAKE_MODEL, prompts, out, runner, "stats")
+    assert calls == [("MainThread", "line-5")] and retry.failed == ["line-5"]
+
+
+def test_a_megabyte_prompt_is_an_error_file_and_the_run_goes_on(tmp_path):
+    blob = "A" * 1_000_000  # base64 of zeros, no space: harmony's encoder panicked (a BaseException)
+    prompts = collect.read_prompts(write_prompts(tmp_path / "p.jsonl", [{"id": "blob", "prompt": blob}, "Hi."]))
+    model = ossscope.random_model("tiny", seed=3, device="cpu")  # a 4,096-token context
+    model.vocab_map, model.unknown_id = list(range(model.config.vocab_size - len(SPECIALS))) + SPECIALS, 0
+    result = collect.collect(model, prompts, tmp_path / "out", collect.chat_runner(max_new_tokens=2))
+    assert result.failed == ["blob"] and result.done == ["line-2"]
+    error = json.loads((tmp_path / "out" / "errors" / "blob.json").read_text())["error"]
+    assert "ContextLimitError" in error and "context limit" in error
+
+    class PanicException(BaseException):  # pyo3's panics are BaseExceptions: they must not end the run
+        pass
+
+    def panicking(model, prompt):
+        raise PanicException("called `Result::unwrap()` on an `Err` value")
+
+    result = collect.collect(model, prompts, tmp_path / "again", panicking, "stats")
+    assert result.failed == ["blob", "line-2"]
+    assert "PanicException" in json.loads((tmp_path / "again" / "errors" / "line-2.json").read_text())["error"]

@@ -81,3 +81,36 @@ def test_a_1000_token_gpt_oss_20b_trace_exports_fast_and_small(tmp_path):
     size = path.stat().st_size
     print(f"\n1,000-token gpt-oss-20b-shaped trace: {seconds:.2f} s, {size / 1e6:.2f} MB")
     assert size < 10e6 and seconds < 5.0
+
+
+def test_export_writes_atomically(tmp_path, monkeypatch):
+    path = synthetic_trace(T=5).to_html(tmp_path / "t.html")
+    before = path.read_text(encoding="utf-8")
+    # A page that fails half-way through the write (a lone surrogate cannot be UTF-8): the old file stays whole.
+    monkeypatch.setattr(W.export, "render_html", lambda payloads, title: "<!DOCTYPE html>" + "x" * 100_000 + "\ud800")
+    with pytest.raises(UnicodeEncodeError):
+        synthetic_trace(T=6).to_html(path)
+    assert path.read_text(encoding="utf-8") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.html"]  # no temporary file left behind
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        synthetic_trace(T=5).to_html(tmp_path)
+
+
+def test_nan_values_export_as_null(tmp_path):
+    trace = synthetic_trace(T=8, L=2)
+    trace.sink[2] = float("nan")
+    trace.router_weights[3, 0, 0] = float("nan")
+    ids = torch.zeros(8, 2, 3, dtype=torch.long)
+    probs = torch.full((8, 2, 3), 0.25)
+    probs[1, 1, 2] = float("nan")
+    probs[4, 0, 0] = float("inf")
+    trace.captured.update({"logit_lens.top_ids": ids, "logit_lens.top_probs": probs})
+    page = trace.to_html(tmp_path / "nan.html").read_text(encoding="utf-8")
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    match = re.search(r'<script type="application/json" id="ossscope-data">(.*?)</script>', page, re.S)
+    (payload,) = json.loads(match.group(1), parse_constant=refuse)  # valid JSON: no NaN, no Infinity
+    assert payload["lens"]["probs"][1][1] == [0.25, 0.25, None] and payload["lens"]["probs"][4][0][0] is None
+    assert W.dumps_for_html({"x": [float("nan"), 1.5, {"y": float("-inf")}]}) == '{"x":[null,1.5,{"y":null}]}'

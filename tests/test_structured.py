@@ -87,7 +87,7 @@ def test_mask_over_a_compact_vocabulary():
     o200k_ids = sorted(set(words) | {tk.RETURN, tk.END, tk.CALL, tk.START, 200004})
     tokenizer = tk.Tokenizer(o200k_ids, unknown_id=o200k_ids.index(200004))
     constraint = structured.SchemaConstraint(SCHEMA, tokenizer, vocab_size=len(o200k_ids) + 3)
-    header = tokenizer.encode(HEADER)
+    header = tokenizer.encode(HEADER, allow_special=True)
     assert constraint.mask(header[:3]) is None  # inside the analysis message: free
     allow = constraint.mask(header)
     assert allow.shape == (len(o200k_ids) + 3,) and allow.dtype == torch.bool

@@ -77,9 +77,13 @@ def test_ensure_uses_cache_dir_env(tmp_path, monkeypatch):
 def test_full_vocabulary_round_trip():
     tok = tk.Tokenizer.o200k()
     text = "Hello, wörld! 2+2=4 ✓ <|start|>"
-    ids = tok.encode(text)
+    ids = tok.encode(text, allow_special=True)
     assert tk.START in ids
     assert tok.decode(ids) == text
+    plain = tok.encode(text)  # the default: special-token text is ordinary characters
+    assert not any(tok.is_special_o200k(i) for i in plain) and tok.decode(plain) == text
+    with pytest.raises(TypeError, match="allow_special"):
+        tok.encode(text, "all")
     assert "".join(tok.token_texts(tok.encode("plain ascii text"))) == "plain ascii text"
     assert tok.stop_ids == [tk.RETURN, tk.CALL]
     assert tok.vocab_size == 201_088

@@ -279,3 +279,17 @@ def test_chat_dispatches_browser_and_python(model, kernel):
     lone = chat(stray, "hi", tools=[browser], temperature=0.0, max_new_tokens=60)
     assert lone.tool_calls[0].error == "unknown tool 'python'; available tools: browser"
     assert json.loads(json.dumps(lone.metadata))["builtin_tools"] == ["browser"]
+
+
+def test_a_built_in_answer_the_encoder_refuses_is_told_to_the_model(model, monkeypatch):
+    """A built-in tool's answer over the encoder's bound is an error answered to the model, not a crash."""
+    from ossscope import encode
+
+    browser = Browser(DOCS)
+    monkeypatch.setattr(browser, "call", lambda function, args: "x" * (encode.MAX_TEXT_CHARS + 1))
+    script = ('<|channel|>analysis to=browser.search code<|message|>{"query": "experts"}<|call|>'
+              "<|channel|>final<|message|>ok<|return|>")
+    trace = chat(ScriptedModel(model, script), "hi", tools=[browser], temperature=0.0, max_new_tokens=80)
+    (call,) = trace.tool_calls
+    assert call.result is None and call.error.startswith("the tool's answer cannot be read")
+    assert trace.final == "ok" and trace.metadata["stop_reason"] == "return"

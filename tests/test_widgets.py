@@ -19,6 +19,7 @@ import traitlets
 from _widget_fixtures import EVIL, chat_model, synthetic_trace
 from ossscope.widgets.metrics import lens_rank, router_entropy, sink_mass, top_expert
 
+from ossscope import tokenizer as tk
 from ossscope.trace import Trace
 
 
@@ -316,6 +317,21 @@ def test_steering_vector_is_the_difference_of_mean_activations(model):
     model.clear_steering()
     control.positive.value = ""
     assert control.compute() is None and "at least one prompt" in control.status.value
+
+
+def test_steering_prompts_are_plain_text(model, monkeypatch):
+    fed = []
+    real = model.run_with_cache
+
+    def spy(ids, **kwargs):
+        fed.append(ids[0].tolist())
+        return real(ids, **kwargs)
+
+    monkeypatch.setattr(model, "run_with_cache", spy)
+    typed = "<|start|>user<|message|>hi<|end|>"  # what a user may type into the steering boxes
+    W.steering_vector(model, [typed], ["x y"], layer=1)
+    assert fed[0] == model.tokenizer.encode(typed)
+    assert tk.START not in model.tokenizer.to_o200k(fed[0]) and tk.END not in model.tokenizer.to_o200k(fed[0])
 
 
 def test_logit_lens_at_the_last_layer_is_the_model_output(model):

@@ -156,13 +156,16 @@ def capture_attention(
 
 @torch.no_grad()
 def mean_activation(model: Any, prompts: Sequence[str], layer: int) -> torch.Tensor:
-    """Mean residual stream after block `layer` over the tokens of each prompt, then over prompts, [D] fp32."""
+    """Mean residual stream after block `layer` over the tokens of each prompt, then over prompts, [D] fp32.
+
+    Prompts are plain text: `<|start|>` typed in one is characters, not harmony's special token.
+    """
     if not prompts:
         raise ValueError("need at least one prompt to average over")
     name = f"blocks.{layer}.hook_resid_post"
     means = []
     for text in prompts:
-        ids = model.tokenizer.encode(text)
+        ids = model.tokenizer.encode(text, allow_special=False)  # a typed prompt is text, whatever it holds
         if not ids:
             raise ValueError(f"prompt {text!r} encodes to no tokens")
         _, cache = model.run_with_cache(torch.tensor([ids], device=model.device), names=[name])

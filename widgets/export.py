@@ -4,6 +4,8 @@ nothing fetched when it opens, no kernel needed."""
 from __future__ import annotations
 
 import html
+import os
+import tempfile
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -86,5 +88,23 @@ def export_trace_html(
     page_title = title or payloads[0]["title"]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(payloads, title=page_title), encoding="utf-8")
+    write_atomically(path, render_html(payloads, title=page_title))
     return path
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write text (UTF-8) to a temporary file beside `path`, then rename it over `path`: a reader, or a crash
+    mid-write, sees the old file or the whole new one, never half a page. Raises IsADirectoryError when
+    `path` is a folder."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file path ending in .html")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        # mkstemp makes the file 0600; keep the mode of the file we replace, else an ordinary file's
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

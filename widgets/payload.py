@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -33,8 +34,22 @@ def _b64(array: np.ndarray) -> str:
 
 
 def _quantize_unit(x: torch.Tensor) -> np.ndarray:
-    """Values in [0, 1] -> uint8 steps of 1/255 (enough for colors and two-digit readouts)."""
-    return (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    """Values in [0, 1] -> uint8 steps of 1/255 (enough for colors and two-digit readouts); NaN reads as 0
+    (a byte has no "missing", and casting NaN to uint8 is undefined)."""
+    x = torch.nan_to_num(x.detach().float(), nan=0.0)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+
+
+def json_safe(data: Any) -> Any:
+    """data with every NaN or infinite float replaced by None (JSON has no such numbers; the viewer shows
+    null as a dash). Containers are copied; everything else is returned as it is."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: json_safe(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [json_safe(value) for value in data]
+    return data
 
 
 def _text(content: Any) -> str:
@@ -123,7 +138,7 @@ def _lens(trace: Trace, T: int, token_strings: dict[str, str]) -> dict[str, Any]
         "rows": rows,
         "n": int(ids.shape[2]),
         "ids": ids[rows].tolist(),  # [R, L, n]
-        "probs": [[[round(p, 4) for p in layer] for layer in row] for row in probs[rows].tolist()],
+        "probs": json_safe([[[round(p, 4) for p in layer] for layer in row] for row in probs[rows].tolist()]),
         "rank": ranks.long().tolist() if ranks is not None else None,  # [T, L]
         "vocab": vocab,
     }
@@ -208,12 +223,16 @@ def trace_payload(
 
 
 def dumps_for_html(data: Any) -> str:
-    """JSON that is safe inside an HTML <script> element: no '</script>', no '<!--', no U+2028/2029.
+    """JSON that is safe inside an HTML <script> element: no '</script>', no '<!--', no U+2028/2029, and
+    valid (NaN and infinities are written as null).
 
     Every '<', '>' and '&' becomes a \\u escape, so no text the model or the user wrote can close the
     element or open a comment, whatever it contains; JSON.parse restores the characters.
     """
-    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    try:
+        text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except ValueError:  # a NaN or infinity somewhere: null instead (a second pass only when needed)
+        text = json.dumps(json_safe(data), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     return (
         text.replace("&", "\\u0026")
         .replace("<", "\\u003c")

@@ -137,15 +137,34 @@
   }
   // Make whitespace visible in token chips and tooltips.
   const showToken = (text) => (text === "" ? "\u2205" : text.replace(/\n/g, "\u21b5").replace(/\t/g, "\u2192"));
+  /* [min, max] of the finite values, or null: a loop, because Math.min.apply and spreads pass every value as
+   * an argument and overflow the stack on long traces (a 131k-token trace has 131k values). */
+  function finiteRange(values) {
+    let lo = Infinity, hi = -Infinity;
+    for (let i = 0; i < values.length; i++) {
+      const x = values[i];
+      if (Number.isFinite(x)) {
+        if (x < lo) lo = x;
+        if (x > hi) hi = x;
+      }
+    }
+    return lo <= hi ? [lo, hi] : null;
+  }
+
   const fmt = (x, digits) => (Number.isFinite(x) ? x.toFixed(digits === undefined ? 2 : digits) : "\u2013");
 
   // --------------------------------------------------------------------------------------------- canvas
   /* A heatmap on a canvas: rows x cols cells, labels on the left, a tooltip and clicks per cell. */
+  const MAX_CANVAS_PX = 16384; // per side, in device pixels: browsers leave a larger canvas blank (Chromium: 32,767)
+
   function heatmap(view, opts) {
     const labelW = opts.labelWidth || 56;
-    const cellW = opts.cellW, cellH = opts.cellH;
-    const width = labelW + opts.cols * cellW + 2, height = opts.rows * cellH + 2;
     const dpr = global.devicePixelRatio || 1;
+    // A long trace (131k tokens) would need a canvas wider than any browser draws: narrow the cells below a
+    // pixel, and draw one sampled column per pixel (hover and click still find each column's token).
+    const room = Math.floor(MAX_CANVAS_PX / dpr) - labelW - 2;
+    const cellW = opts.cols * opts.cellW > room ? room / opts.cols : opts.cellW, cellH = opts.cellH;
+    const width = Math.ceil(labelW + opts.cols * cellW + 2), height = opts.rows * cellH + 2;
     const canvas = h("canvas", { class: "oss-canvas", style: "width:" + width + "px;height:" + height + "px" });
     canvas.width = Math.ceil(width * dpr);
     canvas.height = Math.ceil(height * dpr);
@@ -157,6 +176,13 @@
       ctx.fillStyle = "#57606a";
       ctx.textAlign = "right";
       if (cellH >= 8) ctx.fillText(opts.rowLabel(r), labelW - 6, r * cellH + cellH / 2 + 1);
+      if (cellW < 1) {
+        for (let x = 0; x < Math.ceil(opts.cols * cellW); x++) {
+          ctx.fillStyle = opts.color(r, Math.min(opts.cols - 1, Math.floor(x / cellW)));
+          ctx.fillRect(labelW + x, r * cellH, 1, cellH - 1);
+        }
+        continue;
+      }
       for (let c = 0; c < opts.cols; c++) {
         ctx.fillStyle = opts.color(r, c);
         ctx.fillRect(labelW + c * cellW, r * cellH, Math.max(1, cellW - (cellW > 4 ? 1 : 0)), cellH - 1);
@@ -165,7 +191,7 @@
     if (opts.highlightCol !== undefined && opts.highlightCol >= 0) {
       ctx.strokeStyle = "#d1242f";
       ctx.lineWidth = 2;
-      ctx.strokeRect(labelW + opts.highlightCol * cellW - 1, 0, cellW + 1, opts.rows * cellH);
+      ctx.strokeRect(labelW + opts.highlightCol * cellW - 1, 0, Math.max(1, cellW) + 1, opts.rows * cellH);
     }
     const cellAt = (ev) => {
       const box = canvas.getBoundingClientRect();
@@ -325,9 +351,9 @@
   View.prototype.metricScale = function (values) {
     const metric = this.state.metric;
     if (metric === "expert") return null;
-    const finite = values.filter(Number.isFinite);
     // Colors stretch over the values present (the legend gives the range); ranks always start at 0.
-    let lo = finite.length ? Math.min.apply(null, finite) : 0, hi = finite.length ? Math.max.apply(null, finite) : 1;
+    const range = finiteRange(values);
+    let lo = range ? range[0] : 0, hi = range ? range[1] : 1;
     if (metric === "lens_rank") {
       lo = 0;
       hi = Math.max(hi, 1);
@@ -635,7 +661,7 @@
     const values = [];
     for (let k = 0; k < n; k++) values.push(a.data[(r * d.H + s.head) * S + k] / 255);
     const sinkValue = d.sink(t, layer, s.head);
-    const hi = Math.max(sinkValue, Math.max.apply(null, values), 1e-6);
+    const hi = Math.max(sinkValue, finiteRange(values) ? finiteRange(values)[1] : 0, 1e-6);
     const barW = Math.max(2, Math.min(12, Math.floor(((this.main.clientWidth || 900) - 120) / (n + 2))));
     const tokenAt = new Map(p.positions.map((pos, i) => [pos, i]));
     const labelOf = (k) => {
