@@ -348,10 +348,15 @@ class Model(HookedModule):
         return self._tokenizer
 
     def generate(self, input_ids: torch.Tensor, **kwargs: Any):
-        """Low-level generation with a KV cache; see `ossscope.generation.generate`."""
-        from .generation import generate
+        """Low-level generation with a KV cache; see `ossscope.generation.generate`.
 
-        return generate(self, input_ids, **kwargs)
+        A small model on CPU generates with one torch thread (`ossscope.threads`; not for stream=True).
+        """
+        from .generation import generate
+        from .threads import generation_threads
+
+        with generation_threads(self):
+            return generate(self, input_ids, **kwargs)
 
     def chat(self, messages_or_text, **kwargs: Any):
         """Chat in the harmony format and return a Trace; see `ossscope.chat.chat`."""
