@@ -22,7 +22,6 @@ from ossscope import harmony
 from ossscope import tokenizer as tk
 from ossscope.cache import ContextLimitError
 from ossscope.generation import Decoder, StepFn, TokenEvent
-from ossscope.threads import generation_threads
 from ossscope.trace import ToolCall, Trace
 
 TOOL_RESERVE = 4096  # cache room kept for tool answers beyond the prompt and the generation budget
@@ -43,8 +42,7 @@ class ChatStream:
         return self
 
     def __next__(self) -> TokenEvent:
-        with generation_threads(self._run.model):  # per token: the consumer's code between tokens keeps its count
-            return next(self._events)
+        return next(self._events)
 
     def close(self) -> None:
         """Stop generating (the trace keeps what was made)."""
@@ -94,9 +92,8 @@ def chat(
     )  # fmt: skip
     if stream:
         return ChatStream(run)
-    with generation_threads(model):
-        for _ in run.events():
-            pass
+    for _ in run.events():
+        pass
     return run.trace()
 
 

@@ -1,16 +1,14 @@
-"""The dequantized-expert cache: equal to decoding, invalidated by every kind of weight change, bounded by size;
-and the one-thread setting for generating with small models on CPU."""
+"""The dequantized-expert cache: equal to decoding, invalidated by every kind of weight change, bounded by size."""
 
 from __future__ import annotations
 
 import gc
-import threading
 
 import pytest
 import torch
 
 import ossscope
-from ossscope import expert_cache, threads
+from ossscope import expert_cache
 from ossscope.expert_cache import ExpertCache
 from ossscope.mxfp4 import dequantize, random_packed
 
@@ -115,72 +113,3 @@ def test_gpt_oss_20b_layers_are_not_cached():
     big = torch.empty((32, 2880, 90, 16), dtype=torch.uint8, device="meta")
     assert not expert_cache.EXPERT_CACHE.admits(big, torch.bfloat16)
     assert expert_cache.EXPERT_CACHE.admits(torch.empty((16, 512, 8, 16), dtype=torch.uint8), torch.float32)
-
-
-# -- threads ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def two_threads(monkeypatch):
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    saved = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(saved)
-
-
-def test_small_cpu_models_generate_with_one_thread(tiny_model, two_threads, monkeypatch):
-    assert threads.threads_for(tiny_model) == 1
-    with threads.generation_threads(tiny_model):
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == 2
-    seen = []
-    tiny_model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, stop_tokens=(),
-                        on_token=lambda event: seen.append(torch.get_num_threads()))
-    assert seen == [1, 1] and torch.get_num_threads() == 2
-    monkeypatch.setattr(threads, "SMALL_MODEL_PARAMETERS", 1000)
-    assert threads.threads_for(tiny_model) is None  # a big model keeps torch's setting
-    monkeypatch.setattr(threads, "SMALL_MODEL_PARAMETERS", 200_000_000)
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert threads.threads_for(tiny_model) is None  # so does a user's explicit choice
-    with threads.generation_threads(tiny_model):
-        assert torch.get_num_threads() == 2
-
-
-def test_nano_chat_runs_with_one_thread_and_restores(two_threads):
-    nano = ossscope.load("nano")
-    seen = []
-    nano.chat("What is 2 + 3?", reasoning="low", max_new_tokens=12, temperature=0,
-              on_token=lambda event: seen.append(torch.get_num_threads()))
-    assert seen and set(seen) == {1} and torch.get_num_threads() == 2
-    stream = nano.chat("What is 2 + 3?", reasoning="low", max_new_tokens=5, temperature=0, stream=True,
-                       on_token=lambda event: seen.append(torch.get_num_threads()))
-    for _ in stream:
-        assert torch.get_num_threads() == 2  # the consumer's code between tokens keeps its own count
-    assert set(seen) == {1}
-
-
-def test_generations_in_several_threads_each_restore_their_own_count(tiny_model, two_threads):
-    """torch's OpenMP thread count is per thread: two overlapping generations must not undo each other."""
-    inside, release = threading.Barrier(2, timeout=30), threading.Event()
-    seen: dict[str, list[int]] = {"inside": [], "after": []}
-
-    def generation():
-        torch.set_num_threads(2)
-        with threads.generation_threads(tiny_model):
-            inside.wait()
-            seen["inside"].append(torch.get_num_threads())
-            with threads.generation_threads(tiny_model):  # nested: restores only at the outermost exit
-                pass
-            seen["inside"].append(torch.get_num_threads())
-            release.wait(30)
-        seen["after"].append(torch.get_num_threads())
-
-    workers = [threading.Thread(target=generation) for _ in range(2)]
-    for worker in workers:
-        worker.start()
-    release.set()
-    for worker in workers:
-        worker.join(60)
-    assert seen == {"inside": [1, 1, 1, 1], "after": [2, 2]}
-    assert torch.get_num_threads() == 2
