@@ -18,6 +18,7 @@ RUN_SH = Path(__file__).resolve().parent.parent / "run.sh"
 # `python -c "import torch"` fails until `python -m pip install ...torch...` has "succeeded" (a marker file);
 # pip fails for the URLs listed in $FAIL_INDEX; `say_torch`'s one-liner prints a build.
 FAKE_PYTHON = """#!/usr/bin/env bash
+if [ "$1" = "-W" ]; then shift 2; fi
 if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then
   echo "pip ${*:3}" >> "$LOG"
   for arg in "$@"; do [ -n "${FAIL_INDEX:-}" ] && [ "$arg" = "$FAIL_INDEX" ] && exit 1; done
