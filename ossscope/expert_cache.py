@@ -1,8 +1,9 @@
 """A bounded cache of dequantized MXFP4 experts, so small models stop re-decoding their weights every call.
 
 The torch path (`ops.moe_experts`) decodes each chosen expert's packed weights on every forward. For a model
-like nano that decoding was about 80% of the forward time on CPU, while all its experts fit in a few tens of
-MB as floats. `EXPERT_CACHE.get(blocks, scales, expert, dtype)` returns the decoded expert, remembering it:
+like nano that decoding was half of a chat's time on CPU (cProfile: `mxfp4.dequantize` 1.04 s of 2.06 s), while
+all its experts fit in 72 MB as fp32. `EXPERT_CACHE.get(blocks, scales, expert, dtype)` returns the decoded
+expert, remembering it:
 
 - validity: an entry belongs to one packed tensor object (held by weak reference) and records that tensor's
   data pointer and version counter. Any in-place write (`copy_`, `load_state_dict`, slice assignment) bumps
