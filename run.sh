@@ -2,19 +2,40 @@
 # One entry point that does all set-up itself on a fresh machine.
 #   bash run.sh demo   install, then run the main job on the built-in nano model (writes ossscope-demo.html)
 #   bash run.sh test   install with the test extras (and Chromium where apt is available), then run the tests
+#   bash run.sh torch  install torch only: the CPU build where there is no GPU (one line says which build)
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 
+# The CPU build of torch, from PyTorch's CPU index. TORCH_CPU_INDEX / TORCH_VERSION override (e.g. for a mirror).
+TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+
+say_torch() {
+  "$PYTHON" -W ignore -c "import torch; print('run.sh: using torch', torch.__version__, \
+'(CUDA ' + torch.version.cuda + ' build)' if torch.version.cuda else '(CPU build)')"
+}
+
 install_torch() {
-  # A bare `torch` requirement pulls a multi-GB CUDA build; on machines without a GPU install the CPU wheel first.
-  if ! "$PYTHON" -c "import torch" 2>/dev/null; then
-    if command -v nvidia-smi >/dev/null 2>&1; then
-      "$PYTHON" -m pip install -q "torch>=2.4"
-    else
-      "$PYTHON" -m pip install -q "torch==2.13.0" || "$PYTHON" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+  # A bare `torch` requirement on Linux pulls the multi-GB CUDA build from PyPI. Without a GPU, install the CPU
+  # build explicitly first; then the project's `torch>=2.4` is already satisfied.
+  if "$PYTHON" -c "import torch" 2>/dev/null; then
+    say_torch
+    return
+  fi
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "run.sh: a GPU is present: installing torch with CUDA from PyPI"
+    "$PYTHON" -m pip install -q "torch>=2.4"
+  else
+    echo "run.sh: no GPU: installing the CPU build of torch $TORCH_VERSION from $TORCH_CPU_INDEX"
+    # Short timeouts: where that index is unreachable (an offline mirror, a proxy) fall back quickly to the
+    # configured index, which may hold a CPU wheel (pip's find-links); say_torch reports which build it was.
+    if ! "$PYTHON" -m pip install -q --timeout 20 --retries 1 --index-url "$TORCH_CPU_INDEX" "torch==$TORCH_VERSION"; then
+      echo "run.sh: $TORCH_CPU_INDEX did not work; installing torch==$TORCH_VERSION from the configured index"
+      "$PYTHON" -m pip install -q "torch==$TORCH_VERSION"
     fi
   fi
+  say_torch
 }
 
 install_chromium() {
@@ -32,6 +53,9 @@ case "${1:-}" in
     shift
     exec "$PYTHON" -m ossscope demo "$@"
     ;;
+  torch)
+    install_torch
+    ;;
   test)
     install_torch
     "$PYTHON" -m pip install -q -e ".[lab,test]"
@@ -40,7 +64,7 @@ case "${1:-}" in
     exec "$PYTHON" -m pytest -q "$@"
     ;;
   *)
-    echo "usage: bash run.sh demo | test [pytest args]" >&2
+    echo "usage: bash run.sh demo [demo args] | test [pytest args] | torch (install torch only)" >&2
     exit 2
     ;;
 esac

@@ -131,8 +131,9 @@ class Engine:
     def prefill(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run `input_ids` [B, T] continuing `cache` -> the last position's logits [B, V] float32."""
         from .fast import prefill
+        from .threads import cpu_threads
 
-        with self.lock:
+        with self.lock, cpu_threads(self.model):  # a small CPU model runs on one thread, as in its forward
             self.prefills += 1
             return prefill(self.model, input_ids, cache, fused=self.fused_prefill).float()
 

@@ -23,6 +23,7 @@ from . import ops
 from .cache import ContextLimitError, KVCache
 from .config import GptOssConfig
 from .hooks import HookedModule, HookPoint
+from .threads import cpu_threads
 
 ABLATION_MODES = ("reroute", "zero")
 
@@ -226,7 +227,14 @@ class Model(HookedModule):
 
     # -- forward -----------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """input_ids LongTensor [B, T] -> logits [B, T, V]. With a cache, continue at position cache.length."""
+        """input_ids LongTensor [B, T] -> logits [B, T, V]. With a cache, continue at position cache.length.
+
+        A small model on CPU runs with one torch thread (see `ossscope.threads` for why and when).
+        """
+        with cpu_threads(self):
+            return self._forward(input_ids, cache)
+
+    def _forward(self, input_ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         input_ids = self._check_input_ids(input_ids)
         B, T = input_ids.shape
         start = 0
@@ -394,6 +402,37 @@ class Model(HookedModule):
         from .chat import chat
 
         return chat(self, messages_or_text, **kwargs)
+
+    def __repr__(self) -> str:
+        """A few lines: name, layers, experts, dims, dtype, device, engine (`module_tree()` has every module)."""
+        from .threads import parameter_count
+
+        c = self.config
+        L = c.num_hidden_layers
+        sliding = sum(c.is_sliding(layer) for layer in range(L))
+        engine = getattr(self, "engine", None)  # set by ossscope.load(engine=...) where that exists
+        if engine is None:
+            engine = "Triton kernels" if getattr(self, "kernels_enabled", False) else "torch"
+            if getattr(self, "step_fn", None) is not None:
+                engine += " + CUDA-graph decode"
+        elif not isinstance(engine, str):
+            engine = getattr(engine, "name", type(engine).__name__)
+        count = parameter_count(self)
+        count_text = f"{count / 1e9:.1f}B" if count >= 1e9 else f"{count / 1e6:.1f}M"
+        return (
+            f"Model {self.name!r} (gpt-oss architecture, {count_text} parameters)\n"
+            f"  layers {L} ({sliding} sliding, window {c.sliding_window}), experts {c.num_experts} "
+            f"top-{c.experts_per_token} (MXFP4), heads {c.num_attention_heads}/{c.num_key_value_heads} of dim "
+            f"{c.head_dim}\n"
+            f"  d_model {c.hidden_size}, expert width {c.intermediate_size}, vocab {c.vocab_size}, "
+            f"context {c.max_context:,}\n"
+            f"  {str(self.dtype).removeprefix('torch.')} on {self.device}, engine: {engine}\n"
+            f"  (model.module_tree() shows every module and hook point; model.hook_names() lists the hooks)"
+        )
+
+    def module_tree(self) -> str:
+        """torch's full module listing, every HookPoint included (`repr(model)` is the short form)."""
+        return super().__repr__()
 
     def extra_repr(self) -> str:
         c = self.config

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import GptOssConfig
-from .mxfp4 import dequantize
+from .expert_cache import EXPERT_CACHE
 
 # -- normalization ----------------------------------------------------------------------------------------
 
@@ -170,6 +170,8 @@ def moe_experts(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Run each token through its chosen experts only, dequantizing one expert's MXFP4 weights at a time.
 
+    Decoded experts come from `expert_cache.EXPERT_CACHE` when the model is small enough to keep them.
+
     x [N, D], topk_indices [N, k], topk_weights [N, k] -> y [N, D] = sum_k weight * expert_out
     (and expert_out [N, k, D], each chosen expert's output with its bias, before weighting, if per_expert).
     Tokens are grouped by expert, so the work is proportional to N * k, never to N * E.
@@ -181,9 +183,9 @@ def moe_experts(
     for expert in torch.unique(flat_experts).tolist():
         slots = (flat_experts == expert).nonzero().squeeze(1)  # which (token, choice) pairs use this expert
         tokens = x[slots // k]  # [n_e, D]
-        w1 = dequantize(mlp1_blocks[expert], mlp1_scales[expert], x.dtype)  # [2I, D]
+        w1 = EXPERT_CACHE.get(mlp1_blocks, mlp1_scales, expert, x.dtype)  # [2I, D]
         h = F.linear(tokens, w1, mlp1_bias[expert].to(x.dtype))  # [n_e, 2I]
-        w2 = dequantize(mlp2_blocks[expert], mlp2_scales[expert], x.dtype)  # [D, I]
+        w2 = EXPERT_CACHE.get(mlp2_blocks, mlp2_scales, expert, x.dtype)  # [D, I]
         expert_out[slots] = F.linear(swiglu(h, limit, alpha), w2, mlp2_bias[expert].to(x.dtype))
     expert_out = expert_out.view(N, k, D)
     y = (expert_out * topk_weights.to(x.dtype).unsqueeze(-1)).sum(dim=1)

@@ -2,12 +2,43 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import ossscope
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _unshadow_hub_kernels() -> None:
+    """Keep our top-level kernels/ folder from posing as Hugging Face's `kernels` package.
+
+    `python -m pytest` puts the repository root on sys.path, where kernels/ (installed as `ossscope.kernels`)
+    is importable as a top-level `kernels`. transformers (which depends on the hub's `kernels` package) then
+    runs `from kernels import CUDAProperties` against our folder and fails, and every test that builds the HF
+    reference model would break. Bind the name to the real package, or to nothing if it is not installed.
+    """
+    def shadows(entry: str) -> bool:
+        return Path(entry or ".").resolve() == REPO_ROOT
+
+    if not any(shadows(entry) for entry in sys.path) or "kernels" in sys.modules:
+        return
+    saved = sys.path[:]
+    sys.path[:] = [entry for entry in saved if not shadows(entry)]
+    try:
+        importlib.import_module("kernels")
+    except ImportError:
+        sys.modules["kernels"] = None  # `import kernels` fails and find_spec says "not installed", as it should
+    finally:
+        sys.path[:] = saved
+
+
+_unshadow_hub_kernels()
 
 # Tests must never reach the network (the tokenizer is built offline from a package).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

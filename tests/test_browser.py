@@ -189,4 +189,26 @@ def test_a_131k_token_trace_draws(offline, tmp_path):
     page.click(".oss-tab[data-tab='reasoning']")
     page.click(f".oss-tok[data-t='{T - 2}']")
     assert page.locator(".oss-panel-title").get_attribute("data-token") == str(T - 2)
+
+
+def test_runs_side_by_side_with_verdicts_and_the_recorded_window(offline, tmp_path):
+    runs = [synthetic_trace(T=20, seed=s) for s in range(3)]
+    for trace, expected in zip(runs, ["nope", runs[1].final.strip(), "nope"], strict=True):
+        trace.metadata.update(sliding_window=8, expected_final=expected)
+    runs[2].metadata.pop("sliding_window")  # an older trace: the viewer must not invent a window
+    path = W.export_trace_html(runs, tmp_path / "runs.html", titles=["low", "high", "ablated"])
+    view = offline(path)
+    page = view.page
+    cards = page.locator(".oss-run")
+    assert cards.count() == 3 and cards.nth(0).get_attribute("class") == "oss-run active"
+    verdicts = [cards.nth(i).locator(".oss-check").get_attribute("data-correct") for i in range(3)]
+    assert verdicts == ["false", "true", "false"] and "wrong (expected nope)" in cards.nth(0).inner_text()
+    assert runs[1].final.strip() in cards.nth(1).inner_text()
+    page.click(".oss-tab[data-tab='attention']")
+    caption = page.locator(".oss-caption").first.inner_text()
+    assert "last 8 keys" in caption and "128" not in caption
+    cards.nth(2).click()
+    assert "ablated" in page.inner_text(".oss-name") and "active" in page.locator(".oss-run").nth(2).get_attribute(
+        "class")
+    assert "a window of recent keys" in page.locator(".oss-caption").first.inner_text()
     assert view.errors == [] and view.blocked == []

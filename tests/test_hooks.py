@@ -185,3 +185,13 @@ def test_bad_input_ids(model):
         model(torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="integer tensor"):
         model(torch.zeros(1, 3))
+
+
+def test_repr_is_a_few_lines_and_module_tree_has_every_hook_point(tiny_model):
+    text = repr(tiny_model)
+    assert len(text.splitlines()) == 5 and "HookPoint" not in text
+    assert text.startswith("Model 'tiny' (gpt-oss architecture, ")
+    assert "layers 4 (2 sliding, window 8), experts 8 top-2 (MXFP4), heads 4/2 of dim 16" in text
+    assert "float32 on cpu, engine: torch" in text
+    tree = tiny_model.module_tree()
+    assert tree.count("HookPoint(") == len(tiny_model.hook_names())

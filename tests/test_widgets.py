@@ -414,3 +414,17 @@ def test_live_record_keeps_the_tool_calls_of_its_events():
     trace = live.trace()
     assert trace.tool_calls == [call] and len(trace.tokens) == 2
     assert W.trace_payload(trace)["conversation"][-1]["role"] == "tool browser.search"
+
+
+def test_payload_carries_the_window_and_a_verdict_on_the_final_answer():
+    trace = synthetic_trace(T=6)
+    p = W.trace_payload(trace)
+    assert p["window"] is None and p["check"] is None  # not recorded: the viewer says so instead of guessing
+    trace.metadata.update(sliding_window=64, expected_final=" " + trace.final.strip() + " ")
+    p = W.trace_payload(trace)
+    assert p["window"] == 64 and p["check"] == {"expected": trace.metadata["expected_final"], "correct": True}
+    trace.metadata["expected_final"] = "105"
+    assert W.trace_payload(trace)["check"] == {"expected": "105", "correct": False}
+    for bad in (True, 0, -3, "64", None):
+        trace.metadata["sliding_window"] = bad
+        assert W.trace_payload(trace)["window"] is None

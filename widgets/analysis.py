@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ossscope.threads import cpu_threads
 from ossscope.trace import Trace
 
 from .payload import ATTENTION_PREFIX, LENS_NEXT_RANK, LENS_TOP_IDS, LENS_TOP_PROBS
@@ -80,7 +81,6 @@ def logit_lens(
     chosen = _positions(trace, positions)
     sequence, where_of = context_sequence(trace)
     ids = _model_ids(model, sequence)  # [1, S]
-    S = ids.shape[1]
     with as_recorded(model, trace):
         _, cache = model.run_with_cache(ids, names=lambda name: name.endswith("hook_resid_post"))
     top_ids = trace.captured.get(LENS_TOP_IDS)
@@ -91,6 +91,22 @@ def logit_lens(
     else:
         top_ids, top_probs = top_ids.clone(), trace.captured[LENS_TOP_PROBS].clone()
         ranks = trace.captured[LENS_NEXT_RANK].clone()
+    tokenizer = model.tokenizer
+    with cpu_threads(model):  # the readouts below run outside Model.forward: same thread choice as a forward
+        _read_out_layers(model, cache, ids, chosen, where_of, chunk, L, top_ids, top_probs, ranks)
+    trace.captured[LENS_TOP_IDS] = top_ids
+    trace.captured[LENS_TOP_PROBS] = top_probs
+    trace.captured[LENS_NEXT_RANK] = ranks
+    known = trace.metadata.setdefault("token_strings", {})
+    new = sorted({int(i) for i in top_ids.unique().tolist() if i >= 0} - {int(k) for k in known})
+    for token_id, text in zip(new, tokenizer.token_texts_o200k(new), strict=True):
+        known[str(token_id)] = text
+    return trace
+
+
+def _read_out_layers(model, cache, ids, chosen, where_of, chunk, L, top_ids, top_probs, ranks) -> None:
+    """Fill top_ids / top_probs [T, L, top] and ranks [T, L] for the generated tokens `chosen` (in place)."""
+    S, top = ids.shape[1], top_ids.shape[2]
     tokenizer = model.tokenizer
     for start in range(0, len(chosen), chunk):
         rows = chosen[start:start + chunk]
@@ -108,14 +124,6 @@ def logit_lens(
                 if where_of[t] + 1 < S:  # the token the model read next (a tool answer's first after a call)
                     target = logits[r, ids[0, where_of[t] + 1]]
                     ranks[t, layer] = int((logits[r] > target).sum())
-    trace.captured[LENS_TOP_IDS] = top_ids
-    trace.captured[LENS_TOP_PROBS] = top_probs
-    trace.captured[LENS_NEXT_RANK] = ranks
-    known = trace.metadata.setdefault("token_strings", {})
-    new = sorted({int(i) for i in top_ids.unique().tolist() if i >= 0} - {int(k) for k in known})
-    for token_id, text in zip(new, tokenizer.token_texts_o200k(new), strict=True):
-        known[str(token_id)] = text
-    return trace
 
 
 @torch.no_grad()

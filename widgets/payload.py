@@ -74,6 +74,21 @@ def sliding_layers(trace: Trace, num_layers: int) -> list[bool]:
     return [layer % 2 == 0 for layer in range(num_layers)]
 
 
+def sliding_window(trace: Trace) -> int | None:
+    """The sliding layers' window in tokens, from the trace metadata (None where the trace did not record it)."""
+    window = trace.metadata.get("sliding_window")
+    return int(window) if isinstance(window, (int, float)) and not isinstance(window, bool) and window > 0 else None
+
+
+def answer_check(trace: Trace) -> dict[str, Any] | None:
+    """{"expected", "correct"} when the trace records the answer it should have given
+    (trace.metadata["expected_final"], e.g. set by the demo), else None. Compared after stripping whitespace."""
+    expected = trace.metadata.get("expected_final")
+    if expected is None:
+        return None
+    return {"expected": str(expected), "correct": trace.final.strip() == str(expected).strip()}
+
+
 def _check_shapes(trace: Trace) -> tuple[int, int, int, int]:
     T = len(trace.tokens)
     if trace.router_indices.dim() != 3 or trace.router_weights.shape != trace.router_indices.shape:
@@ -201,6 +216,7 @@ def trace_payload(
         "reasoning": trace.reasoning,
         "dims": {"T": T, "L": L, "k": k, "H": H, "E": E, "P": len(trace.prompt_tokens)},
         "sliding": sliding_layers(trace, L),
+        "window": sliding_window(trace),  # keys a sliding layer holds; None if the trace did not record it
         "tokens": [str(t) for t in trace.token_texts],
         "ids": [int(i) for i in trace.tokens],
         "channels": [str(c) for c in trace.channels],
@@ -210,6 +226,7 @@ def trace_payload(
         "conversation": _conversation(trace),
         "grammar": _grammar(trace, T),
         "final": trace.final,
+        "check": answer_check(trace),  # {"expected", "correct"} or None
         "parse_errors": [str(e) for e in trace.parse_errors],
         "router": {
             "idx": _b64(indices.numpy().astype(index_dtype)),

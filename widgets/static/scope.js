@@ -312,7 +312,8 @@
     const chips = [p.model, "reasoning: " + p.reasoning, d.T + " tokens", d.L + " layers", d.E + " experts (top " +
       d.K + ")", d.H + " heads"].filter(Boolean);
     const title = h("div", { class: "oss-title" }, h("span", { class: "oss-logo" }, "ossscope"),
-      h("span", { class: "oss-name" }, p.title), chips.map((c) => h("span", { class: "oss-chip" }, c)));
+      h("span", { class: "oss-name" }, p.title), chips.map((c) => h("span", { class: "oss-chip" }, c)),
+      checkBadge(p.check));
     const controls = h("div", { class: "oss-controls" });
     if (this.payloads.length > 1) {
       controls.appendChild(select(this.payloads.map((q, i) => [i, (i + 1) + ". " + q.title]), s.run,
@@ -329,13 +330,36 @@
     const channels = [["all", "all channels"]];
     for (const c of ["analysis", "commentary", "final"]) if (p.channels.includes(c)) channels.push([c, c]);
     controls.appendChild(select(channels, s.channel, (v) => this.set({ channel: v }), "Channel"));
+    const runs = this.payloads.length > 1 ? this.runStrip() : null;
     const tabs = h("nav", { class: "oss-tabs", role: "tablist" });
     for (const [key, label] of [["reasoning", "Reasoning"], ["router", "Router map"], ["attention", "Attention & sinks"],
       ["lens", "Logit lens"]]) {
       tabs.appendChild(h("button", { class: "oss-tab" + (s.tab === key ? " active" : ""), role: "tab",
         "data-tab": key, onclick: () => this.set({ tab: key }) }, label));
     }
-    return h("header", { class: "oss-header" }, h("div", { class: "oss-row" }, title, controls), tabs);
+    return h("header", { class: "oss-header" }, h("div", { class: "oss-row" }, title, controls), runs, tabs);
+  };
+
+  // A verdict on the final answer, where the payload says what it should have been.
+  function checkBadge(check) {
+    if (!check) return null;
+    return h("span", { class: "oss-check " + (check.correct ? "right" : "wrong"), "data-correct": String(check.correct),
+      title: "expected " + check.expected }, check.correct ? "\u2713 right" : "\u2717 wrong (expected " + check.expected + ")");
+  }
+
+  // Every run side by side: its title, effort, length and final answer (with its verdict); click one to open it.
+  View.prototype.runStrip = function () {
+    const strip = h("div", { class: "oss-runs", role: "list" });
+    this.payloads.forEach((q, i) => {
+      const final = q.final.length > 80 ? q.final.slice(0, 79) + "\u2026" : q.final;
+      strip.appendChild(h("button", { class: "oss-run" + (i === this.state.run ? " active" : ""), role: "listitem",
+        "data-run": String(i), onclick: () => this.set({ run: i }) },
+      h("div", { class: "oss-run-title" }, (i + 1) + ". " + q.title),
+      h("div", { class: "oss-run-meta" }, "reasoning " + q.reasoning + " \u00b7 " + q.dims.T + " tokens"),
+      h("div", { class: "oss-run-final" }, h("span", { class: "oss-run-label" }, "final"), final || "\u2205"),
+      checkBadge(q.check)));
+    });
+    return strip;
   };
 
   View.prototype.renderMain = function () {
@@ -615,7 +639,8 @@
     for (const t of cols) for (let l = 0; l < d.L; l++) hi = Math.max(hi, d.sinkMean(t, l));
     this.main.appendChild(h("h3", {}, "Sink mass per layer (mean over heads)"));
     this.main.appendChild(h("p", { class: "oss-caption" }, "How much of each query's attention went to the " +
-      "learned sink instead of any key. S rows: sliding-window layers (128 keys); F rows: full attention."));
+      "learned sink instead of any key. S rows: sliding-window layers (" + windowText(p) + "); F rows: full " +
+      "attention."));
     this.main.appendChild(h("div", { class: "oss-legendrow small" }, colorBar(VIRIDIS, "0", fmt(hi), "sink mass")));
     this.main.appendChild(heatmap(this, {
       rows: d.L, cols: cols.length, cellW: cellW, cellH: 14, rowLabel: (l) => "L" + l + (p.sliding[l] ? " S" : " F"),
@@ -638,6 +663,11 @@
     }));
     this.main.appendChild(this.patternView(layer));
   };
+
+  // The sliding layers' window as the trace recorded it (payload.window; older payloads lack it).
+  function windowText(p) {
+    return p.window ? "each query sees the last " + p.window + " keys" : "a window of recent keys";
+  }
 
   View.prototype.patternView = function (layer) {
     const d = this.data, s = this.state, p = d.p;
@@ -670,7 +700,9 @@
       return tokenAt.has(k) ? "token " + tokenAt.get(k) + text : "tool answer" + text;
     };
     box.appendChild(h("p", { class: "oss-caption" }, "Probability over keys (gray: prompt, blue: generated, brown: tool " +
-      "answers), then the sink column (orange). Keys and sink sum to 1."));
+      "answers), then the sink column (orange). Keys and sink sum to 1." + (p.sliding[layer] ? " A sliding layer: " +
+      windowText(p) + (p.window && q + 1 > p.window ? " (keys before " + (q + 1 - p.window) + " get nothing)" : "") +
+      "." : "")));
     const chart = heatmap(this, {
       rows: 1, cols: n + 1, cellW: barW, cellH: 90, labelWidth: 8, rowLabel: () => "",
       color: () => "#fff", tooltip: (row, k) => (k < n ? [labelOf(k), "attention " + fmt(values[k], 3)] :
