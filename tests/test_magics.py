@@ -169,11 +169,14 @@ def test_ablation_changes_what_the_model_computes(loaded):
     """The magic's ablation is the model's: logits with it equal logits under model.ablate(...)."""
     ip = loaded
     model = ip.user_ns["oss_model"]
-    ids = torch.randint(0, model.config.vocab_size, (1, 9))
-    clean = model(ids)
-    with model.ablate({0: [1, 2], 3: [0]}, mode="reroute"):
+    ids = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
+    clean, cache = model.run_with_cache(ids, names=lambda n: n.endswith("mlp.hook_topk_indices"))
+    # Ablate experts these tokens really use (random ids may never route to a fixed choice of experts).
+    first, second = cache["blocks.0.mlp.hook_topk_indices"][0, 0].tolist()
+    third = int(cache["blocks.3.mlp.hook_topk_indices"][0, 0, 0])
+    with model.ablate({0: [first, second], 3: [third]}, mode="reroute"):
         reference = model(ids)
-    run(ip, "%oss ablate 0:1,2 3:0")
+    run(ip, f"%oss ablate 0:{first},{second} 3:{third}")
     torch.testing.assert_close(model(ids), reference)
     assert not torch.allclose(model(ids), clean)
     run(ip, "%oss ablate --clear")
