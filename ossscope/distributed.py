@@ -45,13 +45,12 @@ from . import ops
 from .loading import (
     CheckpointError,
     _check_names,
-    _check_tensor,
     _format_problems,
     _index_tensors,
     _parse_dtype,
     checkpoint_slots,
+    copy_checked,
     locate,
-    value_kind,
 )
 from .model import Model, MoE
 from .weight_checks import BadWeightsError, WeightChecks
@@ -286,13 +285,7 @@ def load_expert_parallel(
             if file not in open_files:
                 open_files[file] = safe_open(str(file), framework="pt", device="cpu")
             tensor, slot = _read(open_files[file], ckpt_name, slot, file, start, stop)
-            _check_tensor(ckpt_name, tensor, slot, file)
-            target = state[slot.target]
-            value = tensor.to(device=device, dtype=target.dtype)
-            if slot.part is not None:
-                target = target[slot.part[0] : slot.part[1]]
-            target.copy_(value)
-            checks.add(ckpt_name, file, target, value_kind(slot))
+            copy_checked(state, ckpt_name, tensor, slot, file, device, checks)
         checks.raise_if_bad()
     except BadWeightsError as exc:
         raise CheckpointError(f"cannot load the checkpoint in {found.root}: {exc}") from None

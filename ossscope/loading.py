@@ -298,13 +298,7 @@ def load(
                 tensor = open_files[file].get_tensor(ckpt_name)
             except Exception as exc:  # a truncated data section shows up here
                 raise CheckpointError(f"{file.name}: cannot read tensor {ckpt_name}: {exc}") from None
-            _check_tensor(ckpt_name, tensor, slot, file)
-            target = state[slot.target]
-            value = tensor.to(device=device, dtype=target.dtype)
-            if slot.part is not None:
-                target = target[slot.part[0] : slot.part[1]]
-            target.copy_(value)
-            checks.add(ckpt_name, file, target, value_kind(slot))
+            copy_checked(state, ckpt_name, tensor, slot, file, device, checks)
         checks.raise_if_bad()
     except BadWeightsError as exc:
         raise CheckpointError(f"cannot load the checkpoint in {found.root}: {exc}") from None
@@ -367,6 +361,19 @@ def _check_fits(
         f"(largest tensor {largest[0]} {largest[1].shape}; num_hidden_layers={c.num_hidden_layers}, "
         f"num_experts={c.num_experts}, vocab_size={c.vocab_size}, hidden_size={c.hidden_size}, "
         f"intermediate_size={c.intermediate_size})")
+
+
+def copy_checked(state: dict[str, torch.Tensor], ckpt_name: str, tensor: torch.Tensor, slot: Slot, file: Path,
+                 device: torch.device, checks: WeightChecks) -> None:
+    """Check a checkpoint tensor against its slot, copy it into the model's tensor (or its part of it, for fused
+    ones) on `device`, and queue the value checks of what landed there."""
+    _check_tensor(ckpt_name, tensor, slot, file)
+    target = state[slot.target]
+    value = tensor.to(device=device, dtype=target.dtype)
+    if slot.part is not None:
+        target = target[slot.part[0] : slot.part[1]]
+    target.copy_(value)
+    checks.add(ckpt_name, file, target, value_kind(slot))
 
 
 def value_kind(slot: Slot) -> str:
