@@ -198,7 +198,7 @@ class _ChatRun:
                         text=self.tokenizer.token_texts_o200k([token])[0],
                         channel=self.channels[index],
                         tokens=[model_id],
-                        record={name: step.record[name][0] for name in ("router_indices", "router_weights", "sink")},
+                        record=decoder.router_row(step.index, 0),
                         finished=self.stop_reason != "interrupted",
                         tool_call=call,
                     )

@@ -243,7 +243,7 @@ class KernelEngine(Engine):
             self.steps += 1
             model = self.model
             graph_records = all(residual_hook(n) or _router_logits_layer(n) is not None for n in capture)
-            if any(hook.active for hook in model.hook_dict.values()) or not graph_records:
+            if model.hooks_active() or not graph_records:
                 return self._eager_step(tokens, cache, capture)  # Python hooks run; the kernels stay on
             residual = tuple(n for n in capture if residual_hook(n))
             decoder = self._decoder(cache, residual, GraphDecoder)

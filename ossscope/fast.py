@@ -79,7 +79,7 @@ def prefill(model: Any, input_ids: torch.Tensor, cache: KVCache | None = None, f
     positions = torch.arange(start, start + T, device=input_ids.device)
     freqs = positions.float()[:, None] * model.rope_inv_freq[None, :]
     cos, sin = freqs.cos() * model.rope_concentration, freqs.sin() * model.rope_concentration
-    if fused and not any(hook.active for hook in model.hook_dict.values()):
+    if fused and not model.hooks_active():
         x = model.embed(input_ids)  # [B, T, D]
         h = _kernels().rms_norm(x, model.blocks[0].attn.norm.scale, model.config.rms_norm_eps)
         _, h = fused_layers(model, x, h, PrefillStage(model, positions, cos, sin, cache))

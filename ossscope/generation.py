@@ -433,7 +433,7 @@ def generate(
                     text=decoder.tokenizer.token_texts([step.tokens[0]])[0],
                     channel="",
                     tokens=step.tokens,
-                    record={name: step.record[name][0] for name in ("router_indices", "router_weights", "sink")},
+                    record=decoder.router_row(step.index, 0),
                     finished=step.last,
                 )
                 if on_token is not None:

@@ -75,6 +75,10 @@ class HookedModule(nn.Module):
                 module.name = name
                 self.hook_dict[name] = module
 
+    def hooks_active(self) -> bool:
+        """Whether any hook function is attached (the fused kernels and CUDA graphs run only when none is)."""
+        return any(point.fns for point in self.hook_dict.values())
+
     def hook_names(self) -> list[str]:
         """Every hook name, in module order (blocks in layer order)."""
         return list(self.hook_dict)

@@ -195,3 +195,10 @@ def test_repr_is_a_few_lines_and_module_tree_has_every_hook_point(tiny_model):
     assert "float32 on cpu, engine: torch" in text
     tree = tiny_model.module_tree()
     assert tree.count("HookPoint(") == len(tiny_model.hook_names())
+
+
+def test_hooks_active_says_whether_any_function_is_attached(tiny_model):
+    assert not tiny_model.hooks_active()
+    with tiny_model.hooks([("blocks.2.attn.hook_z", lambda x, hook: None)]):
+        assert tiny_model.hooks_active()
+    assert not tiny_model.hooks_active()
