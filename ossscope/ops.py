@@ -55,16 +55,20 @@ def yarn_inv_freq(config: GptOssConfig) -> tuple[torch.Tensor, float]:
 
 
 def rope_tables(config: GptOssConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [T, Dh/2] in fp32 for absolute `positions` [T], concentration folded in."""
+    """cos, sin [..., Dh/2] in fp32 for absolute `positions` ([T], or [B, T] per sequence), concentration folded
+    in."""
     inv_freq, concentration = yarn_inv_freq(config)
-    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device)[None, :]
+    freqs = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)
     return freqs.cos() * concentration, freqs.sin() * concentration
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first half of each head against the second half (NeoX style). x [B, T, H, Dh]."""
-    cos = cos.to(x.dtype)[None, :, None, :]  # [1, T, 1, Dh/2]
-    sin = sin.to(x.dtype)[None, :, None, :]
+    """Rotate the first half of each head against the second half (NeoX style). x [B, T, H, Dh];
+    cos, sin [T, Dh/2] (every sequence at the same positions) or [B, T, Dh/2] (each at its own)."""
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]  # [1, T, Dh/2]
+    cos = cos.to(x.dtype)[:, :, None, :]  # [B or 1, T, 1, Dh/2]
+    sin = sin.to(x.dtype)[:, :, None, :]
     first, second = x.chunk(2, dim=-1)
     return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
 
@@ -76,9 +80,11 @@ def visible_keys(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -
     """Bool [Tq, Tk]: key j is visible to query i (causal, inside the sliding window, not an empty slot).
 
     A sliding window of W lets query q see keys q-W+1 .. q (W tokens including itself).
-    k_pos = -1 marks an empty slot of a ring-buffer cache.
+    k_pos = -1 marks an empty slot of a ring-buffer cache. Positions shared by the batch are q_pos [Tq] and
+    k_pos [Tk]; per sequence (a ragged batch, each row at its own length) either may be [B, ...], and the
+    result is then [B, Tq, Tk].
     """
-    qp, kp = q_pos[:, None], k_pos[None, :]
+    qp, kp = q_pos[..., :, None], k_pos[..., None, :]
     visible = (kp >= 0) & (kp <= qp)
     if window is not None:
         visible &= (qp - kp) < window
@@ -92,6 +98,7 @@ def attention_weights(
     """Attention probabilities over real keys and the sink's mass, computed in fp32.
 
     q [B, Tq, H, Dh], k [B, Tk, Hkv, Dh], sinks [H] -> pattern [B, H, Tq, Tk], sink_mass [B, H, Tq].
+    q_pos [Tq] or [B, Tq], k_pos [Tk] or [B, Tk] (see `visible_keys`).
     The sink is one extra logit per head in the softmax denominator (unscaled, no value vector), so each row
     of the pattern sums to 1 - sink_mass.
     """
@@ -100,7 +107,10 @@ def attention_weights(
     G = H // Hkv
     qg = q.float().view(B, Tq, Hkv, G, Dh)
     scores = torch.einsum("bqhgd,bkhd->bhgqk", qg, k.float()) / math.sqrt(Dh)  # [B, Hkv, G, Tq, Tk]
-    scores = scores.masked_fill(~visible_keys(q_pos, k_pos, window), float("-inf"))
+    visible = visible_keys(q_pos, k_pos, window)  # [Tq, Tk] or per sequence [B, Tq, Tk]
+    if visible.dim() == 3:
+        visible = visible[:, None, None]  # [B, 1, 1, Tq, Tk] against scores [B, Hkv, G, Tq, Tk]
+    scores = scores.masked_fill(~visible, float("-inf"))
     sink = sinks.float().view(1, Hkv, G, 1, 1).expand(B, Hkv, G, Tq, 1)
     probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)
     pattern = probs[..., :-1].reshape(B, H, Tq, -1)
@@ -131,7 +141,8 @@ def attention(
     zs, sinks_out = [], []
     for start in range(0, q.shape[1], query_chunk):
         stop = start + query_chunk
-        pattern, sink_mass = attention_weights(q[:, start:stop], k, sinks, q_pos[start:stop], k_pos, window)
+        pattern, sink_mass = attention_weights(q[:, start:stop], k, sinks, q_pos[..., start:stop], k_pos,
+                                              window)
         zs.append(weighted_values(pattern, v))
         sinks_out.append(sink_mass)
     return torch.cat(zs, dim=1), torch.cat(sinks_out, dim=2), None
