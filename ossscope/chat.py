@@ -157,6 +157,7 @@ class _ChatRun:
         self.decoder.constraint, self.structured_note = structured.constraint_for(
             response_format, self.tokenizer, model.config.vocab_size
         )
+        self.row: Any = None  # the decoder row (generation.Row) this chat generates in, once started
         self.turn_starts = [0]  # index into the generated tokens where each assistant turn starts
         self.tool_calls: list[ToolCall] = []
         self.inserts: list[dict[str, Any]] = []  # tool answers fed to the model: after which token, which tokens
@@ -171,45 +172,51 @@ class _ChatRun:
         decoder = self.decoder
         try:
             decoder.feed([self.prompt_ids])
-            while self.stop_reason == "interrupted":
-                budget = self.max_new_tokens - len(decoder.tokens[0])
-                if budget < 1:
-                    self.stop_reason = "length"
+            self.start(decoder.rows_now[0])
+            for step in decoder.run():
+                event = self.on_step(step)
+                yield event
+                if event.finished:
                     return
-                if decoder.room < 1:
-                    self.stop_reason = "context"
-                    self.problems.append("the context is full")
-                    return
-                for step in decoder.run(budget):
-                    model_id = step.tokens[0]
-                    index = len(decoder.tokens[0]) - 1
-                    token = self.tokenizer.to_o200k([model_id])[0]
-                    self.channels.append(self.parsers[-1].feed(token))
-                    call = None
-                    if decoder.done[0]:
-                        call = self._end_of_turn(token, index)
-                    elif step.last:  # the budget or the cache ran out mid-turn
-                        self.stop_reason = "length" if len(decoder.tokens[0]) >= self.max_new_tokens else "context"
-                        if self.stop_reason == "context":
-                            self.problems.append("the context is full")
-                    event = TokenEvent(
-                        step=index,
-                        token=token,
-                        text=self.tokenizer.token_texts_o200k([token])[0],
-                        channel=self.channels[index],
-                        tokens=[model_id],
-                        record=decoder.router_row(step.index, 0),
-                        finished=self.stop_reason != "interrupted",
-                        tool_call=call,
-                    )
-                    if self.on_token is not None:
-                        self.on_token(event)
-                    yield event
-                    if event.finished:
-                        return
         finally:
             self.elapsed += time.perf_counter() - started
             decoder.close()
+
+    def start(self, row: Any) -> None:
+        """This chat generates in `row` (a generation.Row of its decoder) from now on."""
+        self.row = row
+        row.limit = self.max_new_tokens
+
+    def on_step(self, step: Any) -> TokenEvent:
+        """This chat's token of a decoder step: parse it, and at the end of a turn finish or run the tool (its
+        answer is fed to this chat's row, which resumes)."""
+        row, decoder = self.row, self.decoder
+        b = row.slot
+        model_id = step.tokens[b]
+        index = len(row.tokens) - 1
+        token = self.tokenizer.to_o200k([model_id])[0]
+        self.channels.append(self.parsers[-1].feed(token))
+        call = None
+        if row.done and row.fed == len(row.tokens):  # the row stopped at this token
+            if row.stop_reason == "stop":
+                call = self._end_of_turn(token, index)
+            else:  # the budget or the cache ran out mid-turn
+                self.stop_reason = row.stop_reason
+                if self.stop_reason == "context":
+                    self.problems.append("the context is full")
+        event = TokenEvent(
+            step=index,
+            token=token,
+            text=self.tokenizer.token_texts_o200k([token])[0],
+            channel=self.channels[index],
+            tokens=[model_id],
+            record=decoder.router_row(step.index, b),
+            finished=self.stop_reason != "interrupted",
+            tool_call=call,
+        )
+        if self.on_token is not None:
+            self.on_token(event)
+        return event
 
     def _end_of_turn(self, token: int, index: int) -> ToolCall | None:
         """The model stopped (<|return|> or <|call|>): finish, or run the tool and open the next turn."""
@@ -237,13 +244,17 @@ class _ChatRun:
             call.result, call.error = None, f"the tool's answer cannot be read: {exc}"
             answer = json.dumps({"error": call.error})
             tokens = harmony.render_tool_result(recipient, answer, channel)
-        if len(tokens) > self.decoder.room - 1:
+        b = self.row.slot
+        if len(tokens) > self.decoder.cache.room(b) - 1:
             self.problems.append(f"token {index}: the answer of {recipient} ({len(tokens)} tokens) does not fit")
             self.stop_reason = "context"
             return call
-        self.decoder.feed([self.tokenizer.to_model(tokens)])
+        if len(self.row.tokens) >= self.row.limit:
+            self.stop_reason = "length"  # the answer would open a turn with no token left to generate
+            return call
+        self.decoder.feed_row(b, self.tokenizer.to_model(tokens))
         self.inserts.append({"after": index, "tokens": tokens, "recipient": recipient, "channel": channel})
-        self.decoder.resume(0)
+        self.decoder.resume(b)
         self.parsers.append(harmony.HarmonyStreamParser(role="assistant", offset=index + 1))
         self.turn_starts.append(index + 1)
         return call
@@ -294,7 +305,7 @@ class _ChatRun:
     # -- the record -------------------------------------------------------------------------------------
     def trace(self) -> Trace:
         decoder = self.decoder
-        model_ids = list(decoder.tokens[0])
+        model_ids = list(self.row.tokens) if self.row is not None else []
         tokens = self.tokenizer.to_o200k(model_ids)
         messages = [dict(m, source="prompt", token_range=None) for m in self.inputs]
         errors: list[str] = []
@@ -313,7 +324,12 @@ class _ChatRun:
         produced = [m for m in messages if m["source"] == "model"]
         analysis = "\n\n".join(m["content"] for m in produced if m["channel"] == "analysis")
         final = "\n\n".join(m["content"] for m in produced if m["channel"] == "final")
-        router, captured = decoder.records()
+        if self.row is not None:
+            router, captured = decoder.row_records(self.row)
+        else:
+            router, captured = decoder.records()
+            router = {name: value[0] for name, value in router.items()}
+            captured = {name: value[0] for name, value in captured.items()}
         T = len(tokens)
         return Trace(
             prompt_tokens=list(self.prompt),
@@ -324,10 +340,10 @@ class _ChatRun:
             analysis=analysis,
             final=final,
             tool_calls=list(self.tool_calls),
-            router_indices=router["router_indices"][0],
-            router_weights=router["router_weights"][0],
-            sink=router["sink"][0],
-            captured={name: value[0] for name, value in captured.items()},
+            router_indices=router["router_indices"],
+            router_weights=router["router_weights"],
+            sink=router["sink"],
+            captured=captured,
             reasoning=self.reasoning,
             parse_errors=errors + self.problems,
             prompt_token_texts=self.tokenizer.token_texts_o200k(self.prompt),

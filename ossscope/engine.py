@@ -137,10 +137,13 @@ class Engine:
             self.prefills += 1
             return prefill(self.model, input_ids, cache, fused=self.fused_prefill).float()
 
-    def step(self, tokens: torch.Tensor, cache: KVCache, capture: Sequence[str] = ()
-             ) -> tuple[torch.Tensor, StepRecord]:
-        """Feed one token per sequence (tokens [B] long, model ids) -> (logits [B, V] float32, StepRecord)."""
-        with self.lock:
+    def step(self, tokens: torch.Tensor, cache: KVCache, capture: Sequence[str] = (),
+             active: Sequence[bool] | None = None) -> tuple[torch.Tensor, StepRecord]:
+        """Feed one token per sequence (tokens [B] long, model ids) -> (logits [B, V] float32, StepRecord).
+
+        `active` [B] (default: every row): the rows that take their token; the others are left as they are
+        (`KVCache.only`), and their logits and record rows mean nothing."""
+        with self.lock, cache.only(active):
             self.steps += 1
             return self._eager_step(tokens, cache, capture)
 
@@ -235,11 +238,11 @@ class KernelEngine(Engine):
             self._decoders.clear()
 
     # -- compute --------------------------------------------------------------------------------------------
-    def step(self, tokens: torch.Tensor, cache: KVCache, capture: Sequence[str] = ()
-             ) -> tuple[torch.Tensor, StepRecord]:
+    def step(self, tokens: torch.Tensor, cache: KVCache, capture: Sequence[str] = (),
+             active: Sequence[bool] | None = None) -> tuple[torch.Tensor, StepRecord]:
         from .fast import GraphDecoder, residual_hook
 
-        with self.lock:
+        with self.lock, cache.only(active):
             self.steps += 1
             model = self.model
             graph_records = all(residual_hook(n) or _router_logits_layer(n) is not None for n in capture)

@@ -72,13 +72,7 @@ def prefill(model: Any, input_ids: torch.Tensor, cache: KVCache | None = None, f
     """
     input_ids = model._check_input_ids(input_ids)
     B, T = input_ids.shape
-    start = 0
-    if cache is not None:
-        cache.check_room(B, T)
-        start = cache.length
-    positions = torch.arange(start, start + T, device=input_ids.device)
-    freqs = positions.float()[:, None] * model.rope_inv_freq[None, :]
-    cos, sin = freqs.cos() * model.rope_concentration, freqs.sin() * model.rope_concentration
+    positions, cos, sin = model.positions_and_rope(B, T, cache)
     if fused and not model.hooks_active():
         x = model.embed(input_ids)  # [B, T, D]
         h = _kernels().rms_norm(x, model.blocks[0].attn.norm.scale, model.config.rms_norm_eps)

@@ -17,6 +17,7 @@ stopped keeps being fed its stop token until all rows stop; only its first `leng
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -106,6 +107,7 @@ class GenerationResult:
     sampling: dict[str, Any]
     elapsed_s: float = 0.0
     engine: str = ""
+    prompt_lengths: list[int] = field(default_factory=list)  # each prompt's length (a ragged batch's differ)
 
     @property
     def lengths(self) -> list[int]:
@@ -118,14 +120,19 @@ class GenerationResult:
 
 @dataclass
 class Step:
-    """One token per sequence from `Decoder.run`: its index, the tokens fed [B] (model ids; a stopped row repeats
-    its last token), the record of what the model did with them (CPU tensors [B, ...]), and whether it was the
-    last step of this run."""
+    """One decoding step from `Decoder.run`: its index, the tokens fed [B] (model ids; meaningless for rows that
+    were not fed), the record of what the model did with them (CPU tensors [B, ...]), whether it was the last step
+    of this run, and the Row each fed row belonged to (None: not fed)."""
 
     index: int
     tokens: list[int]
     record: dict[str, torch.Tensor]
     last: bool
+    rows: list[Any] = field(default_factory=list)
+
+    def finished(self) -> list[Any]:
+        """The sequences whose last token this step was (they stopped and nothing resumed them)."""
+        return [row for row in self.rows if row is not None and row.done and row.fed == len(row.tokens)]
 
 
 class _HostCopies:
@@ -170,12 +177,37 @@ class _Copied:
         return {name: t.clone() for name, t in self.tensors.items()}  # the pinned slot is reused later
 
 
-class Decoder:
-    """Incremental generation over one KV cache: the loop behind `generate` and `chat`.
+@dataclass
+class Row:
+    """One sequence's generation in a row of a Decoder's batch (a row holds one sequence at a time; under
+    continuous batching a finished sequence's row takes the next prompt, and this object keeps the old one's).
 
-    `feed(ids)` appends tokens without recording them (a prompt, a tool's answer); `run(max_steps)` samples and
-    feeds tokens until every sequence has stopped, yielding a `Step` per token. `resume(b)` lets a stopped row go
-    on (the chat's tool loop); `records()` stacks every step's record; `close()` hands the cache back to the engine.
+    tokens: generated model ids (the stop token included); steps: the decoder step of each token (its record is
+    `decoder.rows[step]` at this row's `slot`); done: not generating now; stop_reason: why it stopped ("stop",
+    "length", "context", or "" while it runs); limit: how many tokens it may have in all; tag: the caller's.
+    """
+
+    slot: int
+    limit: int
+    tag: Any = None
+    tokens: list[int] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    done: bool = False
+    stop_reason: str = ""
+    fed: int = 0  # tokens fed so far (one ahead of `tokens` while a step is in flight)
+
+
+class Decoder:
+    """Incremental generation over one KV cache: the loop behind `generate` and `chat`, batched or not.
+
+    `feed(ids)` appends tokens [B, t] to every row without recording them (a prompt); `start_row(b, ids)` puts a
+    new sequence in row b and `feed_row(b, ids)` appends to it (a tool's answer), each row at its own length
+    (`KVCache.row`: a prompt runs at batch 1 with batch-1 numerics). `run(max_steps)` samples and feeds tokens,
+    yielding a `Step` per decoding step, until no row generates. Rows are `Row` objects (`rows_now[b]`); a row
+    stops on a stop token, at its `limit` or when the cache is full, and a stopped row is not fed (it keeps its
+    length: `KVCache.only`). While `run` is suspended at a yield, the caller may start, feed or `resume` rows
+    (continuous batching; the chat's tool loop), and the loop goes on with them. `records()` / `row_records(row)`
+    stack the records; `close()` hands the cache back to the engine.
     """
 
     def __init__(
@@ -213,18 +245,27 @@ class Decoder:
         self.cache = cache
         self.batch_size = cache.batch_size
         self.logits: torch.Tensor | None = None  # [B, V] after the last fed token (on the device)
-        self.tokens: list[list[int]] = [[] for _ in range(self.batch_size)]
-        self.done = [False] * self.batch_size
+        self.rows_now = [Row(slot=b, limit=sys.maxsize) for b in range(self.batch_size)]
         self.rows: list[dict[str, torch.Tensor]] = []  # per step: the record [B, ...], on the CPU
-        B = self.batch_size
-        self._stop_ids = torch.tensor(sorted(self.stop_tokens), dtype=torch.long, device=device)
-        self._done_dev = torch.zeros(B, dtype=torch.bool, device=device)  # rows stopped, as the device sees them
-        self._last_dev = torch.zeros(B, dtype=torch.long, device=device)
         self._token_copies = _HostCopies(device)
         self._record_copies = _HostCopies(device)
+        self._running = False
+        self._token: torch.Tensor | None = None  # inside `run`: the tokens the next step feeds [B] (device)
+        self._next_step = 0
+        self._first_tokens: dict[int, dict[int, _Copied]] = {}  # step -> row -> host copy of a row's new token
         # Structured Outputs (ossscope.structured.SchemaConstraint): `.apply(logits [B, V], tokens) -> logits`
         # masks before sampling; its mask needs the tokens so far, so a constrained run samples in lockstep.
         self.constraint: Any = None
+
+    # -- rows ---------------------------------------------------------------------------------------------
+    @property
+    def tokens(self) -> list[list[int]]:
+        """Each row's generated tokens (model ids) of the sequence it holds now."""
+        return [row.tokens for row in self.rows_now]
+
+    @property
+    def done(self) -> list[bool]:
+        return [row.done for row in self.rows_now]
 
     @property
     def waited_s(self) -> float:
@@ -233,81 +274,163 @@ class Decoder:
 
     @property
     def room(self) -> int:
-        """How many more tokens the cache can take."""
-        return self.cache.max_len - self.cache.length
+        """How many more tokens the cache can take (in its longest row)."""
+        return self.cache.room()
+
+    def _ids(self, input_ids: Any, rows: int) -> torch.Tensor:
+        ids = torch.as_tensor(input_ids, dtype=torch.long)  # checked on the host: no device sync
+        if ids.dim() == 1 and rows == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.shape[0] != rows or ids.shape[1] == 0:
+            raise ValueError(f"expected [{rows}, t] token ids (t >= 1), got shape {tuple(ids.shape)}")
+        return ids
 
     def feed(self, input_ids: torch.Tensor | Sequence[Sequence[int]]) -> None:
-        """Append tokens [B, t] (model ids) to the context without recording them; keeps the last logits."""
-        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.model.device)
-        if ids.dim() != 2 or ids.shape[0] != self.batch_size:
-            raise ValueError(f"feed expects [{self.batch_size}, t] token ids, got shape {tuple(ids.shape)}")
+        """Append tokens [B, t] (model ids) to every row without recording them; keeps the last logits."""
+        ids = self._ids(input_ids, self.batch_size)
         if ids.shape[1] > self.room:
             raise ContextLimitError(
                 f"{ids.shape[1]} tokens do not fit: the cache holds {self.cache.length} of {self.cache.max_len}"
             )
-        self.logits = self.engine.prefill(ids, self.cache)
+        if self.batch_size > 1 and not self.cache.shared:  # rows at different lengths: one at a time
+            for b in range(self.batch_size):
+                self.feed_row(b, ids[b])
+            return
+        logits = self.engine.prefill(ids, self.cache)
+        for b in range(self.batch_size):
+            self._set_logits(b, logits[b])
+
+    def start_row(self, b: int, input_ids: Sequence[int] | torch.Tensor, max_new_tokens: int, tag: Any = None
+                  ) -> Row:
+        """Empty row b and start a new sequence there: its prompt `input_ids` [t], at most `max_new_tokens`
+        generated tokens. Returns its Row (which keeps its tokens after the row is reused)."""
+        ids = self._ids(input_ids, 1)
+        if not 0 <= b < self.batch_size:
+            raise IndexError(f"row {b} of a batch of {self.batch_size}")
+        if not self.rows_now[b].done and self.cache.lengths[b]:
+            raise RuntimeError(f"row {b} still generates; wait until it stops")
+        if ids.shape[1] >= self.cache.max_len:
+            raise ContextLimitError(f"the prompt has {ids.shape[1]} tokens; the cache holds {self.cache.max_len}")
+        self.cache.reset_row(b)
+        row = self.rows_now[b] = Row(slot=b, limit=max_new_tokens, tag=tag, done=True)
+        self._prefill_row(b, ids)
+        row.done = max_new_tokens < 1
+        return row
+
+    def feed_row(self, b: int, input_ids: Sequence[int] | torch.Tensor) -> None:
+        """Append tokens [t] to row b (a tool's answer) without recording them; `resume(b)` lets it go on."""
+        ids = self._ids(input_ids, 1)
+        if ids.shape[1] > self.cache.room(b):
+            raise ContextLimitError(f"{ids.shape[1]} tokens do not fit in row {b}: it holds "
+                                    f"{self.cache.lengths[b]} of {self.cache.max_len}")
+        self._prefill_row(b, ids)
+
+    def _prefill_row(self, b: int, ids: torch.Tensor) -> None:
+        logits = self.engine.prefill(ids, self.cache.row(b))  # [1, V]
+        self._set_logits(b, logits[0])
+
+    def _set_logits(self, b: int, logits: torch.Tensor) -> None:
+        """Row b's logits after its last fed token. Inside `run`, its next token is sampled from them now and fed
+        by the next step in place of the one sampled for it there."""
+        if self.logits is None:
+            self.logits = torch.zeros(self.batch_size, logits.shape[-1], device=logits.device, dtype=torch.float32)
+        self.logits[b] = logits
+        if self._running:
+            first = self._sample(self._masked(logits[None], self.rows_now[b].tokens, b))  # [1]
+            self._token[b] = first[0]
+            self._first_tokens.setdefault(self._next_step, {})[b] = self._token_copies.put({"t": first})
 
     def resume(self, b: int = 0) -> None:
         """Let stopped row b generate again (after a tool's answer was fed)."""
-        self.done[b] = False
-        self._done_dev[b] = False
+        row = self.rows_now[b]
+        if row.limit <= len(row.tokens):
+            raise RuntimeError(f"row {b} has used its {row.limit} tokens")
+        row.done, row.stop_reason = False, ""
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """The next token per row, on the device [B]; rows that stopped repeat their last token."""
-        chosen = sample_next(logits, self.temperature, self.top_p, self.generator)
-        if self.batch_size > 1:
-            chosen = torch.where(self._done_dev, self._last_dev, chosen)
-            self._done_dev |= torch.isin(chosen, self._stop_ids)
-            self._last_dev = chosen
-        return chosen
+        """The next token per row, on the device [B] (rows that are not fed get a token that is never used)."""
+        return sample_next(logits, self.temperature, self.top_p, self.generator)
 
-    def run(self, max_steps: int) -> Iterator[Step]:
-        """Generate up to `max_steps` tokens per sequence (fewer if every row stops or the cache fills)."""
+    # -- the loop -----------------------------------------------------------------------------------------
+    def run(self, max_steps: int | None = None) -> Iterator[Step]:
+        """Generate until no row generates; `max_steps` (if given) caps each row now in the batch at that many
+        more tokens. Rows started or resumed while the loop is suspended at a yield join it."""
         if self.logits is None:
             raise RuntimeError("nothing to continue from: feed a prompt first")
-        budget = min(max_steps, self.room)
-        if budget < 1 or all(self.done):
-            return
+        if self._running:
+            raise RuntimeError("this decoder is already running")
+        for row in self.rows_now:
+            if self.cache.lengths[row.slot] == 0:  # never fed: nothing to continue from
+                row.done = True
+            elif max_steps is not None and not row.done:
+                row.limit = min(row.limit, len(row.tokens) + max_steps)
+                if row.limit <= len(row.tokens):
+                    row.done, row.stop_reason = True, "length"
+            row.fed = len(row.tokens)
         lockstep = self.constraint is not None
-        token = self._sample(self._masked(self.logits, self.tokens[0]))  # t_0 on the device
-        token_copy = self._token_copies.put({"t": token})
-        in_flight: tuple[int, list[int], list[bool], _Copied] | None = None  # launched, not yet handed out
-        j = 0
-        while True:
-            launched = j < budget and not all(self.done)
-            if launched:  # feed t_j; the host has seen t_{j-1}, so it knows the batch goes on
-                logits, record = self.engine.step(token, self.cache, self.capture)
-                record_copy = self._record_copies.put(_record_tensors(record))
-                if j + 1 < budget and not lockstep:
-                    token = self._sample(logits)  # t_{j+1}, queued behind step j: no waiting
-                    next_copy = self._token_copies.put({"t": token})
-            if in_flight is not None:  # hand out step j-1 (finished on the GPU before t_j was sampled)
-                index, picked, real, copied = in_flight
-                row = copied.take()
-                self.rows.append(row)
-                for b in range(self.batch_size):
-                    if real[b]:
-                        self.tokens[b].append(picked[b])
-                yield Step(index, picked, row, last=not launched)
-            if not launched:
-                return
-            picked = token_copy.take()["t"].tolist()  # t_j: on the host since step j-1 ended
-            real = [not done for done in self.done]  # a stopped row's token is filler
-            for b in range(self.batch_size):
-                if real[b] and picked[b] in self.stop_tokens:
-                    self.done[b] = True
-            in_flight = (len(self.rows), picked, real, record_copy)
-            if j + 1 < budget and lockstep and not all(self.done):  # the mask for t_{j+1} needs t_j first
-                generated = self.tokens[0] + picked[:1] if real[0] else self.tokens[0]
-                token = self._sample(self._masked(logits, generated))
-                next_copy = self._token_copies.put({"t": token})
-            if j + 1 < budget and not (lockstep and all(self.done)):
+        self._running = True
+        try:
+            self._token = self._sample(self._masked(self.logits, self.tokens[0]))  # t_0 on the device
+            self._first_tokens, j = {}, 0
+            token_copy = self._token_copies.put({"t": self._token})
+            self._next_step = 0
+            in_flight: tuple[int, list[int], list[Row | None], _Copied] | None = None  # launched, not handed out
+            while True:
+                feeding = [row if not row.done else None for row in self.rows_now]  # the host knows t_{j-1}
+                launched = any(feeding)
+                if launched:  # feed t_j to the rows that go on
+                    active = [row is not None for row in feeding]
+                    logits, record = self.engine.step(self._token, self.cache, self.capture, active)
+                    record_copy = self._record_copies.put(_record_tensors(record))
+                    self._next_step = j + 1
+                    if not lockstep:
+                        self._token = self._sample(logits)  # t_{j+1}, queued behind step j: no waiting
+                        next_copy = self._token_copies.put({"t": self._token})
+                if in_flight is not None:  # hand out step j-1 (finished on the GPU before t_j was sampled)
+                    index, picked, rows, copied = in_flight
+                    in_flight = None
+                    record = copied.take()
+                    self.rows.append(record)
+                    for b, row in enumerate(rows):
+                        if row is not None:
+                            row.tokens.append(picked[b])
+                            row.steps.append(index)
+                    yield Step(index, picked, record, last=not launched and all(self.done), rows=rows)
+                if not launched:
+                    if any(not row.done for row in self.rows_now):
+                        continue  # the caller started or resumed a row at the last yield
+                    return
+                picked = token_copy.take()["t"].tolist()  # t_j: on the host since step j-1 ended
+                for b, first in self._first_tokens.pop(j, {}).items():
+                    picked[b] = int(first.take()["t"][0])  # a row (re)started after t_j was sampled
+                for b, row in enumerate(feeding):
+                    if row is not None:
+                        self._stop_if_over(row, picked[b])
+                in_flight = (len(self.rows), picked, feeding, record_copy)
+                if lockstep and all(self.done):  # nothing to sample for; a row resumed later samples its own
+                    next_copy = token_copy
+                elif lockstep:  # the mask for t_{j+1} needs t_j first (row 0 only: chat's constraint)
+                    generated = self.rows_now[0].tokens + picked[:1] if feeding[0] is not None else self.tokens[0]
+                    self._token = self._sample(self._masked(logits, generated))
+                    next_copy = self._token_copies.put({"t": self._token})
                 token_copy = next_copy
-            j += 1
+                j += 1
+        finally:
+            self._running, self._token = False, None
 
-    def _masked(self, logits: torch.Tensor, generated: list[int]) -> torch.Tensor:
+    def _stop_if_over(self, row: Row, token: int) -> None:
+        """Row `row` was fed `token`: stop it on a stop token, at its limit, or when its cache row is full."""
+        row.fed += 1
+        if token in self.stop_tokens:
+            row.done, row.stop_reason = True, "stop"
+        elif row.fed >= row.limit:
+            row.done, row.stop_reason = True, "length"
+        elif self.cache.room(row.slot) < 1:
+            row.done, row.stop_reason = True, "context"
+
+    def _masked(self, logits: torch.Tensor, generated: list[int], b: int = 0) -> torch.Tensor:
         """The logits the constraint (if any) allows, given row 0's tokens generated so far."""
-        return logits if self.constraint is None else self.constraint.apply(logits, [generated])
+        return logits if self.constraint is None or b != 0 else self.constraint.apply(logits, [generated])
 
     def router_row(self, step: int, b: int = 0) -> dict[str, torch.Tensor]:
         """Sequence b's record for one step: router_indices [L, k], router_weights [L, k], sink [L, H]."""
@@ -319,6 +442,22 @@ class Decoder:
         if self._owns_cache and self.cache is not None:
             self.engine.release(self.cache)
             self._owns_cache = False
+
+    def row_records(self, row: Row) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """One sequence's records, stacked on the CPU: ({router_indices [N, L, k], router_weights [N, L, k],
+        sink [N, L, H]}, {name: [N, ...]}) for its N generated tokens."""
+        cfg = self.model.config
+        L, k, H = self.num_layers, cfg.experts_per_token, cfg.num_attention_heads
+        b = row.slot
+        if not row.steps:
+            return ({"router_indices": torch.zeros(0, L, k, dtype=torch.int64), "router_weights": torch.zeros(0, L, k),
+                     "sink": torch.zeros(0, L, H)}, {name: torch.zeros(0) for name in self.capture})
+        records = [self.rows[s] for s in row.steps]
+        router = {name: torch.stack([r[name][b] for r in records]).to(dtype)
+                  for name, dtype in (("router_indices", torch.int64), ("router_weights", torch.float32),
+                                      ("sink", torch.float32))}
+        captured = {name: _stack_padded([r[name][b : b + 1] for r in records])[0] for name in self.capture}
+        return router, captured
 
     def records(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Every step's record, stacked, on the CPU:
@@ -389,31 +528,36 @@ def generate(
     capture: Sequence[str] | Callable[[str], bool] = (),
     on_token: Callable[[TokenEvent], None] | None = None,
     engine: Engine | None = None,
+    batch_size: int | None = None,
 ) -> GenerationResult | GenerationStream:
-    """Generate up to `max_new_tokens` tokens after `input_ids` (model ids, [B, T] or [T]) with a KV cache.
+    """Generate up to `max_new_tokens` tokens after each prompt (model ids) with a KV cache.
 
-    temperature 0 is greedy; otherwise temperature / top-p sampling from a generator seeded with `seed` (drawn
-    and reported in `result.sampling` when None). A sequence stops after a token in `stop_tokens` (default:
-    harmony's <|return|> and <|call|>; pass () for none). All rows must share one length.
-    Returns a GenerationResult, or with stream=True a GenerationStream of TokenEvents. `capture` names extra
-    hooks to record per generated token; `on_token(event)` is called for every token. `engine` defaults to the
-    model's (`model.engine`).
+    `input_ids`: [B, T] or [T], or a list of prompts of any lengths (a ragged batch: each row at its own
+    positions, prefilled at batch 1, so every row gets what it would get alone). With `batch_size` smaller than
+    the number of prompts, that many rows run at once and a finished row takes the next prompt (continuous
+    batching). temperature 0 is greedy; otherwise temperature / top-p sampling from a generator seeded with
+    `seed` (drawn and reported in `result.sampling` when None). A sequence stops after a token in `stop_tokens`
+    (default: harmony's <|return|> and <|call|>; pass () for none).
+    Returns a GenerationResult, or with stream=True a GenerationStream of TokenEvents (events are for the first
+    prompt). `capture` names extra hooks to record per generated token; `on_token(event)` is called for every
+    token of the first prompt. `engine` defaults to the model's (`model.engine`).
     """
-    ids = torch.as_tensor(input_ids, dtype=torch.long)
-    if ids.dim() == 1:
-        ids = ids[None]
-    if ids.dim() != 2 or ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be [batch, tokens] with at least one token, got {tuple(ids.shape)}")
+    prompts = _prompt_list(input_ids)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    B, T = ids.shape
     limit = model.config.max_context
-    if limit <= T:
-        raise ContextLimitError(f"the prompt has {T} tokens; the model's context limit is {limit}")
+    longest = max(len(p) for p in prompts)
+    if limit <= longest:
+        raise ContextLimitError(f"the prompt has {longest} tokens; the model's context limit is {limit}")
+    B = len(prompts)
+    rows_at_once = B if batch_size is None else batch_size
+    if rows_at_once < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    rows_at_once = min(rows_at_once, B)
     decoder = Decoder(
         model,
-        batch_size=B,
-        max_len=min(limit, T + max_new_tokens),
+        batch_size=rows_at_once,
+        max_len=min(limit, longest + max_new_tokens),
         temperature=temperature,
         top_p=top_p,
         seed=seed,
@@ -422,41 +566,86 @@ def generate(
         engine=engine,
     )
     started = time.perf_counter()
+    sequences: list[Row | None] = [None] * B
+    records: dict[int, tuple[dict, dict]] = {}
+    waiting = iter(range(B))
+
+    def start_next(b: int) -> None:
+        i = next(waiting, None)
+        if i is not None:
+            sequences[i] = decoder.start_row(b, prompts[i], max_new_tokens, tag=i)
 
     def events() -> Iterator[TokenEvent]:
         try:
-            decoder.feed(ids)
-            for step in decoder.run(max_new_tokens):
-                event = TokenEvent(
-                    step=step.index,
-                    token=step.tokens[0],
-                    text=decoder.tokenizer.token_texts([step.tokens[0]])[0],
-                    channel="",
-                    tokens=step.tokens,
-                    record=decoder.router_row(step.index, 0),
-                    finished=step.last,
-                )
-                if on_token is not None:
-                    on_token(event)
-                yield event
+            if rows_at_once == B and len({len(p) for p in prompts}) == 1:
+                decoder.feed(prompts)  # one prompt length: the whole batch in one prefill
+                for b in range(B):
+                    sequences[b] = decoder.rows_now[b]
+                    sequences[b].tag, sequences[b].limit = b, max_new_tokens
+                next(waiting, None) if B == 1 else [next(waiting) for _ in range(B)]
+            else:
+                for b in range(rows_at_once):
+                    start_next(b)
+            for step in decoder.run():
+                first = step.rows[0] if step.rows else None
+                if first is not None and first.tag == 0:
+                    event = TokenEvent(
+                        step=len(first.tokens) - 1,
+                        token=step.tokens[0],
+                        text=decoder.tokenizer.token_texts([step.tokens[0]])[0],
+                        channel="",
+                        tokens=step.tokens,
+                        record=decoder.router_row(step.index, 0),
+                        finished=first.done and first.fed == len(first.tokens),
+                    )
+                    if on_token is not None:
+                        on_token(event)
+                    yield event
+                for row in step.finished():
+                    records[row.tag] = decoder.row_records(row)
+                    start_next(row.slot)
         finally:
             decoder.close()
 
     def result() -> GenerationResult:
-        router, captured = decoder.records()
+        cfg = model.config
+        L, k, H = cfg.num_hidden_layers, cfg.experts_per_token, cfg.num_attention_heads
+        per_prompt = []
+        for i, row in enumerate(sequences):
+            if row is not None and i not in records:
+                records[i] = decoder.row_records(row)  # stopped early (an interrupted stream)
+            per_prompt.append(records.get(i))
+        N = max([len(row.tokens) for row in sequences if row is not None] + [0])
+        router = {"router_indices": torch.zeros(B, N, L, k, dtype=torch.int64),
+                  "router_weights": torch.zeros(B, N, L, k), "sink": torch.zeros(B, N, L, H)}
+        for i, pair in enumerate(per_prompt):
+            if pair is not None:
+                n = pair[0]["router_indices"].shape[0]
+                for name, value in pair[0].items():
+                    router[name][i, :n] = value
+        captured: dict[str, torch.Tensor] = {}
+        for name in decoder.capture:  # [B, N, ...], trailing axes padded to the widest (attention keys grow)
+            values = [pair[1][name] for pair in per_prompt if pair is not None and pair[1][name].dim() > 1]
+            if not values:
+                captured[name] = torch.zeros(B, N)
+                continue
+            trailing = [max(v.shape[d] for v in values) for d in range(1, values[0].dim())]
+            captured[name] = torch.zeros(B, N, *trailing, dtype=values[0].dtype)
+            for i, pair in enumerate(per_prompt):
+                if pair is not None and pair[1][name].dim() > 1:
+                    value = pair[1][name]
+                    captured[name][i, : value.shape[0]] = _pad_to(value, torch.Size(trailing))
         reasons = []
-        for b in range(B):
-            if decoder.done[b]:
-                reasons.append("stop")
-            elif len(decoder.tokens[b]) >= max_new_tokens:
-                reasons.append("length")
-            elif decoder.room < 1:
-                reasons.append("context")
+        for row in sequences:
+            if row is None:
+                reasons.append("interrupted")
+            elif row.done and row.fed == len(row.tokens):
+                reasons.append(row.stop_reason or "stop")
             else:
                 reasons.append("interrupted")
         return GenerationResult(
-            prompt_length=T,
-            tokens=[list(t) for t in decoder.tokens],
+            prompt_length=len(prompts[0]),
+            tokens=[list(row.tokens) if row is not None else [] for row in sequences],
             stop_reasons=reasons,
             **router,
             captured=captured,
@@ -466,9 +655,11 @@ def generate(
                 "seed": decoder.seed,
                 "max_new_tokens": max_new_tokens,
                 "stop_tokens": sorted(decoder.stop_tokens),
+                "batch_size": rows_at_once,
             },
             elapsed_s=time.perf_counter() - started,
             engine=decoder.engine.name,
+            prompt_lengths=[len(p) for p in prompts],
         )
 
     if stream:
@@ -476,6 +667,37 @@ def generate(
     for _ in events():
         pass
     return result()
+
+
+def _prompt_list(input_ids: Any) -> list[list[int]]:
+    """Prompts as lists of ids: from [B, T] or [T] (tensor or nested lists), or a list of lists of any lengths."""
+    if isinstance(input_ids, torch.Tensor):
+        ids = input_ids.detach().cpu()
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.shape[1] == 0 or ids.shape[0] == 0:
+            raise ValueError(f"input_ids must be [batch, tokens] with at least one token, got {tuple(ids.shape)}")
+        return ids.tolist()
+    items = list(input_ids)
+    if not items:
+        raise ValueError("no prompts given")
+    if all(isinstance(t, (int,)) or (isinstance(t, torch.Tensor) and t.dim() == 0) for t in items):
+        items = [items]
+    prompts = []
+    for i, prompt in enumerate(items):
+        ids = [int(t) for t in (prompt.tolist() if isinstance(prompt, torch.Tensor) else prompt)]
+        if not ids:
+            raise ValueError(f"prompt {i} has no tokens")
+        prompts.append(ids)
+    return prompts
+
+
+def _pad_to(value: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Zero-pad [N, ...] trailing axes up to `shape` (attention patterns over a growing cache)."""
+    pad = []
+    for d in reversed(range(1, value.dim())):
+        pad += [0, shape[d - 1] - value.shape[d]]
+    return torch.nn.functional.pad(value, pad) if any(pad) else value
 
 
 def _record_tensors(record: StepRecord) -> dict[str, torch.Tensor]:

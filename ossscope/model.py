@@ -227,7 +227,8 @@ class Model(HookedModule):
 
     # -- forward -----------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """input_ids LongTensor [B, T] -> logits [B, T, V]. With a cache, continue at position cache.length.
+        """input_ids LongTensor [B, T] -> logits [B, T, V]. With a cache, continue each row where it is
+        (`cache.lengths`).
 
         A small model on CPU runs with one torch thread (see `ossscope.threads` for why and when).
         """
@@ -237,16 +238,7 @@ class Model(HookedModule):
     def _forward(self, input_ids: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         input_ids = self._check_input_ids(input_ids)
         B, T = input_ids.shape
-        start = 0
-        if cache is not None:
-            cache.check_room(B, T)
-            start = cache.length
-        if start + T > self.config.max_context:
-            raise ContextLimitError(f"{start + T} tokens exceed the model's context limit of {self.config.max_context}")
-        positions = torch.arange(start, start + T, device=input_ids.device)  # [T]
-        freqs = positions.float()[:, None] * self.rope_inv_freq[None, :]  # [T, Dh/2]
-        cos, sin = freqs.cos() * self.rope_concentration, freqs.sin() * self.rope_concentration
-
+        positions, cos, sin = self.positions_and_rope(B, T, cache)  # [T] or per row [B, T]; cos/sin [..., Dh/2]
         x = self.hook_embed(self.embed(input_ids))  # [B, T, D]
         for layer, block in enumerate(self.blocks):
             x = block(x, positions, cos, sin, cache.layers[layer] if cache is not None else None)
@@ -254,6 +246,24 @@ class Model(HookedModule):
         if cache is not None:
             cache.advance(T)
         return logits
+
+    def positions_and_rope(self, batch: int, new_tokens: int, cache: KVCache | None
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The next tokens' positions ([T] from 0 without a cache, continuing a shared cache; [B, T] per row in a
+        ragged one, -1 for rows it does not feed) and their RoPE tables cos, sin [..., Dh/2] fp32, checking that
+        they fit the cache and the model's context."""
+        if cache is not None:
+            cache.check_room(batch, new_tokens)
+        longest = cache.length if cache is not None else 0
+        if longest + new_tokens > self.config.max_context:
+            raise ContextLimitError(
+                f"{longest + new_tokens} tokens exceed the model's context limit of {self.config.max_context}")
+        if cache is None:
+            positions = torch.arange(new_tokens, device=self.device)
+        else:
+            positions = cache.positions(new_tokens, self.device)
+        freqs = positions.float()[..., None] * self.rope_inv_freq  # [..., Dh/2]
+        return positions, freqs.cos() * self.rope_concentration, freqs.sin() * self.rope_concentration
 
     def _check_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         if not isinstance(input_ids, torch.Tensor):

@@ -26,8 +26,8 @@ class LogitsSpy(TorchEngine):
         self.logits.append(logits)
         return logits
 
-    def step(self, tokens, cache, capture=()):
-        logits, record = super().step(tokens, cache, capture)
+    def step(self, tokens, cache, capture=(), active=None):
+        logits, record = super().step(tokens, cache, capture, active)
         self.logits.append(logits)
         return logits, record
 
