@@ -581,8 +581,7 @@ def generate(
                 decoder.feed(prompts)  # one prompt length: the whole batch in one prefill
                 for b in range(B):
                     sequences[b] = decoder.rows_now[b]
-                    sequences[b].tag, sequences[b].limit = b, max_new_tokens
-                next(waiting, None) if B == 1 else [next(waiting) for _ in range(B)]
+                    sequences[b].tag, sequences[b].limit = next(waiting), max_new_tokens
             else:
                 for b in range(rows_at_once):
                     start_next(b)

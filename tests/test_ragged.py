@@ -52,7 +52,7 @@ def test_rows_left_out_of_a_step_keep_their_cache(tiny_model):
     with cache.only([True, False]):
         tiny_model(torch.tensor([[7], [8]]), cache=cache)
     assert cache.lengths == [6, 9]
-    for (k, pos), lc in zip(before, cache.layers):
+    for (k, pos), lc in zip(before, cache.layers, strict=True):
         assert torch.equal(lc.k[1], k[1]) and torch.equal(lc.pos[1], pos[1])  # row 1 untouched
         assert not torch.equal(lc.pos[0], pos[0])  # row 0 took its token
     with pytest.raises(ValueError, match="active has 3 entries"):
