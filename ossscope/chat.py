@@ -76,11 +76,14 @@ def chat(
     model_identity: str | None = None,
     date: str | None = None,
     engine: Engine | None = None,
-) -> Trace | ChatStream:
+    batch_size: int | None = None,
+) -> Trace | ChatStream | list[Trace]:
     """Talk to the model in harmony and return the Trace of what it generated and did inside.
 
     messages_or_text: a user message, or a list of messages (dicts with role/content[/channel/recipient/name],
-        e.g. a previous `trace.messages` plus a new user turn).
+        e.g. a previous `trace.messages` plus a new user turn). A list of conversations (each a string or a
+        list of messages) runs them as one batch and returns a list of Traces (`chat_many`; `batch_size` rows at
+        once, default all).
     reasoning: "low" | "medium" | "high", written into the system message.
     developer: developer instructions. tools: Python functions the model may call (schema from the signature,
         type hints and docstring), and harmony's built-in tools `ossscope.tools.Browser(corpus)` / `Python()`
@@ -95,6 +98,16 @@ def chat(
     engine: what runs the forward passes; default `model.engine` (chosen at load: the Triton kernels with CUDA
         graphs on a GPU, the torch reference elsewhere; `ossscope.engine`).
     """
+    if is_conversation_list(messages_or_text):
+        if stream:
+            raise ValueError("stream=True takes one conversation; for a list, use on_token (event.sequence says "
+                             "which conversation a token belongs to)")
+        return chat_many(
+            model, messages_or_text, reasoning=reasoning, developer=developer, tools=tools,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, capture=capture,
+            on_token=on_token, response_format=response_format, max_tool_calls=max_tool_calls,
+            model_identity=model_identity, date=date, engine=engine, batch_size=batch_size,
+        )  # fmt: skip
     run = _ChatRun(
         model, messages_or_text, reasoning, developer, tools, max_new_tokens, temperature, top_p, seed, capture,
         on_token, response_format, max_tool_calls, model_identity, date, engine,
@@ -106,12 +119,94 @@ def chat(
     return run.trace()
 
 
+def is_conversation_list(value: Any) -> bool:
+    """Whether `value` is a list of conversations (strings or lists of messages) rather than one conversation."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+        return False
+    return all(isinstance(item, str) or (isinstance(item, Sequence) and not isinstance(item, bytes))
+               for item in value)
+
+
+def chat_many(
+    model: Any,
+    conversations: Sequence[str | Sequence[Any]],
+    batch_size: int | None = None,
+    on_trace: Callable[[int, Trace], None] | None = None,
+    **options: Any,
+) -> list[Trace]:
+    """Chat every conversation, `batch_size` at once (default: all) through one batched decoder, and return their
+    Traces in order. Each conversation runs in its own row at its own length (prefilled at batch 1, so it gets
+    what it gets alone, up to sampling: one generator serves the batch, seeded once); a conversation that ends
+    frees its row for the next (continuous batching), and a tool call runs while the other rows wait one step.
+    `options` are `chat`'s; `on_trace(index, trace)` is called as each conversation finishes.
+    """
+    conversations = list(conversations)
+    if not conversations:
+        return []
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    options = {**_CHAT_DEFAULTS, **options}
+    runs = [
+        _ChatRun(model, conversation, options["reasoning"], options["developer"], options["tools"],
+                 options["max_new_tokens"], options["temperature"], options["top_p"], options["seed"],
+                 options["capture"], options["on_token"], options["response_format"], options["max_tool_calls"],
+                 options["model_identity"], options["date"], options["engine"], shared=True)
+        for conversation in conversations
+    ]  # fmt: skip
+    rows = min(batch_size or len(runs), len(runs))
+    decoder = Decoder(model, batch_size=rows, max_len=max(run.max_len for run in runs),
+                      temperature=options["temperature"], top_p=options["top_p"], seed=options["seed"],
+                      capture=options["capture"], engine=options["engine"])
+    traces: list[Trace | None] = [None] * len(runs)
+    waiting = iter(range(len(runs)))
+    started_at: dict[int, float] = {}
+
+    def start_next(b: int) -> None:
+        i = next(waiting, None)
+        if i is not None:
+            run = runs[i]
+            run.decoder, run.sequence = decoder, i
+            started_at[i] = time.perf_counter()
+            run.start(decoder.start_row(b, run.prompt_ids, run.max_new_tokens, tag=i))
+
+    def finish(i: int) -> None:
+        run = runs[i]
+        run.elapsed = time.perf_counter() - started_at[i]
+        run.metadata_extra["batch"] = {"rows": rows, "conversations": len(runs), "index": i}
+        traces[i] = run.trace()
+        if on_trace is not None:
+            on_trace(i, traces[i])
+
+    try:
+        for b in range(rows):
+            start_next(b)
+        for step in decoder.run():
+            for row in step.rows:
+                if row is not None:
+                    runs[row.tag].on_step(step)
+            for row in step.finished():
+                finish(row.tag)
+                start_next(row.slot)
+    finally:
+        decoder.close()
+    for i, trace in enumerate(traces):
+        if trace is None and runs[i].row is not None:
+            finish(i)  # interrupted (an exception in a callback)
+    return [trace for trace in traces if trace is not None]
+
+
+_CHAT_DEFAULTS: dict[str, Any] = dict(
+    reasoning="medium", developer=None, tools=None, max_new_tokens=1024, temperature=1.0, top_p=1.0, seed=None,
+    capture=(), on_token=None, response_format=None, max_tool_calls=8, model_identity=None, date=None, engine=None,
+)
+
+
 class _ChatRun:
     """The state of one chat: the decoder, the turns, the tool calls; builds the Trace at any moment."""
 
     def __init__(
         self, model, messages_or_text, reasoning, developer, tools, max_new_tokens, temperature, top_p, seed,
-        capture, on_token, response_format, max_tool_calls, model_identity, date, engine,
+        capture, on_token, response_format, max_tool_calls, model_identity, date, engine, shared=False,
     ):  # fmt: skip
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -140,23 +235,24 @@ class _ChatRun:
             raise ContextLimitError(f"the prompt has {len(self.prompt)} tokens; the model's context limit is {limit}")
         # a model may call a tool it was not given: room to say so
         reserve = TOOL_RESERVE if self.tools or self.builtins else 512
-        self.decoder = Decoder(
-            model,
-            batch_size=1,
-            max_len=min(limit, len(self.prompt) + max_new_tokens + reserve),
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            capture=capture,
-            engine=engine,
-        )
+        self.max_len = min(limit, len(self.prompt) + max_new_tokens + reserve)
+        self.decoder: Decoder | None = None  # a batch of chats shares one (`chat_many` sets it)
+        if not shared:
+            self.decoder = Decoder(model, batch_size=1, max_len=self.max_len, temperature=temperature, top_p=top_p,
+                                   seed=seed, capture=capture, engine=engine)
         # The harmony parser of each assistant turn, fed token by token as they come (the trace reuses them).
         self.parsers = [harmony.HarmonyStreamParser(role="assistant", offset=0)]
         self.channels: list[str] = []
         # Structured Outputs: the final message held to the response format's schema (ossscope.structured)
-        self.decoder.constraint, self.structured_note = structured.constraint_for(
+        constraint, self.structured_note = structured.constraint_for(
             response_format, self.tokenizer, model.config.vocab_size
         )
+        if constraint is not None and shared:
+            raise ValueError("response_format with a list of conversations is not supported (the grammar runs on "
+                             "one sequence); chat them one at a time")
+        if self.decoder is not None:
+            self.decoder.constraint = constraint
+        self.sequence = 0  # this chat's index in a batch of chats
         self.row: Any = None  # the decoder row (generation.Row) this chat generates in, once started
         self.turn_starts = [0]  # index into the generated tokens where each assistant turn starts
         self.tool_calls: list[ToolCall] = []
@@ -213,6 +309,7 @@ class _ChatRun:
             record=decoder.router_row(step.index, b),
             finished=self.stop_reason != "interrupted",
             tool_call=call,
+            sequence=self.sequence,
         )
         if self.on_token is not None:
             self.on_token(event)
@@ -388,6 +485,7 @@ class _ChatRun:
             "elapsed_s": round(self.elapsed, 4),
             "tokens_per_s": round(T / self.elapsed, 2) if self.elapsed > 0 else None,
             "ossscope_version": _version(),
+            **({"batch": self.metadata_extra["batch"]} if "batch" in self.metadata_extra else {}),
         }
 
 

@@ -85,6 +85,7 @@ class TokenEvent:
     record: dict[str, torch.Tensor] = field(default_factory=dict)
     finished: bool = False  # generation is over (this was the last token)
     tool_call: Any = None  # chat: the ToolCall this <|call|> token made (already run), else None
+    sequence: int = 0  # a batch of chats: which conversation this token belongs to
 
 
 @dataclass
