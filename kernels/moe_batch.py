@@ -105,8 +105,8 @@ def _route_group_kernel(
         chosen, _ = top_k_softmax(logits, reroute_ptr, zero_ptr, E, K_ACT, K_P2, HAS_REROUTE, HAS_ZERO)
         smask = tmask[:, None] & (kcol < K_ACT)[None, :]
         slot = tl.reshape(tokens[:, None] * K_ACT + kcol[None, :], [BLOCK_T * K_P2])  # slot order = token order
-        hit = tl.reshape((chosen[:, :, None] == experts[None, None, :]) & smask[:, :, None],
-                         [BLOCK_T * K_P2, BLOCK_E]).to(tl.int32)
+        hit = ((chosen[:, :, None] == experts[None, None, :]) & smask[:, :, None]).to(tl.int32)
+        hit = tl.reshape(hit, [BLOCK_T * K_P2, BLOCK_E])  # [slots, BLOCK_E]: one-hot expert of each real slot
         before = tl.cumsum(hit, axis=0) - hit  # [slots, BLOCK_E]: earlier slots of this tile on each expert
         rank = tl.sum(hit * (before + seen[None, :]), axis=1)
         start = tl.sum(hit * first_block[None, :], axis=1) * BLOCK_M
