@@ -344,8 +344,10 @@ def _down_grouped_kernel(
     act_ptr, row_slot_ptr, block_expert_ptr, wts_ptr, w_ptr, s_ptr, b_ptr, y_ptr, eo_ptr,
     D, I, stride_an, stride_we, stride_wr, stride_se, stride_sr, stride_be,
     K_ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    IEEE: tl.constexpr, PER_EXPERT: tl.constexpr,
+    IEEE: tl.constexpr, PER_EXPERT: tl.constexpr, SUM: tl.constexpr = True,
 ):
+    # SUM: the weighted sum over k goes to y (fp32 atomics). Without it only the unweighted per-slot outputs go
+    # to eo (PER_EXPERT): the batched decode leaves that sum to the residual norm (kernels/moe_batch.py).
     pid_m = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # output features
     cmask = cols < D
@@ -369,9 +371,10 @@ def _down_grouped_kernel(
     m = valid[:, None] & cmask[None, :]
     if PER_EXPERT:
         tl.store(eo_ptr + safe_slot[:, None] * D + cols[None, :], out.to(eo_ptr.dtype.element_ty), mask=m)
-    weight = tl.load(wts_ptr + safe_slot, mask=valid, other=0.0).to(tl.float32)
-    token = safe_slot // K_ACT
-    tl.atomic_add(y_ptr + token[:, None] * D + cols[None, :], out * weight[:, None], mask=m, sem="relaxed")
+    if SUM:
+        weight = tl.load(wts_ptr + safe_slot, mask=valid, other=0.0).to(tl.float32)
+        token = safe_slot // K_ACT
+        tl.atomic_add(y_ptr + token[:, None] * D + cols[None, :], out * weight[:, None], mask=m, sem="relaxed")
 
 
 # -- public wrappers -----------------------------------------------------------------------------------------

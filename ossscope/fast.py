@@ -28,6 +28,12 @@ from .cache import KVCache
 RESIDUAL_HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
 _RESIDUAL_NAME = re.compile(r"^blocks\.(\d+)\.(" + "|".join(RESIDUAL_HOOKS) + r")$")
 
+# GraphDecoder's MoE: a step with more (token, choice) slots than this (batch * k) takes the grouped decode
+# (kernels/moe_batch.py: each used expert read once per step, on the tensor cores); fewer slots keep the per-slot
+# streaming kernels, which read an expert once per slot but need no grouping and no padded tiles. A first guess
+# (batch 9 and up at k = 4), to be tuned on the GPU: scripts/moe_batch_sweep.py prints the crossover it measures.
+GROUPED_DECODE_SLOTS = 32
+
 
 def residual_hook(name: str) -> bool:
     """Whether `name` is a residual-stream hook (blocks.{l}.hook_resid_pre, ...) that GraphDecoder can record."""
@@ -194,7 +200,12 @@ class GraphDecoder:
         # bf16 models decode their experts on fp8 tensor cores where the GPU has them (kernels/moe_tc.py), from
         # input slices kept in zeroed buffers that the kernels only ever overwrite in place.
         self.tensor_cores = self.kernels.moe_tc.available(torch.empty(0, dtype=model.dtype, device=dev))
-        if self.tensor_cores:
+        # Large batches group their slots by expert instead (`moe`); the experts' unweighted outputs, fp32
+        # [B * k, D], stay in this buffer for the residual norm that sums them.
+        self.grouped_moe = B * k > GROUPED_DECODE_SLOTS
+        if self.grouped_moe:
+            self._moe_parts = torch.empty(B * k, D, dtype=torch.float32, device=dev)
+        elif self.tensor_cores:
             self._h_slices = self.kernels.moe_tc.new_slices(B, D, dev)
             self._act_slices = self.kernels.moe_tc.new_slices(B * k, cfg.intermediate_size, dev)
             self._moe_counters = torch.zeros(B, dtype=torch.int32, device=dev)  # the kernels leave them zeroed
@@ -252,6 +263,13 @@ class GraphDecoder:
         # [B * k * splits, D], kernels/moe.py) plus steering, and the next norm.
         update = dict(scale=next_norm.scale, eps=eps, extra=self.steering[layer],
                       delta_out=self._keep_at.get((layer, "hook_mlp_out")))
+        if self.grouped_moe:  # route and group by expert (one kernel), gate/up, down: parts [B * k, D]
+            x, h = kn.add_rms_norm(x, attn_out, mlp.norm.scale, eps, **router)
+            self.keep(layer, "hook_resid_mid", x)
+            parts, _, weights = kn.moe_decode_grouped(
+                h, self.router_logits[layer], k, *experts, mlp.reroute_mask, mlp.zero_mask,
+                indices_out=self.router_indices[layer], weights_out=self.router_weights[layer], out=self._moe_parts)
+            return kn.add_rms_norm(x, parts, weights=weights, pdl=True, **update)
         if self.tensor_cores:
             x, h = kn.add_rms_norm(x, attn_out, mlp.norm.scale, eps, slices_out=self._h_slices, **router)
             self.keep(layer, "hook_resid_mid", x)

@@ -1,0 +1,138 @@
+"""The decode MoE at batch sizes: per-slot kernels against the grouped decode (kernels/moe_batch.py) on the GPU.
+
+One device visit (about a minute on an H200): `python scripts/moe_batch_sweep.py [--json $OUT/moe_batch.json]`.
+gpt-oss-20b shape (E 32, top-4, D = I = 2880), random bf16 inputs and MXFP4 weights at checkpoint-like scales,
+router logits random (so about uniform routing, every expert used from N = 16 on). For each N tokens:
+- each path's parts checked against the torch twin (`route_reference`, `ops.moe_experts(per_expert=True)`),
+  routing against `moe_decode_routed`'s;
+- time per layer: `graph` = calls on LAYERS different layers' weights in one CUDA graph, replayed (no launch
+  gaps, and no weight read twice, so L2 cannot serve them); `eager` = one call, CUDA events (launches included);
+- GB = the bytes of the distinct experts the routing uses (what one read of each needs), TB/s = GB / graph time.
+Then the smallest N * k at which the grouped decode wins, as `ossscope.fast.GROUPED_DECODE_SLOTS` wants it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from ossscope.kernels import moe_batch, moe_tc
+from ossscope.kernels.routing import route_reference
+
+from ossscope import fast, kernels, ops
+from ossscope.bench import cuda_time, graph_time
+
+E, D, I, K, LAYERS = 32, 2880, 2880, 4, 6
+DEVICE, DTYPE = "cuda", torch.bfloat16
+TOKENS = [1, 8, 16, 32, 64, 128]
+# Grouped configs (BLOCK_M, BLOCK_N1 = BLOCK_N2, BLOCK_K, num_warps, num_stages); {} is moe_batch's default.
+GROUPED = [{}] + [
+    {"BLOCK_M": m, "BLOCK_N1": n, "BLOCK_N2": n, "BLOCK_K": bk, "num_warps": w, "num_stages": s}
+    for m, n, bk, w, s in [(16, 128, 64, 4, 3), (16, 64, 256, 4, 2), (32, 64, 128, 4, 3), (32, 128, 128, 8, 3)]
+]  # few: each new config compiles two kernels (a few seconds), and the visit should stay under two minutes
+EXPERT_BYTES = 2 * I * (D // 2 + D // 32 + 2) + D * (I // 2 + I // 32 + 2)  # packed weights, scales, bf16 biases
+
+
+def layer_weights(gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """One layer's packed experts: random codes, scale codes 118..120 (about 2**-8, as checkpoints have)."""
+    def packed(rows: int, K_: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.randint(0, 256, (E, rows, K_ // 32, 16), dtype=torch.uint8, device=DEVICE, generator=gen),
+                torch.randint(118, 121, (E, rows, K_ // 32), dtype=torch.uint8, device=DEVICE, generator=gen))
+    w1, s1 = packed(2 * I, D)
+    w2, s2 = packed(D, I)
+    b1 = (torch.randn(E, 2 * I, device=DEVICE, generator=gen) * 0.1).to(DTYPE)
+    b2 = (torch.randn(E, D, device=DEVICE, generator=gen) * 0.1).to(DTYPE)
+    return w1, s1, b1, w2, s2, b2
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def candidate_paths(N: int, h: torch.Tensor, logits: torch.Tensor, routing: dict) -> list[tuple[str, str, object]]:
+    """(path, config name, fn(layer weights) -> parts) for every path and config timed at N tokens."""
+    words = kernels.input_words(h)
+    paths: list[tuple[str, str, object]] = [
+        ("per-slot", "moe_decode_routed (CUDA cores)",
+         lambda w: kernels.moe_decode_routed(words, logits, K, *w, **routing)[0])]
+    if moe_tc.available(h):  # bf16 on fp8 tensor cores (compute capability 8.9+)
+        slices, act = kernels.input_slices(h), moe_tc.new_slices(N * K, I, DEVICE)
+        paths.append(("per-slot", "moe_decode_slices (fp8 TC)", lambda w: kernels.moe_decode_slices(
+            slices, None, *w, router_logits=logits, k=K, act_slices=act, **routing)[0]))
+    parts = torch.empty(N * K, D, device=DEVICE)
+    for cfg in GROUPED:
+        full = moe_batch.grouped_blocks(N * K, E, cfg)
+        name = "BM{BLOCK_M} BN{BLOCK_N1} BK{BLOCK_K} w{num_warps} s{num_stages}".format(**full)
+        paths.append(("grouped", name + (" (default)" if not cfg else ""), lambda w, cfg=cfg: (
+            kernels.moe_decode_grouped(h, logits, K, *w, out=parts, blocks=cfg, **routing)[0])))
+    return paths
+
+
+def measure(fn, layers: list) -> tuple[float, float]:
+    """Seconds per call: in a CUDA graph over every layer (replayed), and one eager call (CUDA events)."""
+    graph = graph_time([lambda w=w: fn(w) for w in layers], reps=10)
+    return graph, cuda_time(lambda: fn(layers[0]), reps=10, warmup=2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the rows here too")
+    args = parser.parse_args()
+    began = time.time()
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    layers = [layer_weights(gen) for _ in range(LAYERS)]
+    rows: list[dict] = []
+    print(f"{'N':>4} {'path':<10} {'config':<34} {'graph us':>9} {'eager us':>9} {'GB':>6} {'TB/s':>6} {'rel err':>8}")
+    for N in TOKENS:
+        h = torch.randn(N, D, device=DEVICE, generator=gen).to(DTYPE)
+        logits = torch.randn(N, E, device=DEVICE, generator=gen)
+        ref_i, ref_w = route_reference(logits, K)
+        w0 = layers[0]
+        ref_packed = [t.float() if t.is_floating_point() else t for t in w0]
+        _, ref_out = ops.moe_experts(h.float(), ref_i, ref_w, *ref_packed, per_expert=True)
+        ref_out = ref_out.reshape(N * K, D)
+        gb = len(torch.unique(ref_i)) * EXPERT_BYTES / 1e9
+        idx, wts = torch.empty(N, K, dtype=torch.long, device=DEVICE), torch.empty(N, K, device=DEVICE)
+        routing = dict(indices_out=idx, weights_out=wts)
+        paths = candidate_paths(N, h, logits, routing)
+        for path, name, fn in paths:
+            try:
+                got = fn(w0).clone()
+                graph, eager = measure(fn, layers)
+            except Exception as e:  # a config that fails to compile (shared memory, registers): report, go on
+                print(f"{N:>4} {path:<10} {name:<34} failed: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            got = got.view(N * K, -1, D).sum(1)  # per-slot parts may be split-K: add the splits
+            err = rel(got, ref_out)
+            ok = err < 2e-2 and torch.equal(idx, ref_i)
+            row = dict(N=N, path=path, config=name, graph_us=graph * 1e6, eager_us=eager * 1e6, GB=gb,
+                       TBps=gb / 1e3 / graph, rel_err=err, ok=ok)
+            rows.append(row)
+            print(f"{N:>4} {path:<10} {name:<34} {graph * 1e6:>9.1f} {eager * 1e6:>9.1f} {gb:>6.3f} "
+                  f"{row['TBps']:>6.2f} {err:>8.1e}{'' if ok else '  WRONG'}")
+    # Threshold: the largest N * k at which a per-slot path still beats every grouped config (GraphDecoder takes
+    # the grouped decode above it), and the best grouped config per N.
+    print()
+    threshold = 0
+    for N in TOKENS:
+        good = [r for r in rows if r["N"] == N and r["ok"]]
+        slot = min((r for r in good if r["path"] == "per-slot"), key=lambda r: r["graph_us"], default=None)
+        grp = min((r for r in good if r["path"] == "grouped"), key=lambda r: r["graph_us"], default=None)
+        if slot and grp:
+            if slot["graph_us"] <= grp["graph_us"]:
+                threshold = N * K
+            print(f"N {N:>3}: best per-slot {slot['graph_us']:7.1f} us ({slot['config']}), best grouped "
+                  f"{grp['graph_us']:7.1f} us ({grp['config']}); 24 layers of MoE alone: "
+                  f"{N / (24 * min(slot['graph_us'], grp['graph_us']) * 1e-6):,.0f} tok/s")
+    print(f"recommended ossscope.fast.GROUPED_DECODE_SLOTS = {threshold} (grouped above {threshold} slots; now "
+          f"{fast.GROUPED_DECODE_SLOTS})")
+    print(f"sweep took {time.time() - began:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "recommended_grouped_decode_slots": threshold}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
