@@ -557,6 +557,8 @@ def attention(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Drop-in for `ossscope.ops.attention` (its torch twin): (z [B, Tq, H, Dh], sink_mass [B, H, Tq], pattern).
 
+    q_pos [Tq] or [B, Tq] and k_pos [Tk] or [B, Tk], as the twin takes them (shared by the batch or per sequence).
+
     One query per sequence goes to the split decode kernel (which can also return the pattern); more go to the
     flash prefill kernel, and a requested pattern for them comes from the torch twin, since it is O(Tq * Tk)
     memory anyway.
