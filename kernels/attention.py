@@ -3,6 +3,9 @@
 Index legend: B batch, Tq queries, Tk keys, H query heads, Hkv key/value heads, G = H / Hkv, Dh head dim.
 Visibility follows positions, as in `ossscope.ops.attention` (the torch twin): key j is visible to query i iff
 0 <= k_pos[j] <= q_pos[i] and (no window or q_pos[i] - k_pos[j] < window); k_pos = -1 is an empty cache slot.
+Positions are shared by the batch (q_pos [Tq], k_pos [Tk]) or per sequence (q_pos [B, Tq], k_pos [B, Tk]: a ragged
+batch, each row at its own length). The kernels read row b's positions at b * row stride, with stride 0 for
+shared ones, so both cases run the same code.
 
 The sink is one more logit in each row's softmax with no value vector. The kernels start the online softmax
 with the sink as the running maximum (denominator 1, output 0), or merge it in at the end, so the sink sits in
@@ -38,7 +41,7 @@ LOG2E = 1.4426950408889634
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, sink_ptr, qpos_ptr, kpos_ptr, kb_min_ptr, kb_max_ptr, z_ptr, sm_ptr,
     Tq, Tk, H, window, qk_scale,
-    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, szb, szt, szh,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, szb, szt, szh, sqpb, skpb, skbb,
     G: tl.constexpr, DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, SCAN: tl.constexpr = 256,
 ):
@@ -51,7 +54,11 @@ def _prefill_kernel(
     mmask = offs_m < Tq
     d = tl.arange(0, DH)
     q = tl.load(q_ptr + b * sqb + offs_m[:, None] * sqt + h * sqh + d[None, :], mask=mmask[:, None], other=0.0)
-    qpos = tl.load(qpos_ptr + offs_m, mask=mmask, other=-1)
+    # Row strides of the positions and of the key blocks' ranges: 0 when the batch shares them.
+    qpos = tl.load(qpos_ptr + b * sqpb + offs_m, mask=mmask, other=-1)
+    kpos_ptr += b * skpb
+    kb_min_ptr += b * skbb
+    kb_max_ptr += b * skbb
     q_hi = tl.max(qpos, axis=0)
     q_lo = tl.min(tl.where(mmask, qpos, q_hi), axis=0)
     sink = tl.load(sink_ptr + h).to(tl.float32) * 1.4426950408889634  # log2 domain
@@ -234,7 +241,7 @@ def _program_heads(Hkv, G: tl.constexpr, G_P2: tl.constexpr):
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, qpos_ptr, kpos_ptr, sink_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, count_ptr, z_ptr,
     sm_ptr, pat_ptr, Tk, H, Hkv, chunk, window, qk_scale,
-    sqb, sqh, skb, skt, skh, svb, svt, svh, szb, szh, ssb, spb, sph,
+    sqb, sqh, skb, skt, skh, svb, svt, svh, szb, szh, ssb, spb, sph, sqpb, skpb,
     G: tl.constexpr, G_P2: tl.constexpr, G8: tl.constexpr, DH: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, MERGE: tl.constexpr, HAS_WINDOW: tl.constexpr,
     WRITE_PATTERN: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
@@ -243,7 +250,8 @@ def _decode_split_kernel(
     b, hk, split, heads, gmask = _program_heads(Hkv, G, G_P2)
     d = tl.arange(0, DH)
     q = tl.load(q_ptr + b * sqb + heads[:, None] * sqh + d[None, :], mask=gmask[:, None], other=0.0)
-    qpos = tl.load(qpos_ptr)
+    qpos = tl.load(qpos_ptr + b * sqpb)  # row strides of the positions: 0 when the batch shares them
+    kpos_ptr += b * skpb
     start = split * chunk
     m_i, l_i, acc = _attend_chunk(
         q, k_ptr, v_ptr, kpos_ptr, pat_ptr, b, hk, heads, gmask, qpos, start, tl.minimum(start + chunk, Tk), window,
@@ -258,7 +266,7 @@ def _decode_split_kernel(
 def _decode_step_kernel(
     qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, kpos_ptr, slot_ptr, pos_ptr, sink_ptr, part_m_ptr, part_l_ptr,
     part_acc_ptr, count_ptr, z_ptr, sm_ptr, pat_ptr, Tk, H, Hkv, chunk, window, qk_scale,
-    sqkv, skb, skt, skh, svb, svt, svh, szb, szh, ssb, spb, sph,
+    sqkv, skb, skt, skh, svb, svt, svh, szb, szh, ssb, spb, sph, scb, sslb, sposb, skpb,
     G: tl.constexpr, G_P2: tl.constexpr, G8: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, MERGE: tl.constexpr, HAS_WINDOW: tl.constexpr,
     WRITE_PATTERN: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, KEYS_IN_ORDER: tl.constexpr,
@@ -267,8 +275,10 @@ def _decode_step_kernel(
     b, hk, split, heads, gmask = _program_heads(Hkv, G, G_P2)
     DH: tl.constexpr = 2 * HALF
     hh = tl.arange(0, HALF)
-    cos = tl.load(cos_ptr + hh)
-    sin = tl.load(sin_ptr + hh)
+    # Row b's RoPE tables, slot, position and cache positions; each row stride is 0 when the batch shares it.
+    cos = tl.load(cos_ptr + b * scb + hh)
+    sin = tl.load(sin_ptr + b * scb + hh)
+    kpos_ptr += b * skpb
     row = qkv_ptr + b * sqkv
     # q of the G heads and the new key, rotated and rounded to the model's dtype as `qkv_rope` leaves them
     q1 = tl.load(row + heads[:, None] * DH + hh[None, :], mask=gmask[:, None], other=0.0)
@@ -281,17 +291,19 @@ def _decode_step_kernel(
     kr1, kr2 = kr1.to(k_ptr.dtype.element_ty), kr2.to(k_ptr.dtype.element_ty)
     k_new = tl.reshape(tl.permute(tl.join(kr1, kr2), (1, 0)), [DH])
     v_new = tl.load(row + (H + Hkv + hk) * DH + tl.arange(0, DH)).to(v_ptr.dtype.element_ty)
-    qpos = tl.load(pos_ptr)
-    slot = tl.load(slot_ptr)
+    qpos = tl.load(pos_ptr + b * sposb)
+    slot = tl.load(slot_ptr + b * sslb)
     start = split * chunk
     stop = tl.minimum(start + chunk, Tk)
     if (slot >= start) & (slot < stop):  # the program whose chunk holds the new slot writes it to the cache
         tl.store(k_ptr + b * skb + slot * skt + hk * skh + hh, kr1)
         tl.store(k_ptr + b * skb + slot * skt + hk * skh + HALF + hh, kr2)
         tl.store(v_ptr + b * svb + slot * svt + hk * svh + tl.arange(0, DH), v_new)
-        if (b == 0) & (hk == 0):
+        if (hk == 0) & ((b == 0) | (skpb != 0)):  # one writer per k_pos row: the batch's, or each sequence's
             tl.store(kpos_ptr + slot, qpos)
-    if KEYS_IN_ORDER:  # the slots after the new one are empty: a cache that is larger than its use costs nothing
+    # The slots after the new one are empty: a cache that is larger than its use costs nothing, and with slots
+    # per sequence each row stops at its own, so a short row of a ragged batch reads only its keys.
+    if KEYS_IN_ORDER:
         stop = tl.minimum(stop, slot + 1)
     m_i, l_i, acc = _attend_chunk(
         q, k_ptr, v_ptr, kpos_ptr, pat_ptr, b, hk, heads, gmask, qpos, start, stop, window, qk_scale,
@@ -302,7 +314,25 @@ def _decode_step_kernel(
                   WRITE_PATTERN)
 
 
+def _positions(name: str, pos: torch.Tensor, B: int, T: int) -> int:
+    """Check integer positions [T] (shared by the batch) or [B, T] (one row per sequence), contiguous along the
+    positions -> the row stride the kernels take: 0 when shared, so the shared case runs the same code."""
+    check(not pos.is_floating_point() and not pos.is_complex() and tuple(pos.shape) in ((T,), (B, T)),
+          f"{name} must be an integer tensor [{T}] or [{B}, {T}], got {pos.dtype} {tuple(pos.shape)}")
+    check(pos.stride(-1) == 1 or T <= 1, f"{name} must be contiguous along the positions")
+    return pos.stride(0) if pos.dim() == 2 else 0
+
+
+def _slot_stride(name: str, t: torch.Tensor, B: int) -> int:
+    """A decode step's integer slot or position: [1] (shared by the batch) or [B] (per sequence) -> its row
+    stride (0 when shared)."""
+    check(not t.is_floating_point() and not t.is_complex() and tuple(t.shape) in ((1,), (B,)),
+          f"{name} must be an integer tensor [1] or [{B}], got {t.dtype} {tuple(t.shape)}")
+    return t.stride(0) if B > 1 and t.shape[0] == B else 0
+
+
 def _check_inputs(q, k, v, sinks, q_pos, k_pos, window):
+    """Check the attention inputs -> (B, Tq, H, Dh, Hkv, q_pos row stride, k_pos row stride)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check(t.dim() == 4, f"{name} must be [B, T, heads, Dh], got shape {tuple(t.shape)}")
         check_float(name, t)
@@ -316,14 +346,12 @@ def _check_inputs(q, k, v, sinks, q_pos, k_pos, window):
     check(q.dtype == k.dtype == v.dtype, f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     check(Dh >= 16 and Dh & (Dh - 1) == 0, f"head dim must be a power of two >= 16, got {Dh}")
     check(tuple(sinks.shape) == (H,), f"sinks must be [{H}], got {tuple(sinks.shape)}")
-    check(tuple(q_pos.shape) == (Tq,) and not q_pos.is_floating_point(),
-          f"q_pos must be an integer tensor [{Tq}], got {q_pos.dtype} {tuple(q_pos.shape)}")
-    check(tuple(k_pos.shape) == (k.shape[1],) and not k_pos.is_floating_point(),
-          f"k_pos must be an integer tensor [{k.shape[1]}], got {k_pos.dtype} {tuple(k_pos.shape)}")
+    sqpb = _positions("q_pos", q_pos, B, Tq)
+    skpb = _positions("k_pos", k_pos, B, k.shape[1])
     check(window is None or window >= 1, f"window must be None or positive, got {window}")
     check_runnable(q)
     check_same_device(q=q, k=k, v=v, sinks=sinks, q_pos=q_pos, k_pos=k_pos)
-    return B, Tq, H, Dh, Hkv
+    return B, Tq, H, Dh, Hkv, sqpb, skpb
 
 
 def attention_prefill(
@@ -333,13 +361,14 @@ def attention_prefill(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flash attention with sinks: q [B, Tq, H, Dh], k/v [B, Tk, Hkv, Dh] -> z [B, Tq, H, Dh], sink_mass [B, H, Tq].
 
-    Positions are arbitrary (a ring-buffer cache works). Each program visits only the span of key blocks its
+    q_pos [Tq] or [B, Tq], k_pos [Tk] or [B, Tk] (integer; -1 an empty slot), shared by the batch or per
+    sequence. Positions are arbitrary (a ring-buffer cache works). Each program visits only the span of key blocks its
     queries can see (the causal or sliding-window band when positions are sorted). Tile defaults are from a
     sweep on an H100 (scripts/moe_sweep.py).
     `out` [B, Tq, H, Dh] (last dimension contiguous) and `sink_out` (contiguous fp32 [B, H, Tq]) are optional
     destinations.
     """
-    B, Tq, H, Dh, Hkv = _check_inputs(q, k, v, sinks, q_pos, k_pos, window)
+    B, Tq, H, Dh, Hkv, sqpb, skpb = _check_inputs(q, k, v, sinks, q_pos, k_pos, window)
     Tk = k.shape[1]
     z = out if out is not None else torch.empty(B, Tq, H, Dh, device=q.device, dtype=q.dtype)
     check(tuple(z.shape) == (B, Tq, H, Dh) and z.stride(-1) == 1,
@@ -349,18 +378,20 @@ def attention_prefill(
           f"sink_out must be a contiguous fp32 [{B}, {H}, {Tq}]")
     if B * Tq * H == 0:
         return z, sink_mass
-    # Each key block's position range, so programs skip blocks no query of theirs can see.
+    # Each key block's position range, so programs skip blocks no query of theirs can see: [1, n_kb] for
+    # shared k_pos (row stride 0), [B, n_kb] for k_pos per sequence.
     n_kb = max(1, triton.cdiv(Tk, block_n))
-    kp = torch.full((n_kb * block_n,), -1, dtype=torch.int64, device=q.device)
-    kp[:Tk] = k_pos
-    kp = kp.view(n_kb, block_n)
-    kb_max = kp.amax(dim=1)
-    kb_min = torch.where(kp >= 0, kp, torch.iinfo(torch.int64).max).amin(dim=1)
+    kp = torch.full((B if skpb else 1, n_kb * block_n), -1, dtype=torch.int64, device=q.device)
+    kp[:, :Tk] = k_pos
+    kp = kp.view(-1, n_kb, block_n)
+    kb_max = kp.amax(dim=2)
+    kb_min = torch.where(kp >= 0, kp, torch.iinfo(torch.int64).max).amin(dim=2)
     _prefill_kernel[(triton.cdiv(Tq, block_m), B * H)](
         q, k, v, sinks, q_pos, k_pos, kb_min, kb_max, z, sink_mass,
         Tq, Tk, H, window if window is not None else 0, LOG2E / math.sqrt(Dh),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), z.stride(0), z.stride(1), z.stride(2),
+        sqpb, skpb, kb_max.stride(0) if skpb else 0,
         G=H // Hkv, DH=Dh, BLOCK_M=block_m, BLOCK_N=block_n, HAS_WINDOW=window is not None,
         IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
     )
@@ -427,14 +458,15 @@ def attention_decode(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Attention of one new query per sequence over a KV cache, split over the keys.
 
-    q [B, 1, H, Dh], k/v [B, Tk, Hkv, Dh] (the cache, empty slots at k_pos -1) -> z [B, 1, H, Dh],
+    q [B, 1, H, Dh], k/v [B, Tk, Hkv, Dh] (the cache), q_pos [1] or [B, 1], k_pos [Tk] or [B, Tk] (shared by
+    the batch or per sequence; empty slots at -1) -> z [B, 1, H, Dh],
     sink_mass [B, H, 1] fp32, pattern [B, H, 1, Tk] fp32 or None. `out`, `sink_out` [B, H] and `pattern_out`
     [B, H, Tk] are optional destination buffers (views are fine as long as the last dimension is contiguous),
     so a CUDA graph can capture into static storage; `counters` (`decode_counters`) saves zeroing a new
     buffer each call. No host synchronization: safe inside graph capture.
     `pdl`: programmatic dependent launch on Hopper (kernels._common).
     """
-    B, Tq, H, Dh, Hkv = _check_inputs(q, k, v, sinks, q_pos, k_pos, window)
+    B, Tq, H, Dh, Hkv, sqpb, skpb = _check_inputs(q, k, v, sinks, q_pos, k_pos, window)
     check(Tq == 1, f"attention_decode takes one query per sequence, got {Tq}; use attention_prefill")
     Tk = k.shape[1]
     G = H // Hkv
@@ -446,7 +478,7 @@ def attention_decode(
     _decode_split_kernel[(B * Hkv, splits)](
         q, k, v, q_pos, k_pos, sinks, *scratch, z3, sm, pat, Tk, H, Hkv, chunk, window if window is not None else 0,
         LOG2E / math.sqrt(Dh), q.stride(0), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
-        v.stride(1), v.stride(2), z3.stride(0), z3.stride(1), sm.stride(0), *pat_strides,
+        v.stride(1), v.stride(2), z3.stride(0), z3.stride(1), sm.stride(0), *pat_strides, sqpb, skpb,
         G=G, G_P2=max(16, triton.next_power_of_2(G)), G8=triton.next_power_of_2(G), DH=Dh, BLOCK_N=block_n,
         HAS_WINDOW=window is not None, WRITE_PATTERN=need_pattern, IEEE=q.dtype == torch.float32,
         PDL=use_pdl(pdl, q), num_warps=4, launch_pdl=use_pdl(pdl, q), **split_flags,
@@ -463,14 +495,18 @@ def attention_decode_step(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """A decode step's whole attention in one kernel: `qkv_rope` into the cache, then `attention_decode`.
 
-    qkv [B, (H + 2 Hkv) Dh] (the fused projection of one token per sequence), cos/sin [1, Dh/2] fp32 (its
-    position's RoPE tables), the cache k_cache/v_cache [B, S, Hkv, Dh] with positions k_pos [S], slot [1] (long,
-    the slot the new key and value go to) and position [1] (long) -> z [B, 1, H, Dh], sink_mass [B, H, 1],
-    pattern [B, H, 1, S] or None, as `attention_decode` returns them. The cache slot and k_pos[slot] are
-    written as `qkv_rope(..., k_dst=, v_dst=, slots=, positions=, k_pos_dst=)` writes them; q is rotated and
-    rounded to the model's dtype the same way, so the result equals that pair's (the twin, with
-    `ossscope.ops.apply_rope` and `ossscope.ops.attention` beneath it). The keyword arguments are
-    `attention_decode`'s.
+    qkv [B, (H + 2 Hkv) Dh] (the fused projection of one token per sequence), cos/sin [1, Dh/2] or [B, Dh/2]
+    fp32 (its position's RoPE tables), the cache k_cache/v_cache [B, S, Hkv, Dh] with positions k_pos [S] or
+    [B, S], slot [1] or [B] (integer, the slot the new key and value go to) and position [1] or [B] (integer)
+    -> z [B, 1, H, Dh], sink_mass [B, H, 1], pattern [B, H, 1, S] or None, as `attention_decode` returns them.
+    The [1]-shaped ones are shared by the batch; [B]-shaped ones are per sequence (a ragged batch), and then
+    k_pos must be [B, S]: row b's key and value go to slot[b] and k_pos[b, slot[b]] = position[b]. With shared
+    k_pos, k_pos[slot] = position. The cache is written as `qkv_rope(..., k_dst=, v_dst=, slots=, positions=,
+    k_pos_dst=)` writes it; q is rotated and rounded to the model's dtype the same way, so the result equals
+    that pair's (the twin, with `ossscope.ops.apply_rope` and `ossscope.ops.attention` beneath it). The
+    keyword arguments are `attention_decode`'s; `keys_in_order` (a full-attention cache filled in slot order,
+    nothing visible after the new slot) stops each row's reading at its own slot + 1, so with slots per sequence
+    a short row costs only its own keys.
     """
     check_float("qkv", qkv)
     check_runnable(qkv)
@@ -481,12 +517,19 @@ def attention_decode_step(
     H = num_heads
     check(qkv.shape == (B, (H + 2 * Hkv) * Dh), f"qkv must be [{B}, {(H + 2 * Hkv) * Dh}] for {H} heads, "
           f"{Hkv} kv heads of {Dh}, got {tuple(qkv.shape)}")
-    check(tuple(cos.shape) == (1, Dh // 2) and tuple(sin.shape) == (1, Dh // 2) and cos.is_contiguous()
-          and sin.is_contiguous(), f"cos and sin must be contiguous [1, {Dh // 2}]")
-    check(tuple(slot.shape) == (1,) and tuple(position.shape) == (1,) and not slot.is_floating_point()
-          and not position.is_floating_point(), "slot and position must be integer tensors [1]")
-    q_view = qkv[:, : H * Dh].view(B, 1, H, Dh)  # for the shared checks only
-    _check_inputs(q_view, k_cache, v_cache, sinks, position, k_pos, window)
+    # Row strides (0: shared by the batch) of the RoPE tables, slot, position and k_pos.
+    half = Dh // 2
+    check(cos.dim() == 2 and cos.shape[0] in (1, B) and cos.shape[1] == half and cos.stride(-1) == 1
+          and sin.shape == cos.shape and sin.stride() == cos.stride(),
+          f"cos and sin must be [1, {half}] or [{B}, {half}] alike with contiguous rows, got {tuple(cos.shape)} "
+          f"and {tuple(sin.shape)}")
+    scb = cos.stride(0) if B > 1 and cos.shape[0] == B else 0
+    sslb = _slot_stride("slot", slot, B)
+    _slot_stride("position", position, B)
+    q_pos = position.view(B, 1) if B > 1 and position.shape[0] == B else position  # the attention's: [1] or [B, 1]
+    *_, sposb, skpb = _check_inputs(qkv[:, : H * Dh].view(B, 1, H, Dh), k_cache, v_cache, sinks, q_pos, k_pos, window)
+    check(not (sslb or sposb) or skpb, f"slot or position per sequence writes a position per sequence: k_pos "
+          f"must be [{B}, {S}] with a row per sequence, got {tuple(k_pos.shape)} with strides {k_pos.stride()}")
     check(qkv.dtype == k_cache.dtype, f"qkv and the cache dtypes differ: {qkv.dtype}, {k_cache.dtype}")
     check_same_device(qkv=qkv, cos=cos, sin=sin, slot=slot)
     G = H // Hkv
@@ -499,7 +542,7 @@ def attention_decode_step(
         qkv, cos, sin, k_cache, v_cache, k_pos, slot, position, sinks, *scratch, z3, sm, pat, S, H, Hkv, chunk,
         window if window is not None else 0, LOG2E / math.sqrt(Dh), qkv.stride(0), k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), z3.stride(0),
-        z3.stride(1), sm.stride(0), *pat_strides,
+        z3.stride(1), sm.stride(0), *pat_strides, scb, sslb, sposb, skpb,
         G=G, G_P2=max(16, triton.next_power_of_2(G)), G8=triton.next_power_of_2(G), HALF=Dh // 2, BLOCK_N=block_n,
         HAS_WINDOW=window is not None, WRITE_PATTERN=need_pattern, IEEE=qkv.dtype == torch.float32,
         PDL=use_pdl(pdl, qkv), num_warps=4, launch_pdl=use_pdl(pdl, qkv),
@@ -513,6 +556,8 @@ def attention(
     k_pos: torch.Tensor, window: int | None, need_pattern: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Drop-in for `ossscope.ops.attention` (its torch twin): (z [B, Tq, H, Dh], sink_mass [B, H, Tq], pattern).
+
+    q_pos [Tq] or [B, Tq] and k_pos [Tk] or [B, Tk], as the twin takes them (shared by the batch or per sequence).
 
     One query per sequence goes to the split decode kernel (which can also return the pattern); more go to the
     flash prefill kernel, and a requested pattern for them comes from the torch twin, since it is O(Tq * Tk)
