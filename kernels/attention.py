@@ -295,7 +295,9 @@ def _decode_step_kernel(
     slot = tl.load(slot_ptr + b * sslb)
     start = split * chunk
     stop = tl.minimum(start + chunk, Tk)
-    if (slot >= start) & (slot < stop):  # the program whose chunk holds the new slot writes it to the cache
+    # The program whose chunk holds the new slot writes it to the cache; a row at position -1 takes no token this
+    # step (a stopped sequence in a batch: `KVCache.only`) and writes nothing (its query sees no key either).
+    if (slot >= start) & (slot < stop) & (qpos >= 0):
         tl.store(k_ptr + b * skb + slot * skt + hk * skh + hh, kr1)
         tl.store(k_ptr + b * skb + slot * skt + hk * skh + HALF + hh, kr2)
         tl.store(v_ptr + b * svb + slot * svt + hk * svh + tl.arange(0, DH), v_new)

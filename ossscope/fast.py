@@ -180,7 +180,8 @@ class GraphDecoder:
         dev = model.device
         self.batch = B
         self.tokens = torch.zeros(B, dtype=torch.long, device=dev)
-        self.position = torch.zeros(1, dtype=torch.long, device=dev)
+        self.position = torch.zeros(B, dtype=torch.long, device=dev)  # each row's; -1: the row takes no token
+        self._positions_in = _Uploads(B, dev)
         self.router_indices = torch.zeros(L, B, k, dtype=torch.long, device=dev)
         self.router_weights = torch.zeros(L, B, k, dtype=torch.float32, device=dev)
         self.router_logits = torch.zeros(L, B, cfg.num_experts, dtype=torch.float32, device=dev)
@@ -226,11 +227,12 @@ class GraphDecoder:
     def _body(self) -> torch.Tensor:
         """One decode step from the static inputs (tokens, position) to logits [B, V]; capturable."""
         kn, m = self.kernels, self.model
-        pos = self.position  # [1]
-        freqs = pos.float()[:, None] * m.rope_inv_freq[None, :]  # [1, Dh/2]
+        pos = self.position  # [B]
+        freqs = pos.float()[:, None] * m.rope_inv_freq[None, :]  # [B, Dh/2]
         self._cos = (freqs.cos() * m.rope_concentration).contiguous()
         self._sin = (freqs.sin() * m.rope_concentration).contiguous()
-        self._ring_slot = torch.remainder(pos, self._ring_slots)
+        self._slot = pos.clamp(min=0)  # full layers: slot = position (a row at -1 writes nothing)
+        self._ring_slot = torch.remainder(self._slot, self._ring_slots)
         x = F.embedding(self.tokens, m.embed.weight)  # [B, D]
         # Every kernel below launches with PDL (kernels/_common.py): it starts while the one before runs.
         h = kn.rms_norm(x, m.blocks[0].attn.norm.scale, m.config.rms_norm_eps, pdl=True)
@@ -243,7 +245,7 @@ class GraphDecoder:
         qkv = kn.linear(h, attn.qkv.weight, attn.qkv.bias, pdl=True)  # [B, (H + 2 Hkv) Dh]
         # RoPE, the cache write and the attention, one kernel (kernels/attention.py)
         z, _, _ = kn.attention_decode_step(
-            qkv, self._cos, self._sin, lc.k, lc.v, lc.pos, self._ring_slot if lc.ring else pos, pos, attn.sinks,
+            qkv, self._cos, self._sin, lc.k, lc.v, lc.pos, self._ring_slot if lc.ring else self._slot, pos, attn.sinks,
             attn.window, self.model.config.num_attention_heads, need_pattern=self.patterns is not None,
             sink_out=self.sink[layer], pattern_out=self.patterns[layer] if self.patterns is not None else None,
             counters=self._counters, pdl=True, keys_in_order=not lc.ring)  # z [B, 1, H, Dh]
@@ -288,16 +290,10 @@ class GraphDecoder:
                                                  mlp.reroute_mask, mlp.zero_mask, **routing)
         return kn.add_rms_norm(x, parts, weights=weights, pdl=True, **update)
 
-    def _slots_at(self, position: int) -> list[tuple[Any, int]]:
-        return [(lc, position % lc.slots if lc.ring else position) for lc in self.cache.layers]
-
     def _capture(self) -> None:
-        cache = self.cache
-        cache.check_room(self.batch, 1)
-        # The warm-up step really runs and writes one cache slot per layer: put those slots back afterwards.
-        saved = [(lc, s, lc.k[:, s].clone(), lc.v[:, s].clone(), lc.pos[s].clone()) for lc, s in
-                 self._slots_at(cache.length)]
-        self.position.fill_(cache.length)
+        # Warm-up and capture run at position -1 in every row: the attention kernels write nothing there, so the
+        # cache is as it was (the tokens are zeros; their MoE work is thrown away).
+        self.position.fill_(-1)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -306,8 +302,6 @@ class GraphDecoder:
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
             self.logits = self._body()
-        for lc, s, k, v, p in saved:
-            lc.k[:, s], lc.v[:, s], lc.pos[s] = k, v, p
 
     def _sync_steering(self) -> None:
         for layer, block in enumerate(self.model.blocks):
@@ -325,15 +319,38 @@ class GraphDecoder:
         tokens = torch.as_tensor(tokens, device=self.tokens.device).reshape(-1)
         if tokens.shape[0] != self.batch:
             raise ValueError(f"this decoder steps a batch of {self.batch}, got {tokens.shape[0]} tokens")
-        self.cache.check_room(self.batch, 1)
+        cache = self.cache
+        cache.check_room(self.batch, 1)
         self.tokens.copy_(tokens)
-        self.position.fill_(self.cache.length)
+        fed = cache.active  # the rows this step feeds (`KVCache.only`; None: all); the others sit at -1
+        self._positions_in.put([n if fed is None or fed[b] else -1 for b, n in enumerate(cache.lengths)],
+                               self.position)
         self._sync_steering()
         if self._graph is not None:
             self._graph.replay()
         else:
             self.logits = self._body()
-        for lc in self.cache.layers:
-            lc.filled = min(lc.slots, lc.filled + 1)
-        self.cache.advance(1)
+        cache.advance(1)
         return self.logits
+
+
+class _Uploads:
+    """Small host lists into a device tensor without waiting: through a ring of pinned buffers (a pageable copy
+    may synchronize, and rewriting a pinned buffer still being copied would race), each reused only after its
+    last copy's event."""
+
+    def __init__(self, n: int, device: torch.device, slots: int = 4) -> None:
+        self.cuda = device.type == "cuda"
+        self.buffers = [torch.empty(n, dtype=torch.long, pin_memory=self.cuda) for _ in range(slots)]
+        self.events = [torch.cuda.Event() if self.cuda else None for _ in range(slots)]
+        self.next = 0
+
+    def put(self, values: list[int], out: torch.Tensor) -> None:
+        if not self.cuda:
+            out.copy_(torch.tensor(values, dtype=torch.long))
+            return
+        i, self.next = self.next, (self.next + 1) % len(self.buffers)
+        self.events[i].synchronize()  # long done: copies queued several steps ago
+        self.buffers[i].copy_(torch.tensor(values, dtype=torch.long))
+        out.copy_(self.buffers[i], non_blocking=True)
+        self.events[i].record()

@@ -297,3 +297,31 @@ def test_keys_in_order_stops_each_row_at_its_own_slot(gen, splits):
     torch.testing.assert_close(sm, sm0)
     assert torch.equal(kp_in_order, kp_all) and (kp_all[torch.arange(B), lengths] == lengths).all()
     assert torch.equal(garbage_k[~after], clean_k[~after]) and torch.equal(garbage_v[~after], clean_v[~after])
+
+
+# -- the kernel engine over ragged and continuous batches ------------------------------------------------------
+
+
+def test_kernel_engine_continuous_batching_equals_the_torch_engine():
+    """generate over prompts of different lengths, two rows at a time, on the kernel engine (fused prefill per
+    row; the decoder's batched step, eager on the CPU, with per-row positions and rows left out once they stop)
+    gives the torch engine's tokens and records; so does the same batch with one row per prompt."""
+    import ossscope
+    from ossscope.engine import KernelEngine, TorchEngine
+    from ossscope.generation import generate
+
+    cfg = ossscope.PRESETS["tiny"].replace(num_hidden_layers=2, sliding_window=4)
+    model = ossscope.random_model(cfg, seed=5, device="cpu", engine="torch")
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (3, 9, 5)]
+    ref = generate(model, prompts, max_new_tokens=6, stop_tokens=(), engine=TorchEngine(model))
+    stop = ref.tokens[1][2]  # prompt 1 stops early; the others may too
+    ref = generate(model, prompts, max_new_tokens=6, stop_tokens=(stop,), engine=TorchEngine(model))
+    for batch_size in (2, 3):
+        engine = KernelEngine(model, graphs=False)
+        got = generate(model, prompts, max_new_tokens=6, stop_tokens=(stop,), engine=engine, batch_size=batch_size)
+        assert got.tokens == ref.tokens and got.stop_reasons == ref.stop_reasons
+        assert torch.equal(got.router_indices, ref.router_indices)
+        torch.testing.assert_close(got.sink, ref.sink, atol=1e-5, rtol=1e-5)
+        assert engine.graph_steps == engine.steps > 0
+    ossscope.fast.use_kernels(model, False)
