@@ -141,58 +141,113 @@ def chat_many(
     `options` are `chat`'s; `on_trace(index, trace)` is called as each conversation finishes.
     """
     conversations = list(conversations)
-    if not conversations:
-        return []
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    options = {**_CHAT_DEFAULTS, **options}
-    runs = [
-        _ChatRun(model, conversation, options["reasoning"], options["developer"], options["tools"],
-                 options["max_new_tokens"], options["temperature"], options["top_p"], options["seed"],
-                 options["capture"], options["on_token"], options["response_format"], options["max_tool_calls"],
-                 options["model_identity"], options["date"], options["engine"], shared=True)
-        for conversation in conversations
-    ]  # fmt: skip
-    rows = min(batch_size or len(runs), len(runs))
-    decoder = Decoder(model, batch_size=rows, max_len=max(run.max_len for run in runs),
-                      temperature=options["temperature"], top_p=options["top_p"], seed=options["seed"],
-                      capture=options["capture"], engine=options["engine"])
-    traces: list[Trace | None] = [None] * len(runs)
-    waiting = iter(range(len(runs)))
-    started_at: dict[int, float] = {}
+    traces: list[Trace | None] = [None] * len(conversations)
 
-    def start_next(b: int) -> None:
-        i = next(waiting, None)
-        if i is not None:
-            run = runs[i]
-            run.decoder, run.sequence = decoder, i
-            started_at[i] = time.perf_counter()
-            run.start(decoder.start_row(b, run.prompt_ids, run.max_new_tokens, tag=i))
-
-    def finish(i: int) -> None:
-        run = runs[i]
-        run.elapsed = time.perf_counter() - started_at[i]
-        run.metadata_extra["batch"] = {"rows": rows, "conversations": len(runs), "index": i}
-        traces[i] = run.trace()
+    def keep(i: int, trace: Trace) -> None:
+        traces[i] = trace
         if on_trace is not None:
-            on_trace(i, traces[i])
+            on_trace(i, trace)
+
+    def fail(i: int, exc: BaseException) -> None:
+        raise exc
+
+    chat_stream(model, ((i, c, {}) for i, c in enumerate(conversations)), min(batch_size or len(conversations),
+                max(1, len(conversations))), keep, fail, **options)
+    return [trace for trace in traces if trace is not None]
+
+
+def chat_stream(
+    model: Any,
+    jobs: Iterable[tuple[Any, str | Sequence[Any], dict[str, Any]]],
+    batch_size: int,
+    on_trace: Callable[[Any, Trace], None],
+    on_error: Callable[[Any, BaseException], None],
+    max_len: int | None = None,
+    **options: Any,
+) -> None:
+    """The loop under `chat_many` and `collect --batch-size`: jobs (key, conversation, per-job options: reasoning,
+    developer, max_new_tokens, max_tool_calls) are taken one at a time, as rows free up, so a caller can claim
+    work lazily. `on_trace(key, trace)` gets each finished chat; a job whose prompt cannot run (rendering, or
+    longer than the cache) goes to `on_error(key, exc)` and the batch goes on. The cache holds `max_len` tokens
+    a row (default: the first batch's longest need); `options` are `chat`'s, shared by every job.
+    """
+    options = {**_CHAT_DEFAULTS, **options}
+    if options["response_format"] is not None:
+        raise ValueError("response_format with a list of conversations is not supported (the grammar runs on one "
+                         "sequence); chat them one at a time")
+    pending = iter(jobs)
+
+    def make_run(item: tuple[Any, Any, dict]) -> _ChatRun:
+        key, conversation, own = item
+        o = {**options, **own}
+        return _ChatRun(model, conversation, o["reasoning"], o["developer"], o["tools"], o["max_new_tokens"],
+                        o["temperature"], o["top_p"], o["seed"], o["capture"], o["on_token"], None,
+                        o["max_tool_calls"], o["model_identity"], o["date"], o["engine"], shared=True)
+
+    def next_run() -> tuple[Any, _ChatRun] | None:
+        for item in pending:
+            try:
+                return item[0], make_run(item)
+            except Exception as exc:  # noqa: BLE001 - one bad prompt must not end the batch
+                on_error(item[0], exc)
+        return None
+
+    first = [run for run in (next_run() for _ in range(batch_size)) if run is not None]
+    if not first:
+        return
+    rows = len(first)
+    if max_len is None:
+        max_len = max(run.max_len for _, run in first)
+    decoder = Decoder(model, batch_size=rows, max_len=max_len, temperature=options["temperature"],
+                      top_p=options["top_p"], seed=options["seed"], capture=options["capture"],
+                      engine=options["engine"])
+    keys: dict[int, Any] = {}
+    runs: dict[int, _ChatRun] = {}
+    started_at: dict[int, float] = {}
+    count = [0]
+
+    def start(b: int, job: tuple[Any, _ChatRun] | None) -> None:
+        while job is not None:
+            key, run = job
+            try:
+                n = count[0]
+                run.decoder, run.sequence = decoder, n
+                run.start(decoder.start_row(b, run.prompt_ids, run.max_new_tokens, tag=n))
+            except Exception as exc:  # noqa: BLE001 - e.g. a prompt longer than the cache
+                on_error(key, exc)
+                job = next_run()
+                continue
+            keys[n], runs[n], started_at[n] = key, run, time.perf_counter()
+            count[0] += 1
+            return
+
+    def finish(n: int) -> None:
+        run = runs.pop(n)
+        run.elapsed = time.perf_counter() - started_at.pop(n)
+        run.metadata_extra["batch"] = {"rows": rows, "index": n}
+        on_trace(keys.pop(n), run.trace())
 
     try:
-        for b in range(rows):
-            start_next(b)
+        for b, job in enumerate(first):
+            start(b, job)
+        if not runs:
+            return
         for step in decoder.run():
             for row in step.rows:
                 if row is not None:
                     runs[row.tag].on_step(step)
             for row in step.finished():
                 finish(row.tag)
-                start_next(row.slot)
+                start(row.slot, next_run())
+    except Exception as exc:
+        for n in list(runs):  # the batch failed: every chat still in it failed with it
+            runs.pop(n)
+            on_error(keys.pop(n), exc)
+        raise
     finally:
         decoder.close()
-    for i, trace in enumerate(traces):
-        if trace is None and runs[i].row is not None:
-            finish(i)  # interrupted (an exception in a callback)
-    return [trace for trace in traces if trace is not None]
 
 
 _CHAT_DEFAULTS: dict[str, Any] = dict(

@@ -228,6 +228,30 @@ def chat_runner(
                    "seed": seed + prompt.index, "developer": None, **prompt.options}
         return model.chat(prompt.messages, capture=list(capture), **options)
 
+    def batchable(prompt: Prompt) -> bool:
+        """A batch shares its sampling: prompts with a temperature of their own run alone."""
+        own = prompt.options.get("temperature", temperature)
+        return prompt.messages is not None and float(own) == float(temperature)
+
+    def many(model: Any, prompts: Iterator[Prompt], batch_size: int, on_trace: Callable[[Prompt, Trace], None],
+             on_error: Callable[[Prompt, BaseException], None]) -> None:
+        """Chat `prompts` (taken lazily, as rows free up) `batch_size` at a time (`chat.chat_stream`). One
+        generator, seeded with `seed`, samples the whole batch: greedy results equal the one-at-a-time run's,
+        sampled ones do not (each prompt's seed + index is not used)."""
+        from .chat import chat_stream
+
+        def jobs() -> Iterator[tuple[Prompt, Any, dict[str, Any]]]:
+            for prompt in prompts:
+                options = {"reasoning": reasoning, "max_new_tokens": max_new_tokens, "developer": None,
+                           **{k: v for k, v in prompt.options.items() if k not in ("seed", "temperature")}}
+                yield prompt, prompt.messages, options
+
+        limit = model.config.max_context
+        chat_stream(model, jobs(), batch_size, on_trace, on_error, max_len=min(limit, max_new_tokens + 8192),
+                    temperature=temperature, seed=seed, capture=list(capture))
+
+    run.batchable = batchable  # type: ignore[attr-defined]
+    run.many = many  # type: ignore[attr-defined]
     return run
 
 
@@ -422,6 +446,7 @@ class CollectResult:
 def collect(
     model: Any, prompts: Sequence[Prompt], out: str | os.PathLike, runner: Runner, mode: str = "traces",
     rank: int = 0, world_size: int = 1, fail_fast: bool = False, log: Callable[[str], None] | None = None,
+    batch_size: int = 1,
 ) -> CollectResult:
     """Run `runner(model, prompt)` on this rank's prompts (index % world_size == rank), skipping finished ones
 
@@ -431,6 +456,9 @@ def collect(
     (anything but KeyboardInterrupt/SystemExit) is recorded in OUT/errors/ID.json and the run goes on
     (unless fail_fast). Collects sharing OUT claim each prompt first (`Claims`), so none is computed twice
     at once; a prompt another collect holds, or failed while this one ran, lands in `result.elsewhere`.
+    With `batch_size` > 1 and a runner that can batch (`chat_runner`'s), up to that many prompts run at once
+    through one batched decoder (continuous batching: a finished prompt's row takes the next), each written,
+    claimed and released on its own as above; the files are the same as one at a time.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
@@ -438,29 +466,94 @@ def collect(
     result = CollectResult()
     claims = Claims(out)
     started = time.time()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     mine = [p for p in prompts if p.index % world_size == rank]
-    for position, prompt in enumerate(mine, start=1):
-        if finished(out, prompt, mode):
-            result.skipped.append(prompt.id)
-            continue
-        if stats_path(out, prompt).exists() and log:
-            log(f"prompt {prompt.id}: its done-marker or trace is damaged (empty or cut short); recomputing")
-        holder = claims.take(prompt)
-        if holder is not None:
-            result.elsewhere.append(prompt.id)
-            if log:
-                log(f"prompt {prompt.id} is being run by another collect ({holder}); left to it")
-            continue
+    many = getattr(runner, "many", None) if batch_size > 1 else None
+    batchable = getattr(runner, "batchable", lambda prompt: True)
+    alone = [p for p in mine if many is None or not batchable(p)]
+    if many is not None:
+        _collect_batched(model, [p for p in mine if batchable(p)], len(mine), out, runner, mode, fail_fast,
+                         result, log, claims, started, batch_size)
+    for prompt in alone:
+        if _claim(out, prompt, mode, claims, started, result, log):
+            try:
+                _run_one(model, prompt, out, runner, mode, fail_fast, result, log,
+                         f"{mine.index(prompt) + 1}/{len(mine)}")
+            finally:
+                claims.release(prompt)
+    return result
+
+
+def _claim(out: Path, prompt: Prompt, mode: str, claims: Claims, started: float, result: CollectResult,
+           log: Callable[[str], None] | None) -> bool:
+    """Whether this collect should run `prompt` now; if so it holds the prompt's claim (release it after)."""
+    if finished(out, prompt, mode):
+        result.skipped.append(prompt.id)
+        return False
+    if stats_path(out, prompt).exists() and log:
+        log(f"prompt {prompt.id}: its done-marker or trace is damaged (empty or cut short); recomputing")
+    holder = claims.take(prompt)
+    if holder is not None:
+        result.elsewhere.append(prompt.id)
+        if log:
+            log(f"prompt {prompt.id} is being run by another collect ({holder}); left to it")
+        return False
+    if finished(out, prompt, mode):  # finished by another collect before we claimed it
+        result.skipped.append(prompt.id)
+    elif _failed_since(out, prompt, started):  # another collect on this folder tried it just now
+        result.elsewhere.append(prompt.id)
+    else:
+        return True
+    claims.release(prompt)
+    return False
+
+
+def _collect_batched(model: Any, prompts: list[Prompt], total: int, out: Path, runner: Runner, mode: str,
+                     fail_fast: bool, result: CollectResult, log: Callable[[str], None] | None, claims: Claims,
+                     started: float, batch_size: int) -> None:
+    """`collect` through `runner.many`: prompts are claimed as rows free up, written as each finishes."""
+    begun: dict[str, float] = {}
+    done = [0]
+    taken: set[str] = set()
+
+    def claimed() -> Iterator[Prompt]:
+        for prompt in prompts:
+            taken.add(prompt.id)
+            if _claim(out, prompt, mode, claims, started, result, log):
+                begun[prompt.id] = time.perf_counter()
+                yield prompt
+
+    def finish(prompt: Prompt, output: Any = None, error: BaseException | None = None) -> None:
         try:
-            if finished(out, prompt, mode):  # finished by another collect before we claimed it
-                result.skipped.append(prompt.id)
-            elif _failed_since(out, prompt, started):  # another collect on this folder tried it just now
-                result.elsewhere.append(prompt.id)
-            else:
-                _run_one(model, prompt, out, runner, mode, fail_fast, result, log, f"{position}/{len(mine)}")
+            done[0] += 1
+            seconds = time.perf_counter() - begun.pop(prompt.id, time.perf_counter())
+            _save_one(model, prompt, out, mode, fail_fast, result, log, f"{done[0]}/{total}", seconds,
+                      lambda: _raise(error) if error is not None else output)
         finally:
             claims.release(prompt)
-    return result
+
+    try:
+        runner.many(model, claimed(), batch_size, lambda p, trace: finish(p, trace), lambda p, e: finish(p, error=e))
+    except Exception as exc:  # the batch itself failed (its prompts have their errors/ID.json): go on alone
+        if fail_fast:
+            raise
+        if log:
+            log(f"the batch failed ({exc!r}); the prompts not yet started run one at a time")
+        for prompt in prompts:
+            if prompt.id not in taken and _claim(out, prompt, mode, claims, started, result, log):
+                try:
+                    done[0] += 1
+                    _run_one(model, prompt, out, runner, mode, fail_fast, result, log, f"{done[0]}/{total}")
+                finally:
+                    claims.release(prompt)
+    finally:
+        for prompt_id in list(begun):  # interrupted: the claims of prompts still running go back
+            claims.release(next(p for p in prompts if p.id == prompt_id))
+
+
+def _raise(error: BaseException) -> Any:
+    raise error
 
 
 def _failed_since(out: Path, prompt: Prompt, since: float) -> bool:
@@ -474,8 +567,16 @@ def _run_one(model: Any, prompt: Prompt, out: Path, runner: Runner, mode: str, f
              result: CollectResult, log: Callable[[str], None] | None, where: str) -> None:
     """Run one claimed prompt and write its files (the done-marker last), or its errors/ID.json."""
     started = time.perf_counter()
+    _save_one(model, prompt, out, mode, fail_fast, result, log, where, None, lambda: runner(model, prompt),
+              started)
+
+
+def _save_one(model: Any, prompt: Prompt, out: Path, mode: str, fail_fast: bool, result: CollectResult,
+              log: Callable[[str], None] | None, where: str, seconds: float | None, compute: Callable[[], Any],
+              started: float | None = None) -> None:
+    """`compute()` the prompt's output (or re-raise its error) and write its files, or its errors/ID.json."""
     try:
-        output = runner(model, prompt)
+        output = compute()
         if mode == "traces" and not isinstance(output, Trace):
             raise TypeError(f"mode 'traces' needs the runner to return a Trace, got "
                             f"{type(output).__name__}")
@@ -505,7 +606,9 @@ def _run_one(model: Any, prompt: Prompt, out: Path, runner: Runner, mode: str, f
         error_path(out, prompt).unlink()  # an earlier attempt failed; this one did not
     result.done.append(prompt.id)
     if log:
-        log(f"{where} {prompt.id}: {stats.tokens} tokens in {time.perf_counter() - started:.2f}s")
+        if seconds is None:
+            seconds = time.perf_counter() - (started or time.perf_counter())
+        log(f"{where} {prompt.id}: {stats.tokens} tokens in {seconds:.2f}s")
 
 
 def _temp_file_is_stale(path: Path) -> bool:
@@ -586,9 +689,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--engine", choices=("auto", "kernels", "torch"), default="auto",
                         help="default auto: the Triton kernels with CUDA graphs on a GPU, else torch")
+    parser.add_argument("--batch-size", type=int,
+                        help="prompts chatting at once through one batched decoder (default: from GPU memory, "
+                             "up to 64; 1 on a CPU); greedy results equal one-at-a-time; sampling shares one "
+                             "generator seeded with --seed")
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first failing prompt")
     parser.add_argument("--merge-only", action="store_true", help="only write summary.json from what is done")
     return parser
+
+
+def default_batch_size(model: Any, max_len: int, most: int = 64) -> int:
+    """Rows for collect's batched chats: on a GPU, as many as half the free memory holds caches for (at most
+    `most`); on a CPU, 1."""
+    if model.device.type != "cuda":
+        return 1
+    cfg = model.config
+    max_len = min(max_len, cfg.max_context)
+    slots = sum(min(cfg.sliding_window, max_len) if cfg.is_sliding(layer) else max_len
+                for layer in range(cfg.num_hidden_layers))
+    row_bytes = slots * cfg.num_key_value_heads * cfg.head_dim * 2 * model.dtype.itemsize  # keys and values
+    free, _ = torch.cuda.mem_get_info(model.device)
+    return max(1, min(most, int(free * 0.5) // row_bytes))
 
 
 def run_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -633,7 +754,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = ossscope.load(args.model, device=device, dtype=args.dtype, progress=rank == 0, engine=args.engine)
     mine = len([p for p in prompts if p.index % world == rank])
     log(f"{model.name} on {model.device} ({model.engine.describe()}): {mine} of {len(prompts)} prompts are this rank's")
-    result = collect(model, prompts, out, runner, args.mode, rank, world, args.fail_fast, log)
+    batch_size = args.batch_size or default_batch_size(model, args.max_new_tokens + 8192)
+    if args.no_generate or args.runner:
+        batch_size = 1  # only chats batch
+    elif batch_size > 1:
+        log(f"batches of up to {batch_size} prompts")
+    result = collect(model, prompts, out, runner, args.mode, rank, world, args.fail_fast, log, batch_size)
     log(f"finished: {len(result.done)} done, {len(result.skipped)} already done, {len(result.failed)} failed, "
         f"{len(result.elsewhere)} left to another collect")
     if world > 1:

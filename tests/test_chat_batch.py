@@ -37,7 +37,7 @@ def test_a_list_of_chats_equals_each_chat_alone(model):
         assert torch.equal(got.router_indices, want.router_indices)
         torch.testing.assert_close(got.sink, want.sink, atol=1e-5, rtol=1e-5)
         assert got.metadata["stop_reason"] == want.metadata["stop_reason"]
-    assert traces[2].metadata["batch"] == {"rows": 2, "conversations": 3, "index": 2}
+    assert traces[2].metadata["batch"] == {"rows": 2, "index": 2}
     with pytest.raises(ValueError, match="stream=True takes one conversation"):
         model.chat(questions, stream=True)
     with pytest.raises(ValueError, match="batch_size must be at least 1"):

@@ -409,3 +409,35 @@ def test_a_megabyte_prompt_is_an_error_file_and_the_run_goes_on(tmp_path):
     result = collect.collect(model, prompts, tmp_path / "again", panicking, "stats")
     assert result.failed == ["blob", "line-2"]
     assert "PanicException" in json.loads((tmp_path / "again" / "errors" / "line-2.json").read_text())["error"]
+
+
+def test_batched_collect_equals_one_at_a_time_and_resumes(tmp_path, chat_checkpoint):
+    """--batch-size: the same files as one prompt at a time (greedy), each prompt claimed and written on its own;
+    a rerun recomputes only what is missing; a prompt that cannot run is an error file and the batch goes on."""
+    prompts_file = write_prompts(tmp_path / "prompts.jsonl", PROMPTS + [{"id": "hot", "prompt": "Hi",
+                                                                          "temperature": 0.7}])
+    prompts = collect.read_prompts(prompts_file)
+    model = ossscope.load(chat_checkpoint, device="cpu", progress=False)
+    runner = collect.chat_runner(max_new_tokens=6, temperature=0.0)
+    one = collect.collect(model, prompts, tmp_path / "one", runner, "traces")
+    calls = []
+    many = runner.many
+    runner.many = lambda *args: calls.append(args[2]) or many(*args)
+    batched = collect.collect(model, prompts, tmp_path / "many", runner, "traces", batch_size=3)
+    assert calls == [3] and sorted(batched.done) == sorted(one.done) and not batched.failed
+    for prompt in prompts:
+        ours = ossscope.Trace.load(collect.trace_path(tmp_path / "many", prompt))
+        theirs = ossscope.Trace.load(collect.trace_path(tmp_path / "one", prompt))
+        assert ours.tokens == theirs.tokens and torch.equal(ours.router_indices, theirs.router_indices)
+        assert ("batch" in ours.metadata) == (prompt.id != "hot")  # its own temperature: run alone
+    assert not list((tmp_path / "many" / "claims").glob("*.claim"))
+    collect.trace_path(tmp_path / "many", prompts[2]).unlink()
+    again = collect.collect(model, prompts, tmp_path / "many", runner, "traces", batch_size=3)
+    assert again.done == [prompts[2].id] and len(again.skipped) == len(prompts) - 1
+    # A prompt longer than the batch's cache fails alone; the others finish.
+    long = write_prompts(tmp_path / "long.jsonl", ["Hi", {"id": "big", "prompt": "word " * 9000}, "Bye"])
+    failed = collect.collect(model, collect.read_prompts(long), tmp_path / "long", runner, "traces", batch_size=2)
+    assert failed.failed == ["big"] and sorted(failed.done) == ["line-1", "line-3"]
+    assert "big" in json.loads((tmp_path / "long" / "errors" / "big.json").read_text())["id"]
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        collect.collect(model, prompts, tmp_path / "x", runner, "traces", batch_size=0)

@@ -16,9 +16,10 @@ import torch
 if torch.cuda.is_available():
     pytest.skip("a GPU is present: tests/test_kernels_gpu.py checks the compiled kernels", allow_module_level=True)
 
-os.environ["TRITON_INTERPRET"] = "1"
-for _name in [m for m in sys.modules if m.startswith(("ossscope.kernels", "triton"))]:
-    del sys.modules[_name]  # decorate Triton's library and our kernels again, now for the interpreter
+if os.environ.get("TRITON_INTERPRET") != "1":  # already on: whatever imported Triton did so for the interpreter
+    os.environ["TRITON_INTERPRET"] = "1"
+    for _name in [m for m in sys.modules if m.startswith(("ossscope.kernels", "triton"))]:
+        del sys.modules[_name]  # decorate Triton's library and our kernels again, now for the interpreter
 pytest.importorskip("triton")
 kernels = importlib.import_module("ossscope.kernels")
 from ossscope.kernels.routing import route_reference  # noqa: E402
