@@ -320,12 +320,67 @@ def bench_chat(model: Model, context: int, new_tokens: list[int]) -> dict[str, A
     return out
 
 
+def bench_batch(model: Model, batch_sizes: list[int], context: int, steps: int) -> dict[str, Any]:
+    """Batched decode through the user's path (`generate` over a list of prompts: the Decoder, per-row
+    positions, router + sink recorded for every token of every row), greedy, after a warm run at each size:
+    decode tok/s summed over the rows, between the first and the last step. Also one ragged batch (the largest
+    size, prompt lengths spread from context/2 to context)."""
+    from .engine import set_engine
+    from .generation import generate
+
+    set_engine(model, "kernels")
+    out: dict[str, Any] = {}
+    gen = torch.Generator().manual_seed(3)
+
+    def run(prompts: list[list[int]]) -> float:
+        times: list[float] = []
+        generate(model, prompts, max_new_tokens=steps, stop_tokens=(),
+                 on_token=lambda e: times.append(time.perf_counter()))
+        return len(prompts) * (len(times) - 1) / (times[-1] - times[0])
+
+    for B in batch_sizes:
+        prompts = torch.randint(0, model.config.vocab_size, (B, context), generator=gen).tolist()
+        run(prompts)  # warm: compiles and captures this batch's graph
+        out[f"batch_decode_tok_s[B={B}]"] = run(prompts)
+    B = max(batch_sizes)
+    lengths = torch.linspace(context // 2, context, B).long().tolist()
+    ragged = [torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist() for n in lengths]
+    run(ragged)
+    out[f"batch_decode_tok_s[B={B}, ragged {context // 2}-{context}]"] = run(ragged)
+    model.engine.clear_pool()
+    return out
+
+
+def bench_collect(model: Model, prompts: int, new_tokens: int, batch_size: int) -> dict[str, Any]:
+    """`collect` as the command line runs it (chat runner, mode stats, `batch_size` rows, default sampling):
+    `prompts` short questions of `new_tokens` tokens each; tok/s over the whole collect, files written."""
+    import tempfile
+
+    from . import collect
+
+    questions = [collect.Prompt(index=i, line=i + 1, id=f"q{i}", messages=[{"role": "user", "content":
+                 f"Question {i}: why is the sky blue?"}]) for i in range(prompts)]
+    runner = collect.chat_runner(max_new_tokens=new_tokens)
+    with tempfile.TemporaryDirectory() as out:
+        collect.collect(model, questions[: 2 * batch_size], out + "/warm", runner, "stats", batch_size=batch_size)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        result = collect.collect(model, questions, out + "/run", runner, "stats", batch_size=batch_size)
+        seconds = time.perf_counter() - t0
+        tokens = collect.merge(out + "/run", questions)["tokens"]
+    model.engine.clear_pool()
+    return {f"collect_tok_s[{prompts} prompts x {new_tokens}, B={batch_size}]": tokens / seconds,
+            "collect_seconds": seconds, "collect_failed": len(result.failed)}
+
+
 # -- the transformers baseline ------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def bench_hf(config: GptOssConfig, context: int, steps: int, prefill_lengths: list[int]) -> dict[str, Any]:
-    """HF transformers GptOssForCausalLM, bf16 weights built directly on the GPU, eager attention."""
+def bench_hf(config: GptOssConfig, context: int, steps: int, prefill_lengths: list[int],
+             batch_sizes: list[int] = ()) -> dict[str, Any]:
+    """HF transformers GptOssForCausalLM, bf16 weights built directly on the GPU, eager attention (greedy decode
+    at batch 1 and at each of `batch_sizes`)."""
     from transformers import GptOssConfig as HFConfig
     from transformers import GptOssForCausalLM
 
@@ -372,6 +427,24 @@ def bench_hf(config: GptOssConfig, context: int, steps: int, prefill_lengths: li
             out[f"prefill_tok_s[{T}]"] = None
             gc.collect()
             torch.cuda.empty_cache()
+    for B in batch_sizes:
+        ids_B = torch.randint(0, config.vocab_size, (B, context), device="cuda", generator=gen)
+        try:
+            result = hf(ids_B, use_cache=True, logits_to_keep=1)
+            past, token = result.past_key_values, result.logits[:, -1].argmax(-1, keepdim=True)
+            for i in range(2 + steps):
+                if i == 2:
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                result = hf(token, past_key_values=past, use_cache=True)
+                past, token = result.past_key_values, result.logits[:, -1].argmax(-1, keepdim=True)
+            torch.cuda.synchronize()
+            out[f"batch_decode_tok_s[B={B}]"] = B * steps / (time.perf_counter() - t0)
+        except torch.cuda.OutOfMemoryError:
+            out[f"batch_decode_tok_s[B={B}]"] = None
+        del result, past
+        gc.collect()
+        torch.cuda.empty_cache()
     out["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
     return out  # the model goes with this frame
 
@@ -420,6 +493,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--prefill", type=int, nargs="*", default=[2048, 8192], help="prefill lengths")
     parser.add_argument("--baseline", choices=["none", "hf"], default="none")
     parser.add_argument("--no-kernels", action="store_true", help="skip the per-kernel table")
+    parser.add_argument("--batch", type=int, nargs="*", default=[],
+                        help="batch sizes for batched decode (generate over a list of prompts; tok/s summed)")
+    parser.add_argument("--batch-steps", type=int, default=64, help="decode steps per batched run")
+    parser.add_argument("--collect", type=int, nargs=3, metavar=("PROMPTS", "NEW_TOKENS", "BATCH"),
+                        help="time collect (stats mode, chat runner) over PROMPTS prompts of NEW_TOKENS tokens")
     parser.add_argument("--json", default="bench.json", help="where to write the results")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -441,7 +519,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ours = {"load_seconds": time.perf_counter() - t0, "weights_GiB": torch.cuda.memory_allocated() / 2**30}
     if args.chat_tokens:
         ours.update(bench_chat(model, args.context, args.chat_tokens))
-    ours.update(bench_ours(model, args.context, args.decode_steps, args.prefill))
+    if args.batch:
+        ours.update(bench_batch(model, args.batch, args.context, args.batch_steps))
+    if args.collect:
+        ours.update(bench_collect(model, *args.collect))
+    if args.decode_steps or args.prefill:
+        ours.update(bench_ours(model, args.context, args.decode_steps, args.prefill))
     ours["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
     report["ours"] = ours
     report["kernels"] = [] if args.no_kernels else bench_kernels(model, args.context, min(args.prefill or [2048]))
@@ -449,7 +532,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gc.collect()
     torch.cuda.empty_cache()
     if args.baseline == "hf":
-        report["hf"] = bench_hf(config, args.context, max(8, args.decode_steps // 8), args.prefill)
+        report["hf"] = bench_hf(config, args.context, max(8, args.decode_steps // 8), args.prefill, args.batch)
         gc.collect()
         torch.cuda.empty_cache()
     with open(args.json, "w") as f:

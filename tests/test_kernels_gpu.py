@@ -403,3 +403,25 @@ def test_load_on_a_gpu_picks_the_kernel_engine_and_chat_replays_graphs(tmp_path)
     assert model.engine.graph_steps == len(trace.tokens) >= 1 and model.engine.captures == 1
     assert trace.metadata["engine"].startswith("kernels (CUDA graphs")
     assert ossscope.load(path, device="cuda", engine="torch", progress=False).engine.name == "torch"
+
+
+@pytest.mark.parametrize("batch_size", [3, 24])
+def test_continuous_batching_on_cuda_graphs_matches_the_torch_engine(batch_size):
+    """Ragged prompts through a CUDA-graph decoder at per-row positions, rows leaving as they stop and freed rows
+    taking the next prompt; at 24 rows the MoE takes the grouped batch kernels (fast.GROUPED_DECODE_SLOTS)."""
+    from ossscope.generation import generate
+
+    model = _model(torch.float32)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, model.config.vocab_size, (int(n),), generator=g).tolist()
+               for n in torch.randint(3, 40, (30,), generator=g)]
+    ref = generate(model, prompts, max_new_tokens=12, stop_tokens=())
+    stop = ref.tokens[0][3]  # some rows stop early, at different steps
+    ref = generate(model, prompts, max_new_tokens=12, stop_tokens=(stop,))
+    engine = model.set_engine("kernels")
+    ours = generate(model, prompts, max_new_tokens=12, stop_tokens=(stop,), batch_size=batch_size)
+    assert engine.graphs and engine.graph_steps == engine.steps and engine.captures == 1
+    assert ours.tokens == ref.tokens and ours.stop_reasons == ref.stop_reasons
+    assert torch.equal(ours.router_indices, ref.router_indices)
+    torch.testing.assert_close(ours.sink, ref.sink, atol=1e-4, rtol=1e-4)
+    model.set_engine("torch")
