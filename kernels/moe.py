@@ -311,18 +311,19 @@ def _dequant_tile(w_base, s_base, rows, rmask, k0, K, stride_wr, stride_sr,
 # the weights inside the 16-bit format's range: bf16 (X = 32) takes scale codes s in 34..160 (2**-93..2**33),
 # fp16 (X = 0) codes 105..128. (Checkpoint scales sit around 2**-7, code 120.) Both inputs of the tensor-core dot
 # are then normal 16-bit floats, their products exact in fp32, as in `_dequant_tile`'s path.
-# Cost per code on the GPU (bf16, `_direct_codes` with ASM): per 4 bytes (8 codes), 2 byte permutes, 2 x 7 integer
-# ops and 4 packed FMAs (2 codes each) = 20, i.e. 2.5 per code, against ~10 for `_dequant_tile` (nibble split,
-# e2m1_to_f32, scale multiply in fp32, bf16 convert, join/permute shuffles). The scale's M is 2 ops per (row,
-# group). The dot takes low nibbles against even input features and high nibbles against odd ones, so nothing is
-# interleaved; the input tile is split into its even and odd features instead (BLOCK_M / BLOCK_N of the work).
+# Cost per code on the GPU (bf16, `_direct_codes` with ASM): per 4 bytes (8 codes), 2 byte permutes, 4 x 3-4
+# integer ops (shifts, masks; ptxas fuses and/or into LOP3) and 4 packed FMAs (2 codes each) = 20, i.e. 2.5 per
+# code, against ~10 for `_dequant_tile` (nibble split, e2m1_to_f32, an fp32 scale multiply, a bf16 convert,
+# join/permute shuffles). The scale's M is 2 ops per (row, group), ~0.1 per code. The dot takes low nibbles
+# against even input features and high nibbles against odd ones, so no weights are interleaved; the input tile
+# is split into its even and odd features instead (BLOCK_M / BLOCK_N of the work).
 DIRECT_X = {"bfloat16": 32, "float16": 0}
 
 
 @triton.jit
-def _direct_codes(b, mbits, dtype: tl.constexpr, ASM: tl.constexpr):
-    """uint8 bytes [...] (two codes each) and int32 multipliers `mbits` (M's 16-bit pattern in both halves,
-    broadcastable) -> (low-nibble weights, high-nibble weights) in `dtype`, each v * 2**(s - 127 - X)."""
+def _direct_codes(b, mult, dtype: tl.constexpr, ASM: tl.constexpr):
+    """uint8 bytes [...] (two codes each) and multipliers `mult` (M in `dtype`, broadcastable) -> (low-nibble
+    weights, high-nibble weights) in `dtype`, each v * 2**(s - 127 - X)."""
     if ASM:  # bf16 on a GPU: 4 bytes a register, two codes per instruction
         return tl.inline_asm_elementwise(
             asm="""{
@@ -346,19 +347,21 @@ def _direct_codes(b, mbits, dtype: tl.constexpr, ASM: tl.constexpr):
             shl.b32 v, t, 4;
             and.b32 v, v, 0x80008000;
             or.b32 u, u, v;
-            fma.rn.bf16x2 $1, u, $5, z;
+            fma.rn.bf16x2 $1, u, $6, z;
             shr.b32 u, t, 6;
             and.b32 u, u, 0x01C001C0;
             and.b32 v, t, 0x80008000;
             or.b32 u, u, v;
-            fma.rn.bf16x2 $3, u, $5, z;
+            fma.rn.bf16x2 $3, u, $6, z;
             }""",
-            # $0,$1: low codes of bytes 0-1, 2-3 (bf16x2); $2,$3: high codes; $4: the 4 bytes; $5..$8: multipliers.
-            # prmt 0x1404 puts bytes 0 and 1 at bits 8-15 and 24-31 (0x3424: bytes 2, 3), so for either half a
-            # low code's magnitude moves down 2 to bits 6-8 and its sign up 4 to bit 15, a high code's magnitude
-            # down 6 and its sign stays. fma with -0 is the multiply (sm_80+; mul.bf16x2 needs sm_90).
-            constraints="=r,=r,=r,=r,r,r,r,r,r", args=[b, mbits], dtype=(tl.bfloat16, tl.bfloat16),
-            is_pure=True, pack=4)
+            # Elementwise (output i from byte i and multiplier i, whatever elements Triton packs together):
+            # $0,$1: low codes of bytes 0-1, 2-3 (bf16x2); $2,$3: their high codes; $4: the 4 bytes; $5,$6: the
+            # multipliers of elements 0-1, 2-3 (bf16x2). prmt 0x1404 puts bytes 0 and 1 at bits 8-15 and 24-31
+            # (0x3424: bytes 2 and 3), so in either half a low code's magnitude moves down 2 to bits 6-8 and its
+            # sign up 4 to bit 15, a high code's magnitude down 6 and its sign stays. fma with -0 is the multiply
+            # (sm_80+; mul.bf16x2 needs sm_90); it keeps the subnormal 0.5 (FMA units take bf16 subnormals).
+            constraints="=r,=r,=r,=r,r,r,r", args=[b, mult], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True,
+            pack=4)
     else:  # the same bits in plain Triton (the interpreter, fp16)
         w = b.to(tl.int32)
         if dtype == tl.bfloat16:  # the magnitude's top bit at bit 8 (bf16) or 11 (fp16), the sign at 15
@@ -367,20 +370,17 @@ def _direct_codes(b, mbits, dtype: tl.constexpr, ASM: tl.constexpr):
         else:
             low = ((w & 7) << 9) | ((w & 8) << 12)
             high = ((w & 0x70) << 5) | ((w & 0x80) << 8)
-        mult = (mbits & 0xFFFF).to(tl.int16).to(dtype, bitcast=True)
-        return (low.to(tl.int16).to(dtype, bitcast=True) * mult,
-                high.to(tl.int16).to(dtype, bitcast=True) * mult)
+        return low.to(tl.int16).to(dtype, bitcast=True) * mult, high.to(tl.int16).to(dtype, bitcast=True) * mult
 
 
 @triton.jit
 def _direct_multipliers(scale, dtype: tl.constexpr, X: tl.constexpr):
-    """uint8 E8M0 codes -> int32: M = 2**(s - 128 + 2 bias - X) as a 16-bit pattern, in both halves."""
+    """uint8 E8M0 codes -> M = 2**(s - 128 + 2 bias - X) in `dtype` (2 integer ops: an add, a shift)."""
     if dtype == tl.bfloat16:
-        field = scale.to(tl.int32) + (2 * 127 - 128 - X)
-        return field * 0x00800080  # (field << 7) | (field << 23)
+        bits = (scale.to(tl.int32) + (2 * 127 - 128 - X)) << 7
     else:
-        field = scale.to(tl.int32) + (2 * 15 - 128 - X)
-        return field * 0x04000400  # (field << 10) | (field << 26)
+        bits = (scale.to(tl.int32) + (2 * 15 - 128 - X)) << 10
+    return bits.to(tl.int16).to(dtype, bitcast=True)
 
 
 @triton.jit
