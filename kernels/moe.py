@@ -302,14 +302,129 @@ def _dequant_tile(w_base, s_base, rows, rmask, k0, K, stride_wr, stride_sr,
     return tl.reshape(values, (BLOCK_N, BLOCK_K)).to(dtype)
 
 
+# The batched decode's faster weight decode (kernels/moe_batch.py `moe_decode_grouped`, DIRECT=True): each code goes
+# straight to a 16-bit float bit pattern (no fp32 detour, no nibble join), with its block scale folded in by one
+# packed multiply. Exactness: the 3 magnitude bits placed at the top of the exponent/mantissa fields ((n & 7) << 6
+# for bf16, << 9 for fp16) and the sign at bit 15 make the E2M1 value v times 2**(1 - bias), the code 0.5 a
+# subnormal; times M = 2**(s - 128 + 2 bias - X), a power of two, that is v * 2**(s - 127) * 2**-X exactly (a
+# 2-bit significand, a normal number), and the kernel multiplies its fp32 sums by 2**X at the end. X keeps M and
+# the weights inside the 16-bit format's range: bf16 (X = 32) takes scale codes s in 34..160 (2**-93..2**33),
+# fp16 (X = 0) codes 105..128. (Checkpoint scales sit around 2**-7, code 120.) Both inputs of the tensor-core dot
+# are then normal 16-bit floats, their products exact in fp32, as in `_dequant_tile`'s path.
+# Cost per code on the GPU (bf16, `_direct_codes` with ASM): per 4 bytes (8 codes), 2 byte permutes, 4 x 3-4
+# integer ops (shifts, masks; ptxas fuses and/or into LOP3) and 4 packed FMAs (2 codes each) = 20, i.e. 2.5 per
+# code, against ~10 for `_dequant_tile` (nibble split, e2m1_to_f32, an fp32 scale multiply, a bf16 convert,
+# join/permute shuffles). The scale's M is 2 ops per (row, group), ~0.1 per code. The dot takes low nibbles
+# against even input features and high nibbles against odd ones, so no weights are interleaved; the input tile
+# is split into its even and odd features instead (BLOCK_M / BLOCK_N of the work).
+DIRECT_X = {"bfloat16": 32, "float16": 0}
+
+
+@triton.jit
+def _direct_codes(b, mult, dtype: tl.constexpr, ASM: tl.constexpr):
+    """uint8 bytes [...] (two codes each) and multipliers `mult` (M in `dtype`, broadcastable) -> (low-nibble
+    weights, high-nibble weights) in `dtype`, each v * 2**(s - 127 - X)."""
+    if ASM:  # bf16 on a GPU: 4 bytes a register, two codes per instruction
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, u, v, z;
+            mov.b32 z, 0x80008000;
+            prmt.b32 t, $4, 0, 0x1404;
+            shr.b32 u, t, 2;
+            and.b32 u, u, 0x01C001C0;
+            shl.b32 v, t, 4;
+            and.b32 v, v, 0x80008000;
+            or.b32 u, u, v;
+            fma.rn.bf16x2 $0, u, $5, z;
+            shr.b32 u, t, 6;
+            and.b32 u, u, 0x01C001C0;
+            and.b32 v, t, 0x80008000;
+            or.b32 u, u, v;
+            fma.rn.bf16x2 $2, u, $5, z;
+            prmt.b32 t, $4, 0, 0x3424;
+            shr.b32 u, t, 2;
+            and.b32 u, u, 0x01C001C0;
+            shl.b32 v, t, 4;
+            and.b32 v, v, 0x80008000;
+            or.b32 u, u, v;
+            fma.rn.bf16x2 $1, u, $6, z;
+            shr.b32 u, t, 6;
+            and.b32 u, u, 0x01C001C0;
+            and.b32 v, t, 0x80008000;
+            or.b32 u, u, v;
+            fma.rn.bf16x2 $3, u, $6, z;
+            }""",
+            # Elementwise (output i from byte i and multiplier i, whatever elements Triton packs together):
+            # $0,$1: low codes of bytes 0-1, 2-3 (bf16x2); $2,$3: their high codes; $4: the 4 bytes; $5,$6: the
+            # multipliers of elements 0-1, 2-3 (bf16x2). prmt 0x1404 puts bytes 0 and 1 at bits 8-15 and 24-31
+            # (0x3424: bytes 2 and 3), so in either half a low code's magnitude moves down 2 to bits 6-8 and its
+            # sign up 4 to bit 15, a high code's magnitude down 6 and its sign stays. fma with -0 is the multiply
+            # (sm_80+; mul.bf16x2 needs sm_90); it keeps the subnormal 0.5 (FMA units take bf16 subnormals).
+            constraints="=r,=r,=r,=r,r,r,r", args=[b, mult], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True,
+            pack=4)
+    else:  # the same bits in plain Triton (the interpreter, fp16)
+        w = b.to(tl.int32)
+        if dtype == tl.bfloat16:  # the magnitude's top bit at bit 8 (bf16) or 11 (fp16), the sign at 15
+            low = ((w & 7) << 6) | ((w & 8) << 12)
+            high = ((w & 0x70) << 2) | ((w & 0x80) << 8)
+        else:
+            low = ((w & 7) << 9) | ((w & 8) << 12)
+            high = ((w & 0x70) << 5) | ((w & 0x80) << 8)
+        return low.to(tl.int16).to(dtype, bitcast=True) * mult, high.to(tl.int16).to(dtype, bitcast=True) * mult
+
+
+@triton.jit
+def _direct_multipliers(scale, dtype: tl.constexpr, X: tl.constexpr):
+    """uint8 E8M0 codes -> M = 2**(s - 128 + 2 bias - X) in `dtype` (2 integer ops: an add, a shift)."""
+    if dtype == tl.bfloat16:
+        bits = (scale.to(tl.int32) + (2 * 127 - 128 - X)) << 7
+    else:
+        bits = (scale.to(tl.int32) + (2 * 15 - 128 - X)) << 10
+    return bits.to(tl.int16).to(dtype, bitcast=True)
+
+
+@triton.jit
+def _direct_tile(w_base, s_base, rows, rmask, k0, K, stride_wr, stride_sr,
+                 BLOCK_K: tl.constexpr, dtype: tl.constexpr, X: tl.constexpr, ASM: tl.constexpr):
+    """Packed MXFP4 rows [BLOCK_N] x input features k0..k0+BLOCK_K -> (even features' weights, odd features'
+    weights), [BLOCK_N, BLOCK_K / 2] each in `dtype`, times 2**-X (block scales folded in; notes above)."""
+    BLOCK_N: tl.constexpr = rows.shape[0]
+    GROUPS: tl.constexpr = BLOCK_K // 32
+    grp = k0 // 32 + tl.arange(0, GROUPS)
+    gmask = rmask[:, None] & (grp < K // 32)[None, :]  # [BLOCK_N, GROUPS]
+    byte = grp[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]  # a group's 16 bytes, contiguous in its row
+    b = tl.load(w_base + rows[:, None, None] * stride_wr + byte, mask=gmask[:, :, None], other=0)  # [BN, G, 16]
+    s = tl.load(s_base + rows[:, None] * stride_sr + grp[None, :], mask=gmask, other=0)  # [BN, G]
+    low, high = _direct_codes(b, _direct_multipliers(s, dtype, X)[:, :, None], dtype, ASM)
+    return tl.reshape(low, (BLOCK_N, BLOCK_K // 2)), tl.reshape(high, (BLOCK_N, BLOCK_K // 2))
+
+
+@triton.jit
+def _grouped_step(x, w_base, s_base, cols, cmask, k0, K, stride_wr, stride_sr, acc,
+                  BLOCK_K: tl.constexpr, IEEE: tl.constexpr, DIRECT: tl.constexpr, X: tl.constexpr,
+                  ASM: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] += x [BLOCK_M, BLOCK_K] times the weight rows `cols` over features k0..k0+BLOCK_K:
+    dequantized in feature order (`_dequant_tile`), or DIRECT (`_direct_tile`, acc then holds sums times 2**-X)."""
+    dtype = x.dtype
+    if DIRECT:
+        x_even, x_odd = tl.split(tl.reshape(x, (x.shape[0], BLOCK_K // 2, 2)))
+        low, high = _direct_tile(w_base, s_base, cols, cmask, k0, K, stride_wr, stride_sr, BLOCK_K, dtype, X, ASM)
+        acc = tl.dot(x_even, tl.trans(low), acc)
+        return tl.dot(x_odd, tl.trans(high), acc)
+    else:
+        w = _dequant_tile(w_base, s_base, cols, cmask, k0, K, stride_wr, stride_sr, BLOCK_K, dtype)
+        return dot(x, tl.trans(w), acc, IEEE)
+
+
 @triton.jit
 def _gate_up_grouped_kernel(
     x_ptr, row_slot_ptr, block_expert_ptr, w_ptr, s_ptr, b_ptr, act_ptr,
     D, I, stride_xn, stride_we, stride_wr, stride_se, stride_sr, stride_be, stride_an,
     limit, alpha,
     K_ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, DIRECT: tl.constexpr = False, X: tl.constexpr = 0, ASM: tl.constexpr = False,
 ):
+    # DIRECT: the weights decoded by `_direct_tile` (the batched decode's), else by `_dequant_tile`.
     pid_m = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # mlp1 rows: gate and linear units interleaved
     cmask = cols < 2 * I
@@ -321,14 +436,15 @@ def _gate_up_grouped_kernel(
     token = tl.where(valid, slot // K_ACT, 0)
     w_base = w_ptr + expert * stride_we
     s_base = s_ptr + expert * stride_se
-    dtype = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, tl.where(block_expert >= 0, D, 0), BLOCK_K):  # no iterations for an unused block
         feat = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + token[:, None] * stride_xn + feat[None, :], mask=valid[:, None] & (feat < D)[None, :],
                     other=0.0)  # [BLOCK_M, BLOCK_K]
-        w = _dequant_tile(w_base, s_base, cols, cmask, k0, D, stride_wr, stride_sr, BLOCK_K, dtype)
-        acc = dot(x, tl.trans(w), acc, IEEE)
+        acc = _grouped_step(x, w_base, s_base, cols, cmask, k0, D, stride_wr, stride_sr, acc, BLOCK_K, IEEE, DIRECT,
+                            X, ASM)
+    if DIRECT:
+        acc *= 2.0**X  # exact: a power of two
     acc += tl.load(b_ptr + expert * stride_be + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     gate, lin = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))  # even columns gate, odd linear
     gate = tl.minimum(gate, limit)
@@ -344,7 +460,8 @@ def _down_grouped_kernel(
     act_ptr, row_slot_ptr, block_expert_ptr, wts_ptr, w_ptr, s_ptr, b_ptr, y_ptr, eo_ptr,
     D, I, stride_an, stride_we, stride_wr, stride_se, stride_sr, stride_be,
     K_ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    IEEE: tl.constexpr, PER_EXPERT: tl.constexpr, SUM: tl.constexpr = True,
+    IEEE: tl.constexpr, PER_EXPERT: tl.constexpr, SUM: tl.constexpr = True, DIRECT: tl.constexpr = False,
+    X: tl.constexpr = 0, ASM: tl.constexpr = False,
 ):
     # SUM: the weighted sum over k goes to y (fp32 atomics). Without it only the unweighted per-slot outputs go
     # to eo (PER_EXPERT): the batched decode leaves that sum to the residual norm (kernels/moe_batch.py).
@@ -358,14 +475,15 @@ def _down_grouped_kernel(
     valid = slot >= 0
     w_base = w_ptr + expert * stride_we
     s_base = s_ptr + expert * stride_se
-    dtype = act_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, tl.where(block_expert >= 0, I, 0), BLOCK_K):  # no iterations for an unused block
         feat = k0 + tl.arange(0, BLOCK_K)
         h = tl.load(act_ptr + rows[:, None] * stride_an + feat[None, :], mask=valid[:, None] & (feat < I)[None, :],
                     other=0.0)
-        w = _dequant_tile(w_base, s_base, cols, cmask, k0, I, stride_wr, stride_sr, BLOCK_K, dtype)
-        acc = dot(h, tl.trans(w), acc, IEEE)
+        acc = _grouped_step(h, w_base, s_base, cols, cmask, k0, I, stride_wr, stride_sr, acc, BLOCK_K, IEEE, DIRECT,
+                            X, ASM)
+    if DIRECT:
+        acc *= 2.0**X  # exact: a power of two
     out = acc + tl.load(b_ptr + expert * stride_be + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     safe_slot = tl.where(valid, slot, 0)
     m = valid[:, None] & cmask[None, :]

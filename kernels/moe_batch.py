@@ -19,17 +19,36 @@ Three launches per layer, none waiting on the host (CUDA-graph capturable):
    norm sums it with the routing weights (`add_rms_norm(weights=...)`), as it does for the per-slot path.
 The grid is the worst case, cdiv(N * k, BLOCK_M) + min(E, N * k) row blocks; unused blocks exit at once.
 
+Weight decode (`decode=`): at BLOCK_M 16-32 these kernels are bound by decoding weights on the CUDA cores, not by
+memory (an H200 at N = 64: 401 us a layer, 1.06 TB/s). "dequant" is the prefill's `moe._dequant_tile`, about 10
+operations per code (nibble split, e2m1_to_f32 through fp16 bits, an fp32 scale multiply, a bf16 convert, and
+the join/permute that puts features back in order). "direct" (`moe._direct_tile`, the default for bf16 on a GPU)
+writes each code's bits straight into a bf16 and folds the block scale in with one packed FMA per two codes: 2.5
+operations per code, exact (the notes above `moe._direct_codes`), the low nibbles multiplying the even input
+features and the high nibbles the odd ones. fp32 models keep "dequant"; fp16 runs "direct" only when asked (its
+scale range is narrow, codes 105..128); in Triton's interpreter "direct" takes plain Triton ops (no assembly).
+OSSSCOPE_MOE_GROUPED=dequant switches the default off (e.g. if a GPU's check against the twin fails).
+
 Torch twin: `routing.route_reference`, then `ossscope.ops.moe_experts(per_expert=True)`.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import check, check_float, check_runnable, check_same_device
-from .moe import _check_decode_weights, _down_grouped_kernel, _gate_up_grouped_kernel, _routing_outputs
+from ._common import check, check_float, check_runnable, check_same_device, interpreting
+from .moe import (
+    DIRECT_X,
+    _check_decode_weights,
+    _direct_tile,
+    _down_grouped_kernel,
+    _gate_up_grouped_kernel,
+    _routing_outputs,
+)
 from .routing import check_routing, top_k_softmax
 
 # Tile sizes of the grouped decode; `blocks=` overrides any of them. BLOCK_M is chosen per call from the slots per
@@ -47,6 +66,14 @@ def grouped_blocks(slots: int, experts: int, blocks: dict | None = None) -> dict
     if "BLOCK_M" not in cfg:
         cfg["BLOCK_M"] = min(64, max(16, triton.next_power_of_2(triton.cdiv(2 * slots, experts))))
     return cfg
+
+
+def default_decode(h: torch.Tensor) -> str:
+    """The weight decode `moe_decode_grouped` uses for inputs like h (module notes): "direct" for bf16 on a GPU
+    unless OSSSCOPE_MOE_GROUPED=dequant, else "dequant"."""
+    if h.dtype == torch.bfloat16 and h.is_cuda and os.environ.get("OSSSCOPE_MOE_GROUPED", "") != "dequant":
+        return "direct"
+    return "dequant"
 
 
 def max_row_blocks(slots: int, experts: int, block_m: int) -> int:
@@ -115,6 +142,59 @@ def _route_group_kernel(
         seen += tl.sum(hit, axis=0)
 
 
+@triton.jit
+def _direct_dequantize_kernel(b_ptr, s_ptr, out_ptr, rows, K, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                              dtype: tl.constexpr, X: tl.constexpr, ASM: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = r < rows
+    k0 = tl.program_id(1) * BLOCK_K
+    low, high = _direct_tile(b_ptr, s_ptr, r, rmask, k0, K, K // 2, K // 32, BLOCK_K, dtype, X, ASM)
+    i = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    m = rmask[:, None] & (i < K // 2)[None, :]
+    at = out_ptr + r[:, None] * K + 2 * i[None, :]
+    tl.store(at, low.to(tl.float32) * 2.0**X, mask=m)
+    tl.store(at + 1, high.to(tl.float32) * 2.0**X, mask=m)
+
+
+def direct_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+                      asm: bool | None = None) -> torch.Tensor:
+    """The "direct" decoder on its own (for checks): blocks uint8 [R, G, 16], scales uint8 [R, G] -> fp32
+    [R, G * 32], the weights `moe._direct_tile` gives the dot (in `dtype`), times 2**X back. Equals
+    `ossscope.mxfp4.dequantize` for scale codes in the format's range. asm: the GPU's inline assembly (bf16; the
+    default on a GPU) or plain Triton."""
+    check(blocks.dtype == torch.uint8 and scales.dtype == torch.uint8 and blocks.dim() == 3
+          and blocks.shape[2] == 16 and tuple(scales.shape) == tuple(blocks.shape[:2]),
+          f"need blocks uint8 [R, G, 16] and scales uint8 [R, G], got {tuple(blocks.shape)}, {tuple(scales.shape)}")
+    check(dtype in (torch.bfloat16, torch.float16), f"dtype must be bfloat16 or float16, got {dtype}")
+    check_runnable(blocks)
+    asm = (dtype == torch.bfloat16 and not interpreting()) if asm is None else asm
+    blocks, scales = blocks.contiguous(), scales.contiguous()
+    R, G = scales.shape
+    out = torch.empty(R, G * 32, device=blocks.device, dtype=torch.float32)
+    name = str(dtype).removeprefix("torch.")
+    if R and G:
+        _direct_dequantize_kernel[(triton.cdiv(R, 16), triton.cdiv(G, 2))](
+            blocks, scales, out, R, G * 32, BLOCK_R=16, BLOCK_K=64, dtype=getattr(tl, name), X=DIRECT_X[name],
+            ASM=asm)
+    return out
+
+
+def direct_reference(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Torch twin of the "direct" decode's bit trick, step by step: blocks uint8 [..., G, 16], scales uint8
+    [..., G] -> the 16-bit weights [..., G * 32] in `dtype` that the dot multiplies (the MXFP4 values times
+    2**-X), features in order."""
+    bf16 = dtype == torch.bfloat16
+    man, bias, X = (6, 127, DIRECT_X["bfloat16"]) if bf16 else (9, 15, DIRECT_X["float16"])
+    w = blocks.to(torch.int32)
+    low = ((w & 7) << man) | ((w & 8) << 12)  # v * 2**(1 - bias): the 3 magnitude bits, the sign at bit 15
+    high = ((w & 0x70) << (man - 4)) | ((w & 0x80) << 8)
+    codes = torch.stack([low, high], dim=-1).flatten(-2)  # [..., G, 32]: features 2i, 2i + 1
+    as16 = (codes - ((codes >> 15) << 16)).to(torch.int16).view(dtype)  # the same 16 bits (signed)
+    field = scales.to(torch.int32) + (2 * bias - 128 - X)  # M = 2**(s - 128 + 2 bias - X)
+    mult = (field << (man + 1)).to(torch.int16).view(dtype)
+    return (as16 * mult[..., None]).flatten(-2)
+
+
 def moe_decode_grouped(
     h: torch.Tensor, router_logits: torch.Tensor, k: int,
     mlp1_blocks: torch.Tensor, mlp1_scales: torch.Tensor, mlp1_bias: torch.Tensor,
@@ -122,6 +202,7 @@ def moe_decode_grouped(
     limit: float = 7.0, alpha: float = 1.702, reroute_mask: torch.Tensor | None = None,
     zero_mask: torch.Tensor | None = None, *, indices_out: torch.Tensor | None = None,
     weights_out: torch.Tensor | None = None, out: torch.Tensor | None = None, blocks: dict | None = None,
+    decode: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The batched decode MoE in three launches: h [N, D] (the model's dtype: the MoE norm's output), router_logits
     [N, E] fp32 contiguous (what `add_rms_norm(router=...)` writes) -> (parts fp32 [N * k, D], indices int64
@@ -131,7 +212,9 @@ def moe_decode_grouped(
     [E] bool: chosen, weight 0). parts row n * k + j is expert indices[n, j]'s output on token n, bias included,
     not yet weighted: `add_rms_norm(x, parts, ..., weights=weights)` forms the residual update, like the
     per-slot path's parts (one split). `indices_out`, `weights_out`, `out` receive the results (CUDA-graph
-    buffers); `blocks` overrides tile sizes (`GROUPED_BLOCKS`, BLOCK_M from `grouped_blocks`). No host sync.
+    buffers); `blocks` overrides tile sizes (`GROUPED_BLOCKS`, BLOCK_M from `grouped_blocks`; with "direct", also
+    ASM: False for plain Triton instead of the inline assembly). `decode`: "direct" or "dequant" (module notes;
+    default `default_decode(h)`). No host sync.
     Torch twin: `routing.route_reference`, then `ossscope.ops.moe_experts(per_expert=True)`.
     """
     check(h.dim() == 2 and h.stride(1) == 1, f"h must be [N, D] with contiguous rows, got {tuple(h.shape)}")
@@ -154,6 +237,10 @@ def moe_decode_grouped(
     check_same_device(h=h, router_logits=router_logits, mlp1_blocks=mlp1_blocks, mlp2_blocks=mlp2_blocks,
                       reroute_mask=reroute_mask, zero_mask=zero_mask, indices_out=indices, weights_out=weights,
                       out=parts)
+    decode = default_decode(h) if decode is None else decode
+    check(decode in ("direct", "dequant"), f"decode must be 'direct' or 'dequant', got {decode!r}")
+    check(decode == "dequant" or h.dtype in (torch.bfloat16, torch.float16),
+          f"decode='direct' needs bf16 or fp16 inputs, got {h.dtype}")
     if N == 0:
         return parts, indices, weights
     cfg = grouped_blocks(S, E, blocks)
@@ -172,8 +259,12 @@ def moe_decode_grouped(
         num_warps=4,
     )
     ieee = h.dtype == torch.float32
+    direct = decode == "direct"
+    asm = cfg.get("ASM", h.dtype == torch.bfloat16 and not interpreting()) if direct else False
+    check(not asm or h.dtype == torch.bfloat16, "the direct decode's assembly is for bf16 (pass ASM=False)")
     tiles = dict(K_ACT=k, BLOCK_M=BM, BLOCK_K=cfg["BLOCK_K"], IEEE=ieee, num_warps=cfg["num_warps"],
-                 num_stages=cfg["num_stages"])
+                 num_stages=cfg["num_stages"], DIRECT=direct,
+                 X=DIRECT_X[str(h.dtype).removeprefix("torch.")] if direct else 0, ASM=asm)
     # Grid (row blocks, column tiles): the row blocks of one expert sit next to each other in launch order, so
     # an expert with more than BLOCK_M tokens has its weight tile re-read from L2, not from memory.
     _gate_up_grouped_kernel[(n_blocks, triton.cdiv(2 * I, cfg["BLOCK_N1"]))](

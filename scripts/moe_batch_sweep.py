@@ -8,6 +8,10 @@ router logits random (so about uniform routing, every expert used from N = 16 on
 - time per layer: `graph` = calls on LAYERS different layers' weights in one CUDA graph, replayed (no launch
   gaps, and no weight read twice, so L2 cannot serve them); `eager` = one call, CUDA events (launches included);
 - GB = the bytes of the distinct experts the routing uses (what one read of each needs), TB/s = GB / graph time.
+Grouped paths: "dequant" (moe._dequant_tile, ~10 ops per weight code) and "direct" (moe._direct_tile, ~2.5; the
+default for bf16), a few tile configs each, and `route` = the routing/grouping kernel alone (one program: the fixed
+cost every grouped step pays). First, the direct decoder's bf16 assembly is checked bit-exact against
+`mxfp4.dequantize` (if it is not, every direct row is WRONG too: set OSSSCOPE_MOE_GROUPED=dequant).
 Then the smallest N * k at which the grouped decode wins, as `ossscope.fast.GROUPED_DECODE_SLOTS` wants it.
 """
 
@@ -18,20 +22,29 @@ import json
 import time
 
 import torch
+import triton
 from ossscope.kernels import moe_batch, moe_tc
 from ossscope.kernels.routing import route_reference
 
-from ossscope import fast, kernels, ops
+from ossscope import fast, kernels, mxfp4, ops
 from ossscope.bench import cuda_time, graph_time
 
 E, D, I, K, LAYERS = 32, 2880, 2880, 4, 6
 DEVICE, DTYPE = "cuda", torch.bfloat16
 TOKENS = [1, 8, 16, 32, 64, 128]
-# Grouped configs (BLOCK_M, BLOCK_N1 = BLOCK_N2, BLOCK_K, num_warps, num_stages); {} is moe_batch's default.
-GROUPED = [{}] + [
-    {"BLOCK_M": m, "BLOCK_N1": n, "BLOCK_N2": n, "BLOCK_K": bk, "num_warps": w, "num_stages": s}
-    for m, n, bk, w, s in [(16, 128, 64, 4, 3), (16, 64, 256, 4, 2), (32, 64, 128, 4, 3), (32, 128, 128, 8, 3)]
-]  # few: each new config compiles two kernels (a few seconds), and the visit should stay under two minutes
+# Grouped configs: (decode, blocks); blocks (BLOCK_N1 = BLOCK_N2, BLOCK_K, num_warps, num_stages, and BLOCK_M where
+# given, else moe_batch's choice from the slots per expert); {} is moe_batch's default. Few: each new config
+# compiles two kernels (a few seconds), and the visit should stay under two minutes.
+
+
+def _cfg(n: int, bk: int, w: int, s: int, **extra) -> dict:
+    return {"BLOCK_N1": n, "BLOCK_N2": n, "BLOCK_K": bk, "num_warps": w, "num_stages": s, **extra}
+
+
+GROUPED = [("dequant", {}),  # the best dequant config at N = 64 and 128 (BM16 / BM32 BN64 BK128 w4 s3)
+           ("direct", {}), ("direct", _cfg(128, 64, 4, 3)), ("direct", _cfg(64, 256, 4, 2)),
+           ("direct", _cfg(128, 128, 8, 3)), ("direct", _cfg(64, 128, 4, 3, BLOCK_M=16)),
+           ("direct", _cfg(64, 128, 4, 3, ASM=False))]
 EXPERT_BYTES = 2 * I * (D // 2 + D // 32 + 2) + D * (I // 2 + I // 32 + 2)  # packed weights, scales, bf16 biases
 
 
@@ -62,12 +75,42 @@ def candidate_paths(N: int, h: torch.Tensor, logits: torch.Tensor, routing: dict
         paths.append(("per-slot", "moe_decode_slices (fp8 TC)", lambda w: kernels.moe_decode_slices(
             slices, None, *w, router_logits=logits, k=K, act_slices=act, **routing)[0]))
     parts = torch.empty(N * K, D, device=DEVICE)
-    for cfg in GROUPED:
+    for decode, cfg in GROUPED:
         full = moe_batch.grouped_blocks(N * K, E, cfg)
         name = "BM{BLOCK_M} BN{BLOCK_N1} BK{BLOCK_K} w{num_warps} s{num_stages}".format(**full)
-        paths.append(("grouped", name + (" (default)" if not cfg else ""), lambda w, cfg=cfg: (
-            kernels.moe_decode_grouped(h, logits, K, *w, out=parts, blocks=cfg, **routing)[0])))
+        name += (" plain" if cfg.get("ASM") is False else "") + (" (default)" if not cfg else "")
+        paths.append((decode, name, lambda w, cfg=cfg, decode=decode: kernels.moe_decode_grouped(
+            h, logits, K, *w, out=parts, blocks=cfg, decode=decode, **routing)[0]))
+    # The routing and grouping kernel alone (what moe_decode_grouped launches first), at the default BLOCK_M.
+    BM = moe_batch.grouped_blocks(N * K, E)["BLOCK_M"]
+    n_blocks = moe_batch.max_row_blocks(N * K, E, BM)
+    row_slot = torch.empty(n_blocks * BM, device=DEVICE, dtype=torch.int32)
+    block_expert = torch.empty(n_blocks, device=DEVICE, dtype=torch.int32)
+
+    def route_only(w):
+        moe_batch._route_group_kernel[(1,)](
+            logits, logits, logits, routing["indices_out"], routing["weights_out"], row_slot, block_expert, N, E,
+            row_slot.shape[0], n_blocks, K_ACT=K, K_P2=triton.next_power_of_2(K),
+            BLOCK_E=triton.next_power_of_2(E), BLOCK_T=moe_batch.ROUTE_TOKENS, BLOCK_M=BM, BLOCK_R=1024,
+            HAS_REROUTE=False, HAS_ZERO=False, num_warps=4)
+        return None
+
+    paths.append(("route", f"_route_group_kernel alone (BM{BM})", route_only))
     return paths
+
+
+def check_direct_decoder(w1: torch.Tensor, s1: torch.Tensor) -> bool:
+    """The direct decoder's assembly (bf16) and plain form, bit-exact against mxfp4.dequantize on one expert."""
+    blocks, scales = w1[0], s1[0]  # [2I, D/32, 16], [2I, D/32]
+    want = mxfp4.dequantize(blocks, scales, torch.float32)
+    ok = True
+    for asm in (True, False):
+        got = moe_batch.direct_dequantize(blocks, scales, torch.bfloat16, asm=asm)
+        bad = int((got != want).sum())
+        ok &= bad == 0
+        print(f"direct decoder ({'assembly' if asm else 'plain Triton'}), bf16: "
+              f"{'exact' if bad == 0 else f'{bad} of {want.numel()} values WRONG'}")
+    return ok
 
 
 def measure(fn, layers: list) -> tuple[float, float]:
@@ -83,6 +126,7 @@ def main() -> None:
     began = time.time()
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     layers = [layer_weights(gen) for _ in range(LAYERS)]
+    decoder_ok = check_direct_decoder(layers[0][0], layers[0][1])
     rows: list[dict] = []
     print(f"{'N':>4} {'path':<10} {'config':<34} {'graph us':>9} {'eager us':>9} {'GB':>6} {'TB/s':>6} {'rel err':>8}")
     for N in TOKENS:
@@ -99,39 +143,52 @@ def main() -> None:
         paths = candidate_paths(N, h, logits, routing)
         for path, name, fn in paths:
             try:
-                got = fn(w0).clone()
+                got = fn(w0)
+                got = got.clone() if got is not None else None
                 graph, eager = measure(fn, layers)
             except Exception as e:  # a config that fails to compile (shared memory, registers): report, go on
                 print(f"{N:>4} {path:<10} {name:<34} failed: {type(e).__name__}: {str(e)[:200]}")
                 continue
-            got = got.view(N * K, -1, D).sum(1)  # per-slot parts may be split-K: add the splits
-            err = rel(got, ref_out)
-            ok = err < 2e-2 and torch.equal(idx, ref_i)
+            if got is None:  # the routing kernel alone: only its routing to check
+                err, ok = 0.0, torch.equal(idx, ref_i)
+            else:
+                got = got.view(N * K, -1, D).sum(1)  # per-slot parts may be split-K: add the splits
+                err = rel(got, ref_out)
+                ok = err < 2e-2 and torch.equal(idx, ref_i)
             row = dict(N=N, path=path, config=name, graph_us=graph * 1e6, eager_us=eager * 1e6, GB=gb,
                        TBps=gb / 1e3 / graph, rel_err=err, ok=ok)
             rows.append(row)
             print(f"{N:>4} {path:<10} {name:<34} {graph * 1e6:>9.1f} {eager * 1e6:>9.1f} {gb:>6.3f} "
                   f"{row['TBps']:>6.2f} {err:>8.1e}{'' if ok else '  WRONG'}")
     # Threshold: the largest N * k at which a per-slot path still beats every grouped config (GraphDecoder takes
-    # the grouped decode above it), and the best grouped config per N.
+    # the grouped decode above it), and the best config of each path per N.
     print()
     threshold = 0
     for N in TOKENS:
         good = [r for r in rows if r["N"] == N and r["ok"]]
-        slot = min((r for r in good if r["path"] == "per-slot"), key=lambda r: r["graph_us"], default=None)
-        grp = min((r for r in good if r["path"] == "grouped"), key=lambda r: r["graph_us"], default=None)
+
+        def best(path: str, good=good) -> dict | None:
+            return min((r for r in good if r["path"] == path), key=lambda r: r["graph_us"], default=None)
+
+        slot, grp = best("per-slot"), min(filter(None, [best("dequant"), best("direct")]),
+                                          key=lambda r: r["graph_us"], default=None)
+        line = ", ".join(f"{p} {r['graph_us']:6.1f} us ({r['config']})" for p in ("per-slot", "dequant", "direct",
+                                                                                  "route") if (r := best(p)))
         if slot and grp:
             if slot["graph_us"] <= grp["graph_us"]:
                 threshold = N * K
-            print(f"N {N:>3}: best per-slot {slot['graph_us']:7.1f} us ({slot['config']}), best grouped "
-                  f"{grp['graph_us']:7.1f} us ({grp['config']}); 24 layers of MoE alone: "
-                  f"{N / (24 * min(slot['graph_us'], grp['graph_us']) * 1e-6):,.0f} tok/s")
+            line += (f"; 24 layers of MoE alone: "
+                     f"{N / (24 * min(slot['graph_us'], grp['graph_us']) * 1e-6):,.0f} tok/s")
+        print(f"N {N:>3}: best {line}")
     print(f"recommended ossscope.fast.GROUPED_DECODE_SLOTS = {threshold} (grouped above {threshold} slots; now "
           f"{fast.GROUPED_DECODE_SLOTS})")
+    if not decoder_ok:
+        print("the direct decoder is WRONG on this GPU: run with OSSSCOPE_MOE_GROUPED=dequant (moe_batch notes)")
     print(f"sweep took {time.time() - began:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "recommended_grouped_decode_slots": threshold}, f, indent=1)
+            json.dump({"rows": rows, "recommended_grouped_decode_slots": threshold, "direct_decoder_exact": decoder_ok},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

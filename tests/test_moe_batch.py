@@ -59,14 +59,14 @@ def _masks(gen, which):
     return (reroute if which in ("reroute", "both") else None), (zero if which in ("zero", "both") else None)
 
 
-def _run(gen, N, dtype, logits, r=None, z=None, blocks=SMALL):
+def _run(gen, N, dtype, logits, r=None, z=None, blocks=SMALL, decode=None):
     packed = _experts(gen, E, D, I, dtype)
     h = torch.randn(N, D, generator=gen).to(dtype)
     indices = torch.full((N, K), -7, dtype=torch.int64)
     weights = torch.full((N, K), float("nan"))
     parts = torch.full((N * K, D), float("nan"))
     got = kernels.moe_decode_grouped(h, logits, K, *packed, 7.0, 1.702, r, z, indices_out=indices,
-                                     weights_out=weights, out=parts, blocks=blocks)
+                                     weights_out=weights, out=parts, blocks=blocks, decode=decode)
     assert got[0] is parts and got[1] is indices and got[2] is weights  # the static buffers, written in place
     ref_i, ref_w = route_reference(logits, K, r, z)
     ref_packed = [t.float() if t.is_floating_point() else t for t in packed]
@@ -210,3 +210,80 @@ def test_graph_decoder_batched_moe_matches_torch_path(monkeypatch):
         torch.testing.assert_close(decoder.router_weights[1], seen[names[4]][:, 0])
         torch.testing.assert_close(decoder.router_weights[0], seen[names[5]][:, 0])
     assert len(calls) == 2 * cfg.num_hidden_layers
+
+
+# -- the "direct" weight decode (kernels/moe.py `_direct_tile`) --------------------------------------------------
+# On a GPU bf16 takes inline assembly, which the interpreter cannot run (and its bf16 arithmetic is wrong too): the
+# bit trick is checked here by its torch twin for bf16, and the kernels run their fp16 form (the same code path
+# with fp16 constants); scripts/moe_batch_sweep.py checks the bf16 assembly on the GPU.
+
+
+def _every_byte(groups_per_row: int, rows: int) -> torch.Tensor:
+    return torch.arange(256, dtype=torch.uint8).repeat(rows * groups_per_row * 16 // 256 + 1)[
+        : rows * groups_per_row * 16].reshape(rows, groups_per_row, 16)
+
+
+@pytest.mark.parametrize("dtype, lo, hi", [(torch.bfloat16, 34, 160), (torch.float16, 105, 128)])
+def test_direct_bit_trick_is_exact_over_its_scale_range(dtype, lo, hi):
+    """The twin of the bits the kernels build: every byte, every scale code of the documented range, gives the
+    MXFP4 value times 2**-X exactly (0.5, -0, the largest and smallest scales included)."""
+    codes = torch.arange(lo, hi + 1, dtype=torch.uint8)
+    blocks = _every_byte(1, 16).repeat(len(codes), 1, 1)  # [codes * 16, 1, 16]: every byte under every scale
+    scales = codes.repeat_interleave(16)[:, None]
+    X = kernels.moe.DIRECT_X[str(dtype).removeprefix("torch.")]
+    got = kernels.moe_batch.direct_reference(blocks, scales, dtype)
+    assert got.dtype == dtype
+    assert torch.equal(got.float() * 2.0**X, mxfp4.dequantize(blocks, scales, torch.float32))
+
+
+def test_direct_dequantize_kernel_fp16(gen):
+    """The kernels' decoder (plain Triton, fp16 constants) equals mxfp4.dequantize and the twin; rows and groups
+    not multiples of its blocks (16 rows, 2 groups)."""
+    blocks = _every_byte(5, 21)
+    scales = torch.randint(110, 129, (21, 5), dtype=torch.uint8, generator=gen)
+    got = kernels.moe_batch.direct_dequantize(blocks, scales, torch.float16)
+    assert torch.equal(got, mxfp4.dequantize(blocks, scales, torch.float32))
+    assert torch.equal(got.half(), kernels.moe_batch.direct_reference(blocks, scales, torch.float16))
+
+
+@pytest.mark.parametrize("N", [1, 13])
+def test_grouped_direct_decode_matches_twin_and_dequant(gen, N):
+    """decode="direct" (fp16 form) against the twin, and against decode="dequant" on the same inputs: both
+    multiply exact weights in fp32, so they agree far below fp16's rounding."""
+    logits = torch.randn(N, E, generator=gen)
+    h, packed, parts, indices, weights, ref_i, ref_w, ref_out = _run(gen, N, torch.float16, logits, decode="direct")
+    assert torch.equal(indices, ref_i)
+    torch.testing.assert_close(weights, ref_w, rtol=1e-6, atol=1e-7)
+    assert rel(parts, ref_out.reshape(N * K, D)) < 3e-3
+    other, _, _ = kernels.moe_decode_grouped(h, logits, K, *packed, blocks=SMALL, decode="dequant")
+    assert rel(parts, other) < 1e-5
+
+
+def test_grouped_direct_decode_masks_and_one_expert(gen):
+    """Rerouted and zeroed experts, then 17 tokens all on experts 2, 3, 4 (blocks spanning two of BLOCK_M, the
+    grid's other blocks unused), with the direct decode and BLOCK_K 32 (one group per step)."""
+    N = 11
+    r, z = _masks(gen, "both")
+    logits = torch.randn(N, E, generator=gen)
+    logits[:, z.nonzero()[0]] += 10.0
+    blocks = {**SMALL, "BLOCK_K": 32}
+    _, _, parts, indices, weights, ref_i, ref_w, ref_out = _run(gen, N, torch.float16, logits, r, z, blocks,
+                                                                "direct")
+    assert torch.equal(indices, ref_i) and not r[indices].any() and (weights[z[indices]] == 0).all()
+    assert rel(parts, ref_out.reshape(N * K, D)) < 3e-3
+    N = 17
+    logits = torch.randn(N, E, generator=gen) * 0.1
+    logits[:, 2:5] += torch.tensor([3.0, 2.0, 1.0])
+    _, _, parts, indices, _, ref_i, _, ref_out = _run(gen, N, torch.float16, logits, blocks=blocks, decode="direct")
+    assert (indices == torch.tensor([2, 3, 4])).all()
+    assert rel(parts, ref_out.reshape(N * K, D)) < 3e-3
+
+
+def test_grouped_decode_choice_and_checks(gen):
+    h = torch.randn(3, D)
+    assert kernels.moe_batch.default_decode(h.bfloat16()) == "dequant"  # CPU (the interpreter): no assembly
+    packed = _experts(gen, E, D, I, torch.float32)
+    with pytest.raises(ValueError, match="needs bf16 or fp16"):
+        kernels.moe_decode_grouped(h, torch.randn(3, E), K, *packed, decode="direct")
+    with pytest.raises(ValueError, match="decode must be"):
+        kernels.moe_decode_grouped(h, torch.randn(3, E), K, *packed, decode="fast")
