@@ -55,8 +55,8 @@ class LayerCache:
         k_all = torch.cat((self.k[:, :held], k_new), dim=1)
         v_all = torch.cat((self.v[:, :held], v_new), dim=1)
         T = positions.shape[-1]
-        keep = min(T, self.slots) if self.ring else T  # only the last `window` new keys can ever be seen again
         if positions.dim() == 1:
+            keep = min(T, self.slots) if self.ring else T  # only the last `window` new keys can be seen again
             k_pos = torch.cat((self.pos[0, :held], positions))
             slots = positions[-keep:] % self.slots if self.ring else positions
             self.k[:, slots] = k_new[:, -keep:]
@@ -64,13 +64,27 @@ class LayerCache:
             self.pos[:, slots] = positions[-keep:]
             return k_all, v_all, k_pos
         k_pos = torch.cat((self.pos[:, :held], positions), dim=1)  # [B, S' + T]
-        new_pos = positions[:, -keep:]  # [B, keep]
-        slots = new_pos.clamp(min=0) % self.slots  # [B, keep]; a row at -1 rewrites its slot 0 with itself
-        taking = new_pos >= 0
+        # Per row: a token is stored unless it is padding (-1) or, in a ring, more than a window behind the row's
+        # newest. Stored tokens of a row have distinct slots; every other entry of the scatter repeats one
+        # stored entry of its row (same slot, same value), or rewrites slot 0 with itself, so no two writes of
+        # different values ever race for a slot.
+        newest = positions.amax(dim=1, keepdim=True)  # [B, 1]
+        taking = (positions >= 0) & ((positions > newest - self.slots) if self.ring else True)  # [B, T]
+        slots = positions.clamp(min=0) % self.slots  # [B, T]
+        column = torch.arange(T, device=positions.device).expand_as(positions)
+        last = torch.where(taking, column, -1).amax(dim=1, keepdim=True)  # [B, 1] a stored column, -1: none
+        has = last >= 0
+        pick = last.clamp(min=0)
+        slots = torch.where(taking, slots, torch.where(has, slots.gather(1, pick), 0))
         for buffer, new in ((self.k, k_new), (self.v, v_new)):
-            where = slots[:, :, None, None].expand(-1, -1, *buffer.shape[2:])
-            buffer.scatter_(1, where, torch.where(taking[:, :, None, None], new[:, -keep:], buffer.gather(1, where)))
-        self.pos.scatter_(1, slots, torch.where(taking, new_pos, self.pos.gather(1, slots)))
+            expand = (-1, -1, *buffer.shape[2:])
+            keep_old = buffer[:, :1].expand(-1, T, *buffer.shape[2:])  # slot 0 as it is
+            stand_in = torch.where(has[:, :, None, None], new.gather(1, pick[:, :, None, None].expand(expand)),
+                                   keep_old)  # [B, T, ...]: the row's stored entry, or slot 0 unchanged
+            values = torch.where(taking[:, :, None, None], new, stand_in)
+            buffer.scatter_(1, slots[:, :, None, None].expand(expand), values)
+        pos_stand_in = torch.where(has, positions.gather(1, pick), self.pos[:, :1])
+        self.pos.scatter_(1, slots, torch.where(taking, positions, pos_stand_in))
         return k_all, v_all, k_pos
 
 
@@ -86,6 +100,7 @@ class KVCache:
         self.lengths = [0] * batch_size
         self.shared = True  # every row at the same positions with the same slots filled (see the module docstring)
         self.active: list[bool] | None = None  # during `only(active)`: the rows the next forward feeds
+        self.pad_lengths: list[int] | None = None  # during `padded(lengths)`: each row's real tokens
         self.layers = []
         for layer in range(config.num_hidden_layers):
             ring = config.is_sliding(layer)
@@ -122,19 +137,39 @@ class KVCache:
         """The absolute positions of the next `new_tokens` tokens: [T] in a shared cache, else [B, T] (-1 for the
         rows this step does not feed)."""
         start = self.lengths[0]
-        if self.shared and self.active is None:
+        if self.shared and self.active is None and self.pad_lengths is None:
             return torch.arange(start, start + new_tokens, device=device)
+        real = self.pad_lengths or [new_tokens] * self.batch_size
         rows = [
-            list(range(n, n + new_tokens)) if self.active is None or self.active[b] else [-1] * new_tokens
+            [n + t if t < real[b] else -1 for t in range(new_tokens)] if self.active is None or self.active[b]
+            else [-1] * new_tokens
             for b, n in enumerate(self.lengths)
         ]
         return torch.tensor(rows, dtype=torch.long, device=device)
 
+    def last_indices(self) -> list[int] | None:
+        """During `padded(lengths)`: each row's last real token (where its next-token logits are), else None."""
+        return None if self.pad_lengths is None else [n - 1 for n in self.pad_lengths]
+
     def advance(self, new_tokens: int) -> None:
         for b in self._fed_rows():
-            self.lengths[b] += new_tokens
-        if self.active is not None and not all(self.active):
+            self.lengths[b] += new_tokens if self.pad_lengths is None else self.pad_lengths[b]
+        if (self.active is not None and not all(self.active)) or (
+                self.pad_lengths is not None and len(set(self.pad_lengths)) > 1):
             self.shared = False
+
+    @contextmanager
+    def padded(self, lengths: Sequence[int]) -> Iterator[KVCache]:
+        """Within this block, a forward of T tokens per row feeds row b only its first lengths[b]: the rest is
+        right padding at position -1 (nothing written, nothing attended; its outputs mean nothing), so prompts of
+        different lengths prefill together without changing what each row computes."""
+        if len(lengths) != self.batch_size or min(lengths) < 1:
+            raise ValueError(f"padded needs {self.batch_size} lengths of at least 1, got {list(lengths)}")
+        self.pad_lengths = [int(n) for n in lengths]
+        try:
+            yield self
+        finally:
+            self.pad_lengths = None
 
     @contextmanager
     def only(self, active: Sequence[bool] | None) -> Iterator[KVCache]:
@@ -184,7 +219,7 @@ class _RowCache(KVCache):
     def __init__(self, parent: KVCache, b: int) -> None:  # noqa: D107 (not KVCache's allocation)
         self.parent, self.b = parent, b
         self.config, self.batch_size, self.max_len = parent.config, 1, parent.max_len
-        self.shared, self.active = True, None
+        self.shared, self.active, self.pad_lengths = True, None, None
         self.layers = [LayerCache(self, lc.k[b : b + 1], lc.v[b : b + 1], lc.pos[b : b + 1], lc.ring)
                        for lc in parent.layers]
 

@@ -165,6 +165,7 @@ def chat_stream(
     on_trace: Callable[[Any, Trace], None],
     on_error: Callable[[Any, BaseException], None],
     max_len: int | None = None,
+    prefill_together: bool | None = None,
     **options: Any,
 ) -> None:
     """The loop under `chat_many` and `collect --batch-size`: jobs (key, conversation, per-job options: reasoning,
@@ -172,6 +173,7 @@ def chat_stream(
     work lazily. `on_trace(key, trace)` gets each finished chat; a job whose prompt cannot run (rendering, or
     longer than the cache) goes to `on_error(key, exc)` and the batch goes on. The cache holds `max_len` tokens
     a row (default: the first batch's longest need); `options` are `chat`'s, shared by every job.
+    `prefill_together` (default: on a GPU) refills freed rows in groups with one padded prefill.
     """
     options = {**_CHAT_DEFAULTS, **options}
     if options["response_format"] is not None:
@@ -207,21 +209,34 @@ def chat_stream(
     runs: dict[int, _ChatRun] = {}
     started_at: dict[int, float] = {}
     count = [0]
+    # On a GPU a short prompt's prefill costs the host's launches, not the GPU's work: rows that free up are
+    # refilled in groups (one padded prefill: Decoder.start_rows), once an eighth of the batch is free or
+    # nothing else generates. On a CPU each row is refilled at once, alone.
+    together = model.device.type == "cuda" if prefill_together is None else prefill_together
+    admit_at = max(1, rows // 8) if together else 1
 
-    def start(b: int, job: tuple[Any, _ChatRun] | None) -> None:
-        while job is not None:
-            key, run = job
-            try:
-                n = count[0]
-                run.decoder, run.sequence = decoder, n
-                run.start(decoder.start_row(b, run.prompt_ids, run.max_new_tokens, tag=n))
-            except Exception as exc:  # noqa: BLE001 - e.g. a prompt longer than the cache
-                on_error(key, exc)
-                job = next_run()
+    def admit(slots: list[int], jobs: list[tuple[Any, _ChatRun]] | None = None) -> None:
+        if jobs is None:
+            jobs = [job for job in (next_run() for _ in slots) if job is not None]
+        starts = []
+        for key, run in jobs:
+            if len(run.prompt_ids) >= decoder.cache.max_len:  # one that cannot fit fails alone
+                on_error(key, ContextLimitError(f"the prompt has {len(run.prompt_ids)} tokens; this batch's "
+                                                f"cache holds {decoder.cache.max_len}"))
                 continue
-            keys[n], runs[n], started_at[n] = key, run, time.perf_counter()
+            n = count[0]
             count[0] += 1
-            return
+            run.decoder, run.sequence = decoder, n
+            keys[n], runs[n], started_at[n] = key, run, time.perf_counter()
+            starts.append((slots[len(starts)], run.prompt_ids, run.max_new_tokens, n))
+        if not together:
+            made = [decoder.start_row(*start) for start in starts]
+        elif starts:
+            made = decoder.start_rows(starts)
+        else:
+            made = []
+        for row in made:
+            runs[row.tag].start(row)
 
     def finish(n: int) -> None:
         run = runs.pop(n)
@@ -230,17 +245,20 @@ def chat_stream(
         on_trace(keys.pop(n), run.trace())
 
     try:
-        for b, job in enumerate(first):
-            start(b, job)
+        admit(list(range(rows)), first)
         if not runs:
             return
+        free: list[int] = []
         for step in decoder.run():
             for row in step.rows:
                 if row is not None:
                     runs[row.tag].on_step(step)
             for row in step.finished():
                 finish(row.tag)
-                start(row.slot, next_run())
+                free.append(row.slot)
+            if free and (len(free) >= admit_at or all(decoder.done)):
+                admit(free)
+                free = [b for b in free if decoder.done[b]]  # rows no job was left for
     except Exception as exc:
         for n in list(runs):  # the batch failed: every chat still in it failed with it
             runs.pop(n)

@@ -79,19 +79,35 @@ def prefill(model: Any, input_ids: torch.Tensor, cache: KVCache | None = None, f
     input_ids = model._check_input_ids(input_ids)
     B, T = input_ids.shape
     positions, cos, sin = model.positions_and_rope(B, T, cache)
+    last = cache.last_indices() if cache is not None else None  # padded rows: each row's last real token
+    take_last = (lambda h: h[:, -1]) if last is None else (
+        lambda h: h[torch.arange(B, device=h.device), torch.tensor(last, device=h.device)])
+    if positions.dim() == 2:  # per-row positions: the fused RoPE takes one table, right only if rows start alike
+        starts = {cache.lengths[b] for b in range(B) if cache.active is None or cache.active[b]}
+        fused = fused and len(starts) == 1
+        if fused:
+            cos, sin = _rope_of_longest(cos, sin, positions)
     if fused and not model.hooks_active():
         x = model.embed(input_ids)  # [B, T, D]
         h = _kernels().rms_norm(x, model.blocks[0].attn.norm.scale, model.config.rms_norm_eps)
         _, h = fused_layers(model, x, h, PrefillStage(model, positions, cos, sin, cache))
-        logits = model.unembed(h[:, -1])  # [B, V]
+        logits = model.unembed(take_last(h))  # [B, V]
     else:
         x = model.hook_embed(model.embed(input_ids))
         for layer, block in enumerate(model.blocks):
             x = block(x, positions, cos, sin, cache.layers[layer] if cache is not None else None)
-        logits = model.unembed(model.ln_final(x[:, -1:]))[:, 0]  # [B, V]
+        logits = model.unembed(model.ln_final(take_last(x)[:, None]))[:, 0]  # [B, V]
     if cache is not None:
         cache.advance(T)
     return logits
+
+
+def _rope_of_longest(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One RoPE table [T, Dh/2] for rows that start at the same position (a padded prefill): the row with the most
+    real tokens has every position, and padding (-1) is never seen, so its table serves every row."""
+    longest = (positions >= 0).sum(1).argmax()
+    return cos[longest], sin[longest]
 
 
 def fused_layers(model: Any, x: torch.Tensor, h: torch.Tensor, stage: Any) -> tuple[torch.Tensor, torch.Tensor]:

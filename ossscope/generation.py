@@ -318,6 +318,45 @@ class Decoder:
         row.done = max_new_tokens < 1
         return row
 
+    def start_rows(self, starts: Sequence[tuple[int, Sequence[int], int, Any]]) -> list[Row]:
+        """`start_row` for several rows at once, (b, prompt ids, max_new_tokens, tag) each: their prompts prefill
+        together, right-padded (`KVCache.padded`), into a scratch cache copied into the rows. One prefill instead
+        of one per prompt: on a GPU the host's work to launch a prefill, not the GPU's, is what a short prompt
+        costs. Each row computes what it computes alone, up to the rounding of matrix products of another size."""
+        if len(starts) == 1:
+            b, ids, new, tag = starts[0]
+            return [self.start_row(b, ids, new, tag)]
+        prompts = []
+        for b, ids, _, _ in starts:
+            ids = self._ids(ids, 1)[0].tolist()
+            if not 0 <= b < self.batch_size:
+                raise IndexError(f"row {b} of a batch of {self.batch_size}")
+            if not self.rows_now[b].done and self.cache.lengths[b]:
+                raise RuntimeError(f"row {b} still generates; wait until it stops")
+            if len(ids) >= self.cache.max_len:
+                raise ContextLimitError(f"the prompt has {len(ids)} tokens; the cache holds {self.cache.max_len}")
+            prompts.append(ids)
+        lengths = [len(p) for p in prompts]
+        T = max(lengths)
+        ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts], dtype=torch.long)
+        scratch = self.model.new_cache(batch_size=len(starts), max_len=T)
+        with scratch.padded(lengths):
+            logits = self.engine.prefill(ids, scratch)  # [n, V] at each row's last real token
+        rows = torch.tensor([b for b, *_ in starts], device=self.model.device)
+        for big, small in zip(self.cache.layers, scratch.layers, strict=True):
+            S = small.slots  # a fresh row's first S slots are the scratch's (same ring order: slot = position % W)
+            big.pos[rows] = -1
+            big.k[rows, :S], big.v[rows, :S], big.pos[rows, :S] = small.k, small.v, small.pos
+        out = []
+        for i, (b, _, new, tag) in enumerate(starts):
+            self.cache.lengths[b] = lengths[i]
+            row = self.rows_now[b] = Row(slot=b, limit=new, tag=tag, done=True)
+            self._set_logits(b, logits[i])
+            row.done = new < 1
+            out.append(row)
+        self.cache.shared = False
+        return out
+
     def feed_row(self, b: int, input_ids: Sequence[int] | torch.Tensor) -> None:
         """Append tokens [t] to row b (a tool's answer) without recording them; `resume(b)` lets it go on."""
         ids = self._ids(input_ids, 1)

@@ -124,3 +124,20 @@ def test_tool_calls_in_a_batch_run_in_their_own_rows(model):
     for layer in range(4):
         assert torch.equal(traces[0].router_indices[:, layer],
                            cache[f"blocks.{layer}.mlp.hook_topk_indices"][0, positions])
+
+
+def test_rows_refilled_in_groups_give_each_chat_its_own_run(model):
+    """chat_stream's GPU policy (freed rows refilled together, one padded prefill), forced on the CPU."""
+    from ossscope.chat import chat_stream
+
+    questions = ["What is 2+2?", "Name a colour.", "Why is the sky blue?", "Say hi.", "Count to three."]
+    alone = [chat(model, q, max_new_tokens=7, temperature=0.0) for q in questions]
+    got: dict[int, object] = {}
+    chat_stream(model, ((i, q, {"max_new_tokens": 4 + i % 3}) for i, q in enumerate(questions)), 3,
+                got.__setitem__, lambda key, exc: (_ for _ in ()).throw(exc), prefill_together=True,
+                temperature=0.0)
+    assert sorted(got) == [0, 1, 2, 3, 4]
+    for i, trace in got.items():
+        assert trace.tokens == alone[i].tokens[: 4 + i % 3]
+        n = len(trace.tokens)
+        assert torch.equal(trace.router_indices, alone[i].router_indices[:n])

@@ -102,3 +102,26 @@ def test_decoder_rows_and_errors(tiny_model):
     with pytest.raises(RuntimeError, match="used its 3 tokens"):
         decoder.resume(0)
     decoder.close()
+
+
+def test_prompts_started_together_equal_prompts_started_alone(tiny_model):
+    """start_rows: prompts of different lengths prefilled in one right-padded batch (a scratch cache copied into
+    their rows) give each row the cache, logits and generation that start_row gives it."""
+    prompts = _prompts([3, 12, 7])
+    together = Decoder(tiny_model, batch_size=4, max_len=40, stop_tokens=())
+    alone = Decoder(tiny_model, batch_size=4, max_len=40, stop_tokens=())
+    rows = together.start_rows([(b + 1, p, 5, b) for b, p in enumerate(prompts)])
+    for b, p in enumerate(prompts):
+        alone.start_row(b + 1, p, 5, b)
+    assert together.cache.lengths == alone.cache.lengths == [0, 3, 12, 7]
+    torch.testing.assert_close(together.logits, alone.logits, atol=1e-5, rtol=1e-5)
+    for big, ref in zip(together.cache.layers, alone.cache.layers, strict=True):
+        assert torch.equal(big.pos, ref.pos)
+        held = ref.pos >= 0  # the slots in use (the others hold whatever)
+        torch.testing.assert_close(big.k[held], ref.k[held], atol=1e-5, rtol=1e-5)
+    list(together.run())
+    list(alone.run())
+    assert [r.tokens for r in rows] == [alone.rows_now[b + 1].tokens for b in range(3)]
+    with pytest.raises(RuntimeError, match="still generates"):
+        together.rows_now[1].done = False
+        together.start_rows([(1, [1, 2], 2, None), (2, [3], 2, None)])
