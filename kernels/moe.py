@@ -384,36 +384,87 @@ def _direct_multipliers(scale, dtype: tl.constexpr, X: tl.constexpr):
 
 
 @triton.jit
-def _direct_tile(w_base, s_base, rows, rmask, k0, K, stride_wr, stride_sr,
-                 BLOCK_K: tl.constexpr, dtype: tl.constexpr, X: tl.constexpr, ASM: tl.constexpr):
-    """Packed MXFP4 rows [BLOCK_N] x input features k0..k0+BLOCK_K -> (even features' weights, odd features'
-    weights), [BLOCK_N, BLOCK_K / 2] each in `dtype`, times 2**-X (block scales folded in; notes above)."""
+def _direct_scales(s_base, rows, rmask, k0, K, stride_sr, BLOCK_K: tl.constexpr):
+    """Scale codes [BLOCK_N, BLOCK_K / 32] (uint8) of rows `rows`, features k0..k0+BLOCK_K (0 past K)."""
+    grp = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    return tl.load(s_base + rows[:, None] * stride_sr + grp[None, :], mask=rmask[:, None] & (grp < K // 32)[None, :],
+                   other=0)
+
+
+@triton.jit
+def _direct_codes_tile(w_base, s, rows, rmask, k0, K, stride_wr,
+                       BLOCK_K: tl.constexpr, dtype: tl.constexpr, X: tl.constexpr, ASM: tl.constexpr):
+    """`_direct_tile` with its scale codes s [BLOCK_N, BLOCK_K / 32] already loaded (`_direct_scales`)."""
     BLOCK_N: tl.constexpr = rows.shape[0]
     GROUPS: tl.constexpr = BLOCK_K // 32
     grp = k0 // 32 + tl.arange(0, GROUPS)
     gmask = rmask[:, None] & (grp < K // 32)[None, :]  # [BLOCK_N, GROUPS]
     byte = grp[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]  # a group's 16 bytes, contiguous in its row
     b = tl.load(w_base + rows[:, None, None] * stride_wr + byte, mask=gmask[:, :, None], other=0)  # [BN, G, 16]
-    s = tl.load(s_base + rows[:, None] * stride_sr + grp[None, :], mask=gmask, other=0)  # [BN, G]
     low, high = _direct_codes(b, _direct_multipliers(s, dtype, X)[:, :, None], dtype, ASM)
     return tl.reshape(low, (BLOCK_N, BLOCK_K // 2)), tl.reshape(high, (BLOCK_N, BLOCK_K // 2))
 
 
 @triton.jit
-def _grouped_step(x, w_base, s_base, cols, cmask, k0, K, stride_wr, stride_sr, acc,
-                  BLOCK_K: tl.constexpr, IEEE: tl.constexpr, DIRECT: tl.constexpr, X: tl.constexpr,
-                  ASM: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] += x [BLOCK_M, BLOCK_K] times the weight rows `cols` over features k0..k0+BLOCK_K:
-    dequantized in feature order (`_dequant_tile`), or DIRECT (`_direct_tile`, acc then holds sums times 2**-X)."""
-    dtype = x.dtype
-    if DIRECT:
-        x_even, x_odd = tl.split(tl.reshape(x, (x.shape[0], BLOCK_K // 2, 2)))
-        low, high = _direct_tile(w_base, s_base, cols, cmask, k0, K, stride_wr, stride_sr, BLOCK_K, dtype, X, ASM)
-        acc = tl.dot(x_even, tl.trans(low), acc)
-        return tl.dot(x_odd, tl.trans(high), acc)
+def _direct_tile(w_base, s_base, rows, rmask, k0, K, stride_wr, stride_sr,
+                 BLOCK_K: tl.constexpr, dtype: tl.constexpr, X: tl.constexpr, ASM: tl.constexpr):
+    """Packed MXFP4 rows [BLOCK_N] x input features k0..k0+BLOCK_K -> (even features' weights, odd features'
+    weights), [BLOCK_N, BLOCK_K / 2] each in `dtype`, times 2**-X (block scales folded in; notes above)."""
+    s = _direct_scales(s_base, rows, rmask, k0, K, stride_sr, BLOCK_K)
+    return _direct_codes_tile(w_base, s, rows, rmask, k0, K, stride_wr, BLOCK_K, dtype, X, ASM)
+
+
+@triton.jit
+def _direct_inputs(x_ptr, row, valid, k0, K, stride_xn, BLOCK_K: tl.constexpr, SPLIT_X: tl.constexpr):
+    """The input rows `row` (valid [BLOCK_M]) over features k0..k0+BLOCK_K, as the direct decode multiplies them:
+    (even features, odd features), [BLOCK_M, BLOCK_K / 2] each. x_ptr rows are in feature order (split here, in
+    registers: 2 byte permutes per 4 inputs, in every warp) or, SPLIT_X, already split ([rows, 2, K / 2]: the K / 2
+    even features, then the odd ones), read as two contiguous tiles."""
+    if SPLIT_X:
+        half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        m = valid[:, None] & (half < K // 2)[None, :]
+        at = x_ptr + row[:, None] * stride_xn + half[None, :]
+        x_even = tl.load(at, mask=m, other=0.0)
+        x_odd = tl.load(at + K // 2, mask=m, other=0.0)
     else:
-        w = _dequant_tile(w_base, s_base, cols, cmask, k0, K, stride_wr, stride_sr, BLOCK_K, dtype)
-        return dot(x, tl.trans(w), acc, IEEE)
+        feat = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + row[:, None] * stride_xn + feat[None, :], mask=valid[:, None] & (feat < K)[None, :],
+                    other=0.0)  # [BLOCK_M, BLOCK_K]
+        x_even, x_odd = tl.split(tl.reshape(x, (x.shape[0], BLOCK_K // 2, 2)))
+    return x_even, x_odd
+
+
+@triton.jit
+def _direct_matmul(x_ptr, row, valid, w_base, s_base, cols, cmask, n_k, K, stride_xn, stride_wr, stride_sr, acc,
+                   BLOCK_K: tl.constexpr, X: tl.constexpr, ASM: tl.constexpr, SPLIT_X: tl.constexpr,
+                   PREFETCH_S: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] += x rows `row` times the weight rows `cols` over features 0..n_k (n_k is K, or 0 for
+    an unused block), with the direct decode (acc holds sums times 2**-X). PREFETCH_S: each step's scale codes are
+    read one step ahead, into registers: the scales (BLOCK_K / 32 bytes a row, too few for the asynchronous
+    copies that pipeline the weights) otherwise wait a full memory latency inside every step."""
+    dtype = x_ptr.dtype.element_ty
+    if PREFETCH_S:
+        s_next = _direct_scales(s_base, cols, cmask, 0, K, stride_sr, BLOCK_K)  # (an unused block: expert 0's)
+    for k0 in range(0, n_k, BLOCK_K):
+        x_even, x_odd = _direct_inputs(x_ptr, row, valid, k0, K, stride_xn, BLOCK_K, SPLIT_X)
+        if PREFETCH_S:
+            low, high = _direct_codes_tile(w_base, s_next, cols, cmask, k0, K, stride_wr, BLOCK_K, dtype, X, ASM)
+            s_next = _direct_scales(s_base, cols, cmask, k0 + BLOCK_K, K, stride_sr, BLOCK_K)  # 0 past the end
+        else:
+            low, high = _direct_tile(w_base, s_base, cols, cmask, k0, K, stride_wr, stride_sr, BLOCK_K, dtype, X,
+                                     ASM)
+        acc = tl.dot(x_even, tl.trans(low), acc)
+        acc = tl.dot(x_odd, tl.trans(high), acc)
+    return acc * 2.0**X  # exact: a power of two
+
+
+@triton.jit
+def _grouped_step(x, w_base, s_base, cols, cmask, k0, K, stride_wr, stride_sr, acc,
+                  BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] += x [BLOCK_M, BLOCK_K] times the weight rows `cols` over features k0..k0+BLOCK_K,
+    dequantized in feature order (`_dequant_tile`). (The direct decode's loop is `_direct_matmul`.)"""
+    w = _dequant_tile(w_base, s_base, cols, cmask, k0, K, stride_wr, stride_sr, BLOCK_K, x.dtype)
+    return dot(x, tl.trans(w), acc, IEEE)
 
 
 @triton.jit
@@ -423,8 +474,11 @@ def _gate_up_grouped_kernel(
     limit, alpha,
     K_ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     IEEE: tl.constexpr, DIRECT: tl.constexpr = False, X: tl.constexpr = 0, ASM: tl.constexpr = False,
+    SPLIT_X: tl.constexpr = False, PREFETCH_S: tl.constexpr = False,
 ):
-    # DIRECT: the weights decoded by `_direct_tile` (the batched decode's), else by `_dequant_tile`.
+    # DIRECT: the weights decoded by `_direct_matmul` (the batched decode's), else by `_dequant_tile`. SPLIT_X
+    # (direct only): x is [N, 2, D / 2] (even features, then odd), and act is written the same way ([rows, 2,
+    # I / 2]) for the down kernel's SPLIT_X. PREFETCH_S: `_direct_matmul`.
     pid_m = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # mlp1 rows: gate and linear units interleaved
     cmask = cols < 2 * I
@@ -437,21 +491,26 @@ def _gate_up_grouped_kernel(
     w_base = w_ptr + expert * stride_we
     s_base = s_ptr + expert * stride_se
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, tl.where(block_expert >= 0, D, 0), BLOCK_K):  # no iterations for an unused block
-        feat = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + token[:, None] * stride_xn + feat[None, :], mask=valid[:, None] & (feat < D)[None, :],
-                    other=0.0)  # [BLOCK_M, BLOCK_K]
-        acc = _grouped_step(x, w_base, s_base, cols, cmask, k0, D, stride_wr, stride_sr, acc, BLOCK_K, IEEE, DIRECT,
-                            X, ASM)
+    n_k = tl.where(block_expert >= 0, D, 0)  # no iterations for an unused block
     if DIRECT:
-        acc *= 2.0**X  # exact: a power of two
+        acc = _direct_matmul(x_ptr, token, valid, w_base, s_base, cols, cmask, n_k, D, stride_xn, stride_wr,
+                             stride_sr, acc, BLOCK_K, X, ASM, SPLIT_X, PREFETCH_S)
+    else:
+        for k0 in range(0, n_k, BLOCK_K):
+            feat = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + token[:, None] * stride_xn + feat[None, :],
+                        mask=valid[:, None] & (feat < D)[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+            acc = _grouped_step(x, w_base, s_base, cols, cmask, k0, D, stride_wr, stride_sr, acc, BLOCK_K, IEEE)
     acc += tl.load(b_ptr + expert * stride_be + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     gate, lin = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))  # even columns gate, odd linear
     gate = tl.minimum(gate, limit)
     lin = tl.minimum(tl.maximum(lin, -limit), limit)
     h = gate * tl.sigmoid(alpha * gate) * (lin + 1.0)
     units = tl.program_id(1) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-    out = act_ptr + rows[:, None] * stride_an + units[None, :]
+    if SPLIT_X:  # unit u to column u // 2 (even u) or I / 2 + u // 2 (odd u)
+        out = act_ptr + rows[:, None] * stride_an + ((units % 2) * (I // 2) + units // 2)[None, :]
+    else:
+        out = act_ptr + rows[:, None] * stride_an + units[None, :]
     tl.store(out, h.to(act_ptr.dtype.element_ty), mask=valid[:, None] & (units < I)[None, :])
 
 
@@ -461,8 +520,9 @@ def _down_grouped_kernel(
     D, I, stride_an, stride_we, stride_wr, stride_se, stride_sr, stride_be,
     K_ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     IEEE: tl.constexpr, PER_EXPERT: tl.constexpr, SUM: tl.constexpr = True, DIRECT: tl.constexpr = False,
-    X: tl.constexpr = 0, ASM: tl.constexpr = False,
+    X: tl.constexpr = 0, ASM: tl.constexpr = False, SPLIT_X: tl.constexpr = False, PREFETCH_S: tl.constexpr = False,
 ):
+    # DIRECT, SPLIT_X (act [rows, 2, I / 2], as gate/up writes it with SPLIT_X), PREFETCH_S: as in gate/up.
     # SUM: the weighted sum over k goes to y (fp32 atomics). Without it only the unweighted per-slot outputs go
     # to eo (PER_EXPERT): the batched decode leaves that sum to the residual norm (kernels/moe_batch.py).
     pid_m = tl.program_id(0)
@@ -476,14 +536,16 @@ def _down_grouped_kernel(
     w_base = w_ptr + expert * stride_we
     s_base = s_ptr + expert * stride_se
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, tl.where(block_expert >= 0, I, 0), BLOCK_K):  # no iterations for an unused block
-        feat = k0 + tl.arange(0, BLOCK_K)
-        h = tl.load(act_ptr + rows[:, None] * stride_an + feat[None, :], mask=valid[:, None] & (feat < I)[None, :],
-                    other=0.0)
-        acc = _grouped_step(h, w_base, s_base, cols, cmask, k0, I, stride_wr, stride_sr, acc, BLOCK_K, IEEE, DIRECT,
-                            X, ASM)
+    n_k = tl.where(block_expert >= 0, I, 0)  # no iterations for an unused block
     if DIRECT:
-        acc *= 2.0**X  # exact: a power of two
+        acc = _direct_matmul(act_ptr, rows, valid, w_base, s_base, cols, cmask, n_k, I, stride_an, stride_wr,
+                             stride_sr, acc, BLOCK_K, X, ASM, SPLIT_X, PREFETCH_S)
+    else:
+        for k0 in range(0, n_k, BLOCK_K):
+            feat = k0 + tl.arange(0, BLOCK_K)
+            h = tl.load(act_ptr + rows[:, None] * stride_an + feat[None, :],
+                        mask=valid[:, None] & (feat < I)[None, :], other=0.0)
+            acc = _grouped_step(h, w_base, s_base, cols, cmask, k0, I, stride_wr, stride_sr, acc, BLOCK_K, IEEE)
     out = acc + tl.load(b_ptr + expert * stride_be + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     safe_slot = tl.where(valid, slot, 0)
     m = valid[:, None] & cmask[None, :]

@@ -51,18 +51,26 @@ from .moe import (
 )
 from .routing import check_routing, top_k_softmax
 
-# Tile sizes of the grouped decode; `blocks=` overrides any of them. BLOCK_M is chosen per call from the slots per
-# expert (`grouped_blocks`) unless given. First guesses for an H200, to be settled by scripts/moe_batch_sweep.py:
-# at BLOCK_M 16-32 the kernels are bound by decoding weight tiles on the CUDA cores, so tiles are narrow in N
-# (more programs to spread the 32 experts' bytes over 132 SMs) and long in K (64 contiguous bytes a row).
-GROUPED_BLOCKS = {"BLOCK_N1": 64, "BLOCK_N2": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+# Tile sizes of the grouped decode per weight decode; `blocks=` overrides any of them. BLOCK_M is chosen per call
+# from the slots per expert (`grouped_blocks`) unless given. Measured on an H200 (scripts/moe_batch_sweep.py, 20b
+# shape, us per layer at N = 16 / 32 / 64 / 128 tokens): "direct" with BLOCK_N 128, BLOCK_K 64 took 241 / 276 /
+# 288 / 369 against 265 / 301 / 320 / 450 with dequant's BLOCK_N 64, BLOCK_K 128 (BK 256 and 8 warps were
+# slower); dequant's tiles are its best of that sweep. The direct kernels' flags (docs/notes/moe_batch_decode.md):
+# SPLIT_X (inputs split into even and odd features once per layer, not in every warp of every step) and
+# PREFETCH_S (each step's scales read a step ahead), off by default until a sweep says otherwise.
+GROUPED_BLOCKS = {
+    "dequant": {"BLOCK_N1": 64, "BLOCK_N2": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
+    "direct": {"BLOCK_N1": 128, "BLOCK_N2": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3,
+               "SPLIT_X": False, "PREFETCH_S": False},
+}
 ROUTE_TOKENS = 32  # tokens per step of the routing program's loops
 
 
-def grouped_blocks(slots: int, experts: int, blocks: dict | None = None) -> dict:
-    """The grouped decode's tile sizes for `slots` (token, choice) slots over `experts` experts: BLOCK_M about
-    twice the mean slots per expert (routing is uneven), a power of two in 16..64 (tl.dot needs M >= 16)."""
-    cfg = {**GROUPED_BLOCKS, **(blocks or {})}
+def grouped_blocks(slots: int, experts: int, blocks: dict | None = None, decode: str = "direct") -> dict:
+    """The grouped decode's tile sizes for `slots` (token, choice) slots over `experts` experts with weight decode
+    `decode`: GROUPED_BLOCKS[decode] updated by `blocks`, and BLOCK_M (unless given) about twice the mean slots
+    per expert (routing is uneven), a power of two in 16..64 (tl.dot needs M >= 16)."""
+    cfg = {**GROUPED_BLOCKS[decode], **(blocks or {})}
     if "BLOCK_M" not in cfg:
         cfg["BLOCK_M"] = min(64, max(16, triton.next_power_of_2(triton.cdiv(2 * slots, experts))))
     return cfg
@@ -212,8 +220,9 @@ def moe_decode_grouped(
     [E] bool: chosen, weight 0). parts row n * k + j is expert indices[n, j]'s output on token n, bias included,
     not yet weighted: `add_rms_norm(x, parts, ..., weights=weights)` forms the residual update, like the
     per-slot path's parts (one split). `indices_out`, `weights_out`, `out` receive the results (CUDA-graph
-    buffers); `blocks` overrides tile sizes (`GROUPED_BLOCKS`, BLOCK_M from `grouped_blocks`; with "direct", also
-    ASM: False for plain Triton instead of the inline assembly). `decode`: "direct" or "dequant" (module notes;
+    buffers); `blocks` overrides tile sizes (`GROUPED_BLOCKS[decode]`, BLOCK_M from `grouped_blocks`; with
+    "direct", also ASM: False for plain Triton instead of the inline assembly, and the flags SPLIT_X and
+    PREFETCH_S: `moe._direct_matmul`). `decode`: "direct" or "dequant" (module notes;
     default `default_decode(h)`). No host sync.
     Torch twin: `routing.route_reference`, then `ossscope.ops.moe_experts(per_expert=True)`.
     """
@@ -243,12 +252,15 @@ def moe_decode_grouped(
           f"decode='direct' needs bf16 or fp16 inputs, got {h.dtype}")
     if N == 0:
         return parts, indices, weights
-    cfg = grouped_blocks(S, E, blocks)
+    cfg = grouped_blocks(S, E, blocks, decode)
+    check(decode == "direct" or not (cfg.get("SPLIT_X") or cfg.get("PREFETCH_S")),
+          "SPLIT_X and PREFETCH_S are flags of decode='direct'")
     BM = cfg["BLOCK_M"]
     n_blocks = max_row_blocks(S, E, BM)
     row_slot = torch.empty(n_blocks * BM, device=h.device, dtype=torch.int32)  # filled by the routing kernel
     block_expert = torch.empty(n_blocks, device=h.device, dtype=torch.int32)
-    act = torch.empty(n_blocks * BM, I, device=h.device, dtype=h.dtype)  # SwiGLU outputs, grouped rows
+    act = torch.empty(n_blocks * BM, I, device=h.device, dtype=h.dtype)  # SwiGLU outputs, grouped rows (SPLIT_X:
+    # each row's even units, then its odd ones)
     placeholder = router_logits  # for mask pointers a kernel never reads
     _route_group_kernel[(1,)](
         router_logits, reroute_mask if reroute_mask is not None else placeholder,
@@ -262,9 +274,13 @@ def moe_decode_grouped(
     direct = decode == "direct"
     asm = cfg.get("ASM", h.dtype == torch.bfloat16 and not interpreting()) if direct else False
     check(not asm or h.dtype == torch.bfloat16, "the direct decode's assembly is for bf16 (pass ASM=False)")
+    split = bool(cfg.get("SPLIT_X", False))
     tiles = dict(K_ACT=k, BLOCK_M=BM, BLOCK_K=cfg["BLOCK_K"], IEEE=ieee, num_warps=cfg["num_warps"],
                  num_stages=cfg["num_stages"], DIRECT=direct,
-                 X=DIRECT_X[str(h.dtype).removeprefix("torch.")] if direct else 0, ASM=asm)
+                 X=DIRECT_X[str(h.dtype).removeprefix("torch.")] if direct else 0, ASM=asm, SPLIT_X=split,
+                 PREFETCH_S=bool(cfg.get("PREFETCH_S", False)))
+    if split:  # x [N, D] -> [N, 2, D / 2] (even features, then odd): one copy a layer, N * D * 2 bytes
+        h = h.view(N, D // 2, 2).transpose(1, 2).contiguous()
     # Grid (row blocks, column tiles): the row blocks of one expert sit next to each other in launch order, so
     # an expert with more than BLOCK_M tokens has its weight tile re-read from L2, not from memory.
     _gate_up_grouped_kernel[(n_blocks, triton.cdiv(2 * I, cfg["BLOCK_N1"]))](

@@ -8,9 +8,10 @@ router logits random (so about uniform routing, every expert used from N = 16 on
 - time per layer: `graph` = calls on LAYERS different layers' weights in one CUDA graph, replayed (no launch
   gaps, and no weight read twice, so L2 cannot serve them); `eager` = one call, CUDA events (launches included);
 - GB = the bytes of the distinct experts the routing uses (what one read of each needs), TB/s = GB / graph time.
-Grouped paths: "dequant" (moe._dequant_tile, ~10 ops per weight code) and "direct" (moe._direct_tile, ~2.5; the
-default for bf16), a few tile configs each, and `route` = the routing/grouping kernel alone (one program: the fixed
-cost every grouped step pays). First, the direct decoder's bf16 assembly is checked bit-exact against
+Grouped paths: "dequant" (moe._dequant_tile, ~10 ops per weight code; its default tiles only) and "direct"
+(moe._direct_matmul, ~2.5; the default for bf16) at its default and with its variants (SPLIT_X, PREFETCH_S, a
+narrower down tile; docs/notes/moe_batch_decode.md), and `route` = the routing/grouping kernel alone (one
+program: the fixed cost every grouped step pays). First, the direct decoder's bf16 assembly is checked bit-exact against
 `mxfp4.dequantize` (if it is not, every direct row is WRONG too: set OSSSCOPE_MOE_GROUPED=dequant).
 Then the smallest N * k at which the grouped decode wins, as `ossscope.fast.GROUPED_DECODE_SLOTS` wants it.
 """
@@ -31,20 +32,24 @@ from ossscope.bench import cuda_time, graph_time
 
 E, D, I, K, LAYERS = 32, 2880, 2880, 4, 6
 DEVICE, DTYPE = "cuda", torch.bfloat16
-TOKENS = [1, 8, 16, 32, 64, 128]
-# Grouped configs: (decode, blocks); blocks (BLOCK_N1 = BLOCK_N2, BLOCK_K, num_warps, num_stages, and BLOCK_M where
-# given, else moe_batch's choice from the slots per expert); {} is moe_batch's default. Few: each new config
-# compiles two kernels (a few seconds), and the visit should stay under two minutes.
+TOKENS = [8, 16, 32, 64, 128]
+# Grouped configs: (decode, blocks); blocks (BLOCK_N1 = BLOCK_N2 unless given, BLOCK_K, num_warps, num_stages, the
+# direct flags SPLIT_X / PREFETCH_S, and BLOCK_M where given, else moe_batch's choice from the slots per expert);
+# {} is moe_batch's default for that decode. Few: each new config compiles two kernels (a few seconds), and the
+# visit should stay under 90 s.
 
 
 def _cfg(n: int, bk: int, w: int, s: int, **extra) -> dict:
     return {"BLOCK_N1": n, "BLOCK_N2": n, "BLOCK_K": bk, "num_warps": w, "num_stages": s, **extra}
 
 
-GROUPED = [("dequant", {}),  # the best dequant config at N = 64 and 128 (BM16 / BM32 BN64 BK128 w4 s3)
-           ("direct", {}), ("direct", _cfg(128, 64, 4, 3)), ("direct", _cfg(64, 256, 4, 2)),
-           ("direct", _cfg(128, 128, 8, 3)), ("direct", _cfg(64, 128, 4, 3, BLOCK_M=16)),
-           ("direct", _cfg(64, 128, 4, 3, ASM=False))]
+GROUPED = [("dequant", {}),  # dequant's default (BN64 BK128 w4 s3), the reference for the direct variants
+           ("direct", {}),  # the default: BN128 BK64 w4 s3
+           ("direct", {"PREFETCH_S": True}),  # scales read a step ahead (SASS: no memory wait per step)
+           ("direct", {"SPLIT_X": True}),  # x / act split even-odd once (fewer permutes, more moves in SASS)
+           ("direct", {"SPLIT_X": True, "PREFETCH_S": True}),
+           ("direct", {"BLOCK_N2": 64}),  # down in narrower tiles: 45 column tiles, about 2 waves instead of 1.15
+           ("direct", {"BLOCK_N2": 64, "PREFETCH_S": True})]
 EXPERT_BYTES = 2 * I * (D // 2 + D // 32 + 2) + D * (I // 2 + I // 32 + 2)  # packed weights, scales, bf16 biases
 
 
@@ -76,13 +81,16 @@ def candidate_paths(N: int, h: torch.Tensor, logits: torch.Tensor, routing: dict
             slices, None, *w, router_logits=logits, k=K, act_slices=act, **routing)[0]))
     parts = torch.empty(N * K, D, device=DEVICE)
     for decode, cfg in GROUPED:
-        full = moe_batch.grouped_blocks(N * K, E, cfg)
-        name = "BM{BLOCK_M} BN{BLOCK_N1} BK{BLOCK_K} w{num_warps} s{num_stages}".format(**full)
+        full = moe_batch.grouped_blocks(N * K, E, cfg, decode)
+        name = "BM{BLOCK_M} BN{BLOCK_N1}".format(**full)
+        name += (f"/{full['BLOCK_N2']}" if full["BLOCK_N2"] != full["BLOCK_N1"] else "")
+        name += " BK{BLOCK_K} w{num_warps} s{num_stages}".format(**full)
+        name += "".join(f" {f}" for f in ("SPLIT_X", "PREFETCH_S") if full.get(f))
         name += (" plain" if cfg.get("ASM") is False else "") + (" (default)" if not cfg else "")
         paths.append((decode, name, lambda w, cfg=cfg, decode=decode: kernels.moe_decode_grouped(
             h, logits, K, *w, out=parts, blocks=cfg, decode=decode, **routing)[0]))
     # The routing and grouping kernel alone (what moe_decode_grouped launches first), at the default BLOCK_M.
-    BM = moe_batch.grouped_blocks(N * K, E)["BLOCK_M"]
+    BM = moe_batch.grouped_blocks(N * K, E, decode="direct")["BLOCK_M"]
     n_blocks = moe_batch.max_row_blocks(N * K, E, BM)
     row_slot = torch.empty(n_blocks * BM, device=DEVICE, dtype=torch.int32)
     block_expert = torch.empty(n_blocks, device=DEVICE, dtype=torch.int32)
@@ -128,7 +136,7 @@ def main() -> None:
     layers = [layer_weights(gen) for _ in range(LAYERS)]
     decoder_ok = check_direct_decoder(layers[0][0], layers[0][1])
     rows: list[dict] = []
-    print(f"{'N':>4} {'path':<10} {'config':<34} {'graph us':>9} {'eager us':>9} {'GB':>6} {'TB/s':>6} {'rel err':>8}")
+    print(f"{'N':>4} {'path':<10} {'config':<44} {'graph us':>9} {'eager us':>9} {'GB':>6} {'TB/s':>6} {'rel err':>8}")
     for N in TOKENS:
         h = torch.randn(N, D, device=DEVICE, generator=gen).to(DTYPE)
         logits = torch.randn(N, E, device=DEVICE, generator=gen)
@@ -147,7 +155,7 @@ def main() -> None:
                 got = got.clone() if got is not None else None
                 graph, eager = measure(fn, layers)
             except Exception as e:  # a config that fails to compile (shared memory, registers): report, go on
-                print(f"{N:>4} {path:<10} {name:<34} failed: {type(e).__name__}: {str(e)[:200]}")
+                print(f"{N:>4} {path:<10} {name:<44} failed: {type(e).__name__}: {str(e)[:200]}")
                 continue
             if got is None:  # the routing kernel alone: only its routing to check
                 err, ok = 0.0, torch.equal(idx, ref_i)
@@ -158,7 +166,7 @@ def main() -> None:
             row = dict(N=N, path=path, config=name, graph_us=graph * 1e6, eager_us=eager * 1e6, GB=gb,
                        TBps=gb / 1e3 / graph, rel_err=err, ok=ok)
             rows.append(row)
-            print(f"{N:>4} {path:<10} {name:<34} {graph * 1e6:>9.1f} {eager * 1e6:>9.1f} {gb:>6.3f} "
+            print(f"{N:>4} {path:<10} {name:<44} {graph * 1e6:>9.1f} {eager * 1e6:>9.1f} {gb:>6.3f} "
                   f"{row['TBps']:>6.2f} {err:>8.1e}{'' if ok else '  WRONG'}")
     # Threshold: the largest N * k at which a per-slot path still beats every grouped config (GraphDecoder takes
     # the grouped decode above it), and the best config of each path per N.

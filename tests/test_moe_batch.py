@@ -164,6 +164,10 @@ def test_grouped_decode_default_blocks_and_checks(gen):
     assert kernels.moe_batch.grouped_blocks(8 * 4, 32)["BLOCK_M"] == 16
     assert kernels.moe_batch.grouped_blocks(128 * 4, 32)["BLOCK_M"] == 32
     assert kernels.moe_batch.grouped_blocks(128 * 4, 32, {"BLOCK_M": 64})["BLOCK_M"] == 64
+    # The measured defaults of each decode (moe_batch notes): direct BN 128 BK 64, dequant BN 64 BK 128.
+    direct, dequant = (kernels.moe_batch.grouped_blocks(64 * 4, 32, decode=d) for d in ("direct", "dequant"))
+    assert (direct["BLOCK_N1"], direct["BLOCK_N2"], direct["BLOCK_K"], direct["num_warps"]) == (128, 128, 64, 4)
+    assert (dequant["BLOCK_N1"], dequant["BLOCK_K"]) == (64, 128) and "SPLIT_X" not in dequant
     packed = _experts(gen, E, D, I, torch.float32)
     h, logits = torch.randn(3, D), torch.randn(3, E)
     with pytest.raises(ValueError, match="router_logits must be contiguous"):
@@ -178,7 +182,8 @@ def test_graph_decoder_batched_moe_matches_torch_path(monkeypatch):
     """GraphDecoder (eager) at a batch whose slots exceed the threshold takes the grouped MoE, and still matches
     the torch forward: logits, routing records, resid_mid / mlp_out captures, rerouting and steering."""
     monkeypatch.setattr(fast, "GROUPED_DECODE_SLOTS", 8)  # tiny: k = 2, batch 5 -> 10 slots
-    monkeypatch.setattr(kernels.moe_batch, "GROUPED_BLOCKS", {**SMALL, "BLOCK_N1": 64, "BLOCK_N2": 64})
+    small = {**SMALL, "BLOCK_N1": 64, "BLOCK_N2": 64}
+    monkeypatch.setattr(kernels.moe_batch, "GROUPED_BLOCKS", {"dequant": small, "direct": small})
     calls = []
     grouped = kernels.moe_decode_grouped
     monkeypatch.setattr(kernels, "moe_decode_grouped", lambda *a, **kw: calls.append(1) or grouped(*a, **kw))
@@ -287,3 +292,51 @@ def test_grouped_decode_choice_and_checks(gen):
         kernels.moe_decode_grouped(h, torch.randn(3, E), K, *packed, decode="direct")
     with pytest.raises(ValueError, match="decode must be"):
         kernels.moe_decode_grouped(h, torch.randn(3, E), K, *packed, decode="fast")
+
+
+# The direct kernels' flags (moe._direct_matmul): SPLIT_X (inputs and act split into even / odd features once) and
+# PREFETCH_S (scales read a step ahead), each alone and together, fp16 through the interpreter, against the twin
+# and bit for bit against the default direct path (same products, same order of sums).
+VARIANTS = [{"SPLIT_X": True}, {"PREFETCH_S": True}, {"SPLIT_X": True, "PREFETCH_S": True}]
+
+
+@pytest.mark.parametrize("flags", VARIANTS, ids=lambda f: "+".join(f))
+def test_grouped_direct_variants_match_twin_and_default(gen, flags):
+    """13 tokens (blocks not full, unused blocks at the end), BLOCK_K 32 so the scale prefetch crosses several
+    steps and runs past the last one; then 17 tokens all on experts 2, 3, 4 (each spans two row blocks)."""
+    blocks = {**SMALL, "BLOCK_K": 32, **flags}
+    for N, one_expert in [(13, False), (17, True)]:
+        logits = torch.randn(N, E, generator=gen) * (0.1 if one_expert else 1.0)
+        if one_expert:
+            logits[:, 2:5] += torch.tensor([3.0, 2.0, 1.0])
+        h, packed, parts, indices, weights, ref_i, ref_w, ref_out = _run(gen, N, torch.float16, logits,
+                                                                         blocks=blocks, decode="direct")
+        assert torch.equal(indices, ref_i)
+        torch.testing.assert_close(weights, ref_w, rtol=1e-6, atol=1e-7)
+        assert not parts.isnan().any()
+        assert rel(parts, ref_out.reshape(N * K, D)) < 3e-3
+        default, _, _ = kernels.moe_decode_grouped(h, logits, K, *packed, blocks={**SMALL, "BLOCK_K": 32},
+                                                   decode="direct")
+        assert rel(parts, default) < 1e-6
+        if one_expert:
+            assert (indices == torch.tensor([2, 3, 4])).all()
+
+
+def test_grouped_direct_variants_masks(gen):
+    """Rerouted and zeroed experts with both flags, BLOCK_K 64 (two groups a step)."""
+    N = 11
+    r, z = _masks(gen, "both")
+    logits = torch.randn(N, E, generator=gen)
+    logits[:, z.nonzero()[0]] += 10.0
+    blocks = {**SMALL, "SPLIT_X": True, "PREFETCH_S": True}
+    _, _, parts, indices, weights, ref_i, ref_w, ref_out = _run(gen, N, torch.float16, logits, r, z, blocks,
+                                                                "direct")
+    assert torch.equal(indices, ref_i) and not r[indices].any() and (weights[z[indices]] == 0).all()
+    assert rel(parts, ref_out.reshape(N * K, D)) < 3e-3
+
+
+def test_grouped_direct_flags_need_direct(gen):
+    packed = _experts(gen, E, D, I, torch.float32)
+    with pytest.raises(ValueError, match="flags of decode='direct'"):
+        kernels.moe_decode_grouped(torch.randn(3, D), torch.randn(3, E), K, *packed, blocks={"SPLIT_X": True},
+                                   decode="dequant")
