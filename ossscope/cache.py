@@ -22,6 +22,16 @@ import torch
 from .config import GptOssConfig
 
 
+def to_device(values: torch.Tensor | list, device) -> torch.Tensor:
+    """A small host tensor (or list of ints) on `device` without stopping the GPU's queue: torch's plain copy from
+    pageable memory waits for the stream to drain, which would cost a decoder running ahead of the host a step."""
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.long)
+    device = torch.device(device) if device is not None else t.device
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)  # the caching host allocator keeps it until copied
+
+
 class ContextLimitError(ValueError):
     """Raised when a sequence would run past the cache's (or the model's) context limit."""
 
@@ -145,7 +155,7 @@ class KVCache:
             else [-1] * new_tokens
             for b, n in enumerate(self.lengths)
         ]
-        return torch.tensor(rows, dtype=torch.long, device=device)
+        return to_device(rows, device)
 
     def last_indices(self) -> list[int] | None:
         """During `padded(lengths)`: each row's last real token (where its next-token logits are), else None."""

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .cache import KVCache
+from .cache import KVCache, to_device
 
 RESIDUAL_HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
 _RESIDUAL_NAME = re.compile(r"^blocks\.(\d+)\.(" + "|".join(RESIDUAL_HOOKS) + r")$")
@@ -81,7 +81,7 @@ def prefill(model: Any, input_ids: torch.Tensor, cache: KVCache | None = None, f
     positions, cos, sin = model.positions_and_rope(B, T, cache)
     last = cache.last_indices() if cache is not None else None  # padded rows: each row's last real token
     take_last = (lambda h: h[:, -1]) if last is None else (
-        lambda h: h[torch.arange(B, device=h.device), torch.tensor(last, device=h.device)])
+        lambda h: h[torch.arange(B, device=h.device), to_device(last, h.device)])
     if positions.dim() == 2:  # per-row positions: the fused RoPE takes one table, right only if rows start alike
         starts = {cache.lengths[b] for b in range(B) if cache.active is None or cache.active[b]}
         fused = fused and len(starts) == 1

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ossscope.cache import ContextLimitError, KVCache
+from ossscope.cache import ContextLimitError, KVCache, to_device
 from ossscope.engine import Engine, StepRecord, forward_and_capture, router_hook_names, token_axis
 
 __all__ = ["Decoder", "GenerationResult", "GenerationStream", "TokenEvent", "forward_and_capture", "generate",
@@ -342,7 +342,7 @@ class Decoder:
         scratch = self.model.new_cache(batch_size=len(starts), max_len=T)
         with scratch.padded(lengths):
             logits = self.engine.prefill(ids, scratch)  # [n, V] at each row's last real token
-        rows = torch.tensor([b for b, *_ in starts], device=self.model.device)
+        rows = to_device([b for b, *_ in starts], self.model.device)
         for big, small in zip(self.cache.layers, scratch.layers, strict=True):
             S = small.slots  # a fresh row's first S slots are the scratch's (same ring order: slot = position % W)
             big.pos[rows] = -1

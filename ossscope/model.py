@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .cache import ContextLimitError, KVCache
+from .cache import ContextLimitError, KVCache, to_device
 from .config import GptOssConfig
 from .hooks import HookedModule, HookPoint
 from .threads import cpu_threads
@@ -281,7 +281,7 @@ class Model(HookedModule):
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(f"token id {high if high >= self.config.vocab_size else low} is outside the "
                                  f"vocabulary [0, {self.config.vocab_size})")
-        return input_ids.to(self.device, torch.long)
+        return to_device(input_ids.long(), self.device)
 
     def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
         """An empty KV cache for `batch_size` sequences of up to `max_len` tokens (default: 4096)."""
