@@ -98,19 +98,24 @@ def test_python_episode_is_what_chat_builds(model, enc):
     assert not wrong["correct"]
 
 
-def test_evaluate_agentic_scores_each_effort():
+def test_evaluate_agentic_scores_each_effort(enc):
     from types import SimpleNamespace
 
     from ossscope.nano.eval import evaluate_agentic
     from ossscope.trace import ToolCall
 
     episodes = {e.user: e for e in agentic.eval_agentic(1)}
+    prompts = {}
 
     class Oracle:
         """Answers each held-out question as its episode does (browser) or wrongly (python at low effort)."""
 
         def chat(self, user, reasoning, tools, **kwargs):
             episode = episodes[user]
+            prompts[user] = harmony.render_prompt(user, reasoning=reasoning, builtin_tools=tools)
+            if episode.kind == "python":
+                (kernel,) = tools
+                assert kernel.timeout <= 30  # a short real limit, whatever it declares
             names = episode.answer["tools"]
             result = f"{episode.answer['value']}\n" if episode.kind == "python" else "page"
             calls = [ToolCall(name=n, arguments="", result=result) for n in names]
@@ -121,3 +126,7 @@ def test_evaluate_agentic_scores_each_effort():
     assert len(results) == 6 and set(summary) == {f"{k}/{e}" for k in ("browser", "python") for e in data.EFFORTS}
     assert summary["browser/high"]["correct"] == 1.0 and summary["python/medium"]["valid_call"] == 1.0
     assert summary["python/low"]["correct"] == 0.0 and summary["python/low"]["mean_analysis_tokens"] == 4
+    # The eval shows the model the system prompt it was trained on (harmony's 120 s python declaration too).
+    for user, episode in episodes.items():
+        tokens, _ = data.render_episode(enc, episode)
+        assert prompts[user] == tokens[: len(prompts[user])], (episode.kind, episode.effort)

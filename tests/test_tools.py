@@ -80,6 +80,14 @@ def test_declared_source_and_timeout_follow_the_tool():
     ours = harmony.render_prompt("hi", builtin_tools=[Browser(DOCS, source="lab-notes"), Python(timeout=5)])
     assert ours == expected
     assert "sources=lab-notes\nnamespace browser" in enc().decode(ours)
+    # The declared timeout can differ from the enforced one: harmony's 120 s shown, 5 s enforced.
+    shown = Python(timeout=5, declared_timeout=120.0)
+    assert shown.timeout == 5.0 and harmony.render_prompt("hi", builtin_tools=[shown]) == _harmony_prompt(
+        _system().with_python_tool()
+    )
+    assert harmony.render_prompt("hi", builtin_tools=[Python(timeout=120, declared_timeout=5)]) == _harmony_prompt(
+        _system().with_tools(python)
+    )
 
 
 def test_tool_answers_render_like_harmony():
@@ -229,6 +237,8 @@ def test_kernel_sandbox_where_the_os_allows(kernel):
 def test_bad_tool_settings_are_refused():
     with pytest.raises(ValueError, match="timeout must be positive"):
         Python(timeout=0)
+    with pytest.raises(ValueError, match="declared_timeout must be positive"):
+        Python(declared_timeout=-1)
     with pytest.raises(ValueError, match="below the 64 MiB"):
         Python(memory_limit=1000)
     with pytest.raises(ValueError, match="two built-in tools named 'browser'"):

@@ -367,12 +367,13 @@ def evaluate_agentic(model: Any, n_per_effort: int = 10, max_new_tokens: int = 3
                      ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Held-out browser and python episodes through `model.chat(..., temperature=0)` with the real tools
     (a fresh Browser over the shipped towns per episode, one Python kernel): valid-call and right-answer rates
-    per (kind, effort), as `agentic.score_chat` defines them."""
+    per (kind, effort), as `agentic.score_chat` defines them. The kernel declares harmony's 120 s, as the
+    training corpus renders it (the prompt is the corpus's token for token), but cuts a call at 10 s."""
     from ..tools import Browser, Python
     from . import agentic
 
     results = []
-    with Python(timeout=10) as kernel:
+    with Python(timeout=10, declared_timeout=120.0) as kernel:
         for episode in agentic.eval_agentic(n_per_effort):
             tools = [Browser(agentic.TOWNS_DIR)] if episode.kind == "browser" else [kernel]
             trace = model.chat(episode.user, reasoning=episode.effort, tools=tools, temperature=0.0,

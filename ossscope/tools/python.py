@@ -81,7 +81,9 @@ def _net_namespace(pid: int | str = "self") -> str | None:
 class Python:
     """harmony's `python` tool backed by a Jupyter kernel (started on the first call).
 
-    timeout: seconds a call may run (also written into the tool's description, as harmony's `120.0`).
+    timeout: seconds a call may run. declared_timeout: the seconds the tool's description promises the model
+    (harmony's is `120.0`); None declares `timeout`. Set it apart to show a model the declaration it was trained
+    on (the default 120 s, byte for byte) while enforcing a shorter limit: a call past `timeout` is still cut.
     memory_limit: bytes of address space for the kernel (None: no cap). network: False to cut the kernel off
     the network where the OS allows. max_output_chars: longest answer. kernel_name: which Jupyter kernel.
     Use as a context manager or call `close()`; an unreferenced tool shuts its kernel down too.
@@ -92,6 +94,7 @@ class Python:
     def __init__(
         self,
         timeout: float = 120.0,
+        declared_timeout: float | None = None,
         memory_limit: int | None = 4 * 2**30,
         network: bool = False,
         max_output_chars: int = 4096,
@@ -99,11 +102,14 @@ class Python:
     ):
         if not timeout > 0:
             raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
+        if declared_timeout is not None and not declared_timeout > 0:
+            raise ValueError(f"declared_timeout must be positive seconds, got {declared_timeout!r}")
         if memory_limit is not None and memory_limit < 64 * 2**20:
             raise ValueError(f"memory_limit {memory_limit} bytes is below the 64 MiB a kernel needs to start")
         if max_output_chars < 16:
             raise ValueError(f"max_output_chars must be at least 16, got {max_output_chars}")
         self.timeout = float(timeout)
+        self.declared_timeout = float(timeout if declared_timeout is None else declared_timeout)
         self.memory_limit = memory_limit
         self.network = network
         self.max_output_chars = max_output_chars
@@ -117,12 +123,13 @@ class Python:
 
     # -- declaration ------------------------------------------------------------------------------------
     def tool_config(self) -> Any:
-        """openai-harmony's ToolNamespaceConfig.python(), with this tool's timeout in its description (the
-        default 120 s keeps it byte for byte)."""
+        """openai-harmony's ToolNamespaceConfig.python(), with this tool's declared timeout in its description
+        (120 s, the default, keeps it byte for byte)."""
         from openai_harmony import ToolNamespaceConfig
 
         config = ToolNamespaceConfig.python()
-        config.description = config.description.replace(_HARMONY_TIMEOUT, f"time out after {self.timeout} seconds")
+        declared = f"time out after {self.declared_timeout} seconds"
+        config.description = config.description.replace(_HARMONY_TIMEOUT, declared)
         return config
 
     def parse_arguments(self, function: str, text: str) -> dict[str, Any]:
