@@ -256,6 +256,8 @@ def chat_stream(
             for row in step.finished():
                 finish(row.tag)
                 free.append(row.slot)
+            if free:
+                decoder.forget_finished()  # records of finished chats are in their traces now
             if free and (len(free) >= admit_at or all(decoder.done)):
                 admit(free)
                 free = [b for b in free if decoder.done[b]]  # rows no job was left for

@@ -254,6 +254,7 @@ class Decoder:
         self._token: torch.Tensor | None = None  # inside `run`: the tokens the next step feeds [B] (device)
         self._next_step = 0
         self._first_tokens: dict[int, dict[int, _Copied]] = {}  # step -> row -> host copy of a row's new token
+        self._forgotten = 0  # self.rows[:_forgotten] were dropped (`forget_finished`)
         # Structured Outputs (ossscope.structured.SchemaConstraint): `.apply(logits [B, V], tokens) -> logits`
         # masks before sampling; its mask needs the tokens so far, so a constrained run samples in lockstep.
         self.constraint: Any = None
@@ -472,6 +473,15 @@ class Decoder:
         """The logits the constraint (if any) allows, given row 0's tokens generated so far."""
         return logits if self.constraint is None or b != 0 else self.constraint.apply(logits, [generated])
 
+    def forget_finished(self) -> None:
+        """Drop the records of steps that no row now in the batch still needs (their sequences were read out with
+        `row_records`): a long continuous batch keeps memory for its live rows only."""
+        live = [row.steps[0] for row in self.rows_now if row.steps and not (row.done and row.fed == len(row.tokens))]
+        keep_from = min(live, default=len(self.rows))
+        for step in range(self._forgotten, keep_from):
+            self.rows[step] = None  # type: ignore[call-overload]
+        self._forgotten = max(self._forgotten, keep_from)
+
     def router_row(self, step: int, b: int = 0) -> dict[str, torch.Tensor]:
         """Sequence b's record for one step: router_indices [L, k], router_weights [L, k], sink [L, H]."""
         row = self.rows[step]
@@ -643,6 +653,8 @@ def generate(
                 for row in step.finished():
                     records[row.tag] = decoder.row_records(row)
                     start_next(row.slot)
+                if rows_at_once < B:
+                    decoder.forget_finished()
         finally:
             decoder.close()
 

@@ -125,3 +125,24 @@ def test_prompts_started_together_equal_prompts_started_alone(tiny_model):
     with pytest.raises(RuntimeError, match="still generates"):
         together.rows_now[1].done = False
         together.start_rows([(1, [1, 2], 2, None), (2, [3], 2, None)])
+
+
+def test_a_long_continuous_batch_keeps_records_of_live_rows_only(tiny_model):
+    prompts = _prompts([4, 6, 5, 7, 3, 8], seed=9)
+    alone = [_alone(tiny_model, p, 6) for p in prompts]
+    decoder = Decoder(tiny_model, batch_size=2, max_len=32, stop_tokens=())
+    rows = [decoder.start_row(b, prompts[b], 6, b) for b in range(2)]
+    waiting = iter(range(2, 6))
+    kept = {}
+    for step in decoder.run():
+        for row in step.finished():
+            kept[row.tag] = decoder.row_records(row)[0]
+            i = next(waiting, None)
+            if i is not None:
+                rows.append(decoder.start_row(row.slot, prompts[i], 6, i))
+        decoder.forget_finished()
+    assert sorted(kept) == list(range(6))
+    for i, result in enumerate(alone):
+        assert rows[i].tokens == result.tokens[0]
+        assert torch.equal(kept[i]["router_indices"], result.router_indices[0])
+    assert sum(r is not None for r in decoder.rows) < len(decoder.rows) // 2  # the finished ones' steps are gone
