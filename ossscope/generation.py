@@ -736,7 +736,13 @@ def _prompt_list(input_ids: Any) -> list[list[int]]:
         items = [items]
     prompts = []
     for i, prompt in enumerate(items):
-        ids = [int(t) for t in (prompt.tolist() if isinstance(prompt, torch.Tensor) else prompt)]
+        if isinstance(prompt, torch.Tensor):
+            if prompt.dim() == 2 and prompt.shape[0] == 1:
+                prompt = prompt[0]  # a batch of one, as model(...) takes it
+            if prompt.dim() != 1:
+                raise ValueError(f"prompt {i} must be 1-D token ids (or [1, T]), got shape {tuple(prompt.shape)}")
+            prompt = prompt.tolist()
+        ids = [int(t) for t in prompt]
         if not ids:
             raise ValueError(f"prompt {i} has no tokens")
         prompts.append(ids)
