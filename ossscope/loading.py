@@ -2,9 +2,10 @@
 
 Loading is strict: the config's values must be in range, every tensor the config implies must be present with
 the right shape and dtype, and nothing else may be; float weights must be finite and no MXFP4 scale may be NaN
-(byte 255). A damaged file or tensor is named in the error. Tensors are memory-mapped from safetensors and
-moved to the device one at a time, so host memory never holds the whole model, and MXFP4 expert weights stay
-packed all the way.
+(byte 255); a compact vocabulary's vocab_map.json must map every model id to a distinct o200k_harmony id. A
+damaged file or tensor is named in the error. Tensors are memory-mapped from safetensors and moved to the
+device one at a time, so host memory never holds the whole model, and MXFP4 expert weights stay packed all
+the way.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .config import GptOssConfig, resolve_config
 from .engine import ENGINES, kernels_available, set_engine
 from .model import Model
 from .mxfp4 import random_packed
+from .tokenizer import O200K_VOCAB_SIZE
 from .weight_checks import BadWeightsError, WeightChecks
 
 ORIGINAL, HF = "original", "hf"
@@ -232,20 +234,44 @@ def _shard_path(root: Path, index: Path, tensor: str, shard: object) -> Path:
 
 
 def _read_vocab_map(root: Path, config: GptOssConfig) -> tuple[list[int] | None, int | None]:
-    """A compact vocabulary's map (model id -> o200k id) and its unknown id, if the checkpoint has one."""
+    """A compact vocabulary's map (model id -> o200k id) and its unknown id, if the checkpoint has one.
+
+    Checked here, before any weight is read: a bad id would otherwise surface only at the first chat (or, out
+    of range, as an index error deep in decoding), without the file's name."""
     path = root / "vocab_map.json"
     if not path.is_file():
         return None, None
     data = _read_json(path)
     ids = data.get("o200k_ids") if isinstance(data, dict) else None
-    if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+    if not isinstance(ids, list):
         raise CheckpointError(f"{path} must hold {{\"o200k_ids\": [int, ...], \"unknown_id\": int}}")
     if len(ids) != config.vocab_size:
         raise CheckpointError(f"{path} maps {len(ids)} ids but config.json says vocab_size={config.vocab_size}")
+    first_at: dict[int, int] = {}  # o200k id -> the model id that first maps to it
+    for model_id, o200k_id in enumerate(ids):
+        where = f"{path}: o200k_ids[{model_id}] = {_short(o200k_id)}"
+        if not _is_int(o200k_id):
+            raise CheckpointError(f"{where} is not an integer")
+        if not 0 <= o200k_id < O200K_VOCAB_SIZE:
+            raise CheckpointError(f"{where} is outside the o200k_harmony vocabulary (0..{O200K_VOCAB_SIZE - 1})")
+        if o200k_id in first_at:  # two model ids for one token: decoding could not tell which one was meant
+            raise CheckpointError(f"{where} repeats o200k_ids[{first_at[o200k_id]}]")
+        first_at[o200k_id] = model_id
     unknown = data.get("unknown_id")
-    if unknown is not None and not (isinstance(unknown, int) and 0 <= unknown < len(ids)):
-        raise CheckpointError(f"{path}: unknown_id {unknown!r} is not a model id in 0..{len(ids) - 1}")
+    if unknown is not None and not (_is_int(unknown) and 0 <= unknown < len(ids)):
+        raise CheckpointError(f"{path}: unknown_id {_short(unknown)} is not a model id in 0..{len(ids) - 1}")
     return ids, unknown
+
+
+def _is_int(value: object) -> bool:
+    # JSON true/false load as bool, a subclass of int: an id of `true` is a damaged file, not token 1.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: object) -> str:
+    """repr of a value from a file, cut short: a hostile entry may be a megabyte of text or nesting."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 # -- loading --------------------------------------------------------------------------------------------------

@@ -96,6 +96,19 @@ def test_export_writes_atomically(tmp_path, monkeypatch):
         synthetic_trace(T=5).to_html(tmp_path)
 
 
+def test_export_into_a_missing_folder_is_refused_and_creates_nothing(tmp_path, monkeypatch):
+    # Library callers get what `%oss export` and `demo --out` give: an error naming the folder, no mkdir.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="the folder no/such/dir does not exist"):
+        synthetic_trace(T=5).to_html("no/such/dir/x.html")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        W.export_trace_html([synthetic_trace(T=5)], tmp_path / "missing" / "runs.html")
+    (tmp_path / "plain").write_text("a file")
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        synthetic_trace(T=5).to_html(tmp_path / "plain" / "x.html")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]  # no folder, no page, no temporary file
+
+
 def test_nan_values_export_as_null(tmp_path):
     trace = synthetic_trace(T=8, L=2)
     trace.sink[2] = float("nan")

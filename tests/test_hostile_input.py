@@ -161,6 +161,55 @@ def test_an_index_naming_a_shard_outside_the_folder_is_refused(tmp_path, tiny_ch
         ossscope.load(path, device="cpu", progress=False)
 
 
+
+# -- vocab_map.json: every id checked at load, before allocating ----------------------------------------------------
+
+
+def _with_vocab_map(tmp_path, tiny_checkpoints, edit):
+    """A copy of the tiny checkpoint (vocab 512) with a compact vocabulary map, edited; returns (folder, file)."""
+    path = _copy(tmp_path, tiny_checkpoints["original"])
+    vocab = {"o200k_ids": list(range(100, 611)) + [200004], "unknown_id": 511}
+    edit(vocab)
+    file = path / "vocab_map.json"
+    file.write_text(json.dumps(vocab))
+    return path, file
+
+
+def test_a_good_vocab_map_loads(tmp_path, tiny_checkpoints):
+    path, _ = _with_vocab_map(tmp_path, tiny_checkpoints, lambda v: None)
+    model = ossscope.load(path, device="cpu", progress=False)
+    assert model.vocab_map[:2] == [100, 101] and model.unknown_id == 511
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda v: v["o200k_ids"].__setitem__(3, 201_088),
+     "o200k_ids[3] = 201088 is outside the o200k_harmony vocabulary (0..201087)"),
+    (lambda v: v["o200k_ids"].__setitem__(0, -1), "o200k_ids[0] = -1 is outside the o200k_harmony vocabulary"),
+    (lambda v: v["o200k_ids"].__setitem__(5, 102), "o200k_ids[5] = 102 repeats o200k_ids[2]"),
+    (lambda v: v["o200k_ids"].__setitem__(7, 107.0), "o200k_ids[7] = 107.0 is not an integer"),
+    (lambda v: v["o200k_ids"].__setitem__(8, "108"), "o200k_ids[8] = '108' is not an integer"),
+    (lambda v: v["o200k_ids"].__setitem__(9, True), "o200k_ids[9] = True is not an integer"),
+    (lambda v: v["o200k_ids"].__setitem__(10, "x" * 1000), "o200k_ids[10] = 'xxxxxxxxx"),
+    (lambda v: v["o200k_ids"].pop(), "maps 511 ids but config.json says vocab_size=512"),
+    (lambda v: v.__setitem__("o200k_ids", {"0": 1}), 'must hold {"o200k_ids": [int, ...]'),
+    (lambda v: v.__setitem__("unknown_id", 512), "unknown_id 512 is not a model id in 0..511"),
+    (lambda v: v.__setitem__("unknown_id", True), "unknown_id True is not a model id"),
+], ids=["too-big", "negative", "duplicate", "float", "string", "bool", "long-string", "length", "not-a-list",
+        "unknown-too-big", "unknown-bool"])
+def test_a_bad_vocab_map_is_refused_naming_the_file_and_entry(tmp_path, tiny_checkpoints, no_allocation, edit,
+                                                              fragment):
+    path, file = _with_vocab_map(tmp_path, tiny_checkpoints, edit)
+    before = {f.name: f.read_bytes() for f in path.iterdir()}
+    with pytest.raises(CheckpointError, match=re.escape(f"{file}") + ".*" + re.escape(fragment)) as caught:
+        ossscope.load(path, device="cpu", progress=False)
+    assert len(str(caught.value)) < len(str(file)) + 200  # a hostile entry is quoted short, not whole
+    assert {f.name: f.read_bytes() for f in path.iterdir()} == before  # refused, nothing rewritten or removed
+
+
+def test_the_shipped_nano_vocab_map_passes_the_checks():
+    nano = ossscope.load("nano", device="cpu", progress=False)
+    assert len(nano.vocab_map) == nano.config.vocab_size and nano.tokenizer.is_compact
+
 # -- steering and ablation on the model: a refusal keeps the old state ----------------------------------------------
 
 

@@ -76,8 +76,11 @@ def export_trace_html(
     """Write `trace` (or several traces, e.g. a Lab's run history) as one interactive HTML file; returns the path.
 
     The file opens offline in any browser: token hover/click panels, layer, head, channel and metric choices,
-    the router map, sinks, and attention and logit lens where the trace captured them.
+    the router map, sinks, and attention and logit lens where the trace captured them. The folder must exist
+    (FileNotFoundError otherwise; nothing is created); `path` being a folder raises IsADirectoryError.
     """
+    path = Path(path)
+    check_target_folder(path)  # before the payloads: a mistyped folder should not wait for a long trace's render
     traces = [trace] if isinstance(trace, Trace) else list(trace)
     if not traces:
         raise ValueError("export_trace_html needs at least one trace")
@@ -86,10 +89,20 @@ def export_trace_html(
         raise ValueError(f"got {len(names)} titles for {len(traces)} traces")
     payloads = [trace_payload(t, title=name, **payload_kwargs) for t, name in zip(traces, names, strict=True)]
     page_title = title or payloads[0]["title"]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, render_html(payloads, title=page_title))
     return path
+
+
+def check_target_folder(path: Path) -> None:
+    """Refuse a path whose folder is missing, the way `%oss export` and `python -m ossscope demo --out` do:
+    creating folders on the caller's behalf turns a typo into a stray directory tree. Raises FileNotFoundError
+    naming the folder (NotADirectoryError when that name is a file)."""
+    folder = path.parent
+    if folder.is_dir():
+        return
+    if folder.exists():
+        raise NotADirectoryError(f"cannot write {path}: {folder} is a file, not a folder")
+    raise FileNotFoundError(f"cannot write {path}: the folder {folder} does not exist (create it first)")
 
 
 def write_atomically(path: Path, text: str) -> None:
