@@ -513,6 +513,9 @@ class Decoder:
         """Every step's record, stacked, on the CPU:
         ({router_indices [B, N, L, k], router_weights [B, N, L, k], sink [B, N, L, H]}, {name: [B, N, ...]})."""
         steps = range(len(self.rows))
+        if self._forgotten:
+            raise RuntimeError("the records of finished sequences were dropped (forget_finished): read each "
+                               "sequence with row_records as it finishes")
         cfg = self.model.config
         B, L, k, H = self.batch_size, self.num_layers, cfg.experts_per_token, cfg.num_attention_heads
         if not steps:
