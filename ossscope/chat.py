@@ -77,13 +77,14 @@ def chat(
     date: str | None = None,
     engine: Engine | None = None,
     batch_size: int | None = None,
+    progress: bool | None = None,
 ) -> Trace | ChatStream | list[Trace]:
     """Talk to the model in harmony and return the Trace of what it generated and did inside.
 
     messages_or_text: a user message, or a list of messages (dicts with role/content[/channel/recipient/name],
         e.g. a previous `trace.messages` plus a new user turn). A list of conversations (each a string or a
         list of messages) runs them as one batch and returns a list of Traces (`chat_many`; `batch_size` rows at
-        once, default all).
+        once, default all; `progress`: a bar of the chats finished, shown by default for a list).
     reasoning: "low" | "medium" | "high", written into the system message.
     developer: developer instructions. tools: Python functions the model may call (schema from the signature,
         type hints and docstring), and harmony's built-in tools `ossscope.tools.Browser(corpus)` / `Python()`
@@ -106,7 +107,7 @@ def chat(
             model, messages_or_text, reasoning=reasoning, developer=developer, tools=tools,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, capture=capture,
             on_token=on_token, response_format=response_format, max_tool_calls=max_tool_calls,
-            model_identity=model_identity, date=date, engine=engine, batch_size=batch_size,
+            model_identity=model_identity, date=date, engine=engine, batch_size=batch_size, progress=progress,
         )  # fmt: skip
     run = _ChatRun(
         model, messages_or_text, reasoning, developer, tools, max_new_tokens, temperature, top_p, seed, capture,
@@ -132,29 +133,39 @@ def chat_many(
     conversations: Sequence[str | Sequence[Any]],
     batch_size: int | None = None,
     on_trace: Callable[[int, Trace], None] | None = None,
+    progress: bool | None = None,
     **options: Any,
 ) -> list[Trace]:
     """Chat every conversation, `batch_size` at once (default: all) through one batched decoder, and return their
     Traces in order. Each conversation runs in its own row at its own length (prefilled at batch 1, so it gets
     what it gets alone, up to sampling: one generator serves the batch, seeded once); a conversation that ends
     frees its row for the next (continuous batching), and a tool call runs while the other rows wait one step.
-    `options` are `chat`'s; `on_trace(index, trace)` is called as each conversation finishes.
+    `options` are `chat`'s; `on_trace(index, trace)` is called as each conversation finishes; `progress`
+    (default: for more than one conversation) shows a bar of the chats finished.
     """
     conversations = list(conversations)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     traces: list[Trace | None] = [None] * len(conversations)
+    from tqdm.auto import tqdm
+
+    show = len(conversations) > 1 if progress is None else progress
+    bar = tqdm(total=len(conversations), desc="chats", unit="chat", leave=False, disable=not show)
 
     def keep(i: int, trace: Trace) -> None:
         traces[i] = trace
+        bar.update(1)
         if on_trace is not None:
             on_trace(i, trace)
 
     def fail(i: int, exc: BaseException) -> None:
         raise exc
 
-    chat_stream(model, ((i, c, {}) for i, c in enumerate(conversations)), min(batch_size or len(conversations),
-                max(1, len(conversations))), keep, fail, **options)
+    try:
+        chat_stream(model, ((i, c, {}) for i, c in enumerate(conversations)),
+                    min(batch_size or len(conversations), max(1, len(conversations))), keep, fail, **options)
+    finally:
+        bar.close()
     return [trace for trace in traces if trace is not None]
 
 
