@@ -578,8 +578,15 @@ class _ChatRun:
 def _input_messages(messages_or_text: str | Sequence[Any], developer: str | None) -> list[dict[str, Any]]:
     """The conversation as given (before generation), as plain dicts for Trace.messages."""
     items = [{"role": "user", "content": messages_or_text}] if isinstance(messages_or_text, str) else messages_or_text
+    if not isinstance(items, Sequence) or isinstance(items, bytes):
+        raise TypeError(f"a conversation is a string or a list of messages, got {type(items).__name__}")
     out = [{"role": "developer", "content": developer}] if developer else []
-    for item in items:
+    for number, item in enumerate(items):
+        if not isinstance(item, dict) and not hasattr(item, "to_dict"):
+            raise ValueError(
+                f"message {number} of the conversation is a {type(item).__name__} ({str(item)[:40]!r}): a message is "
+                "a dict with 'role' and 'content' or an openai-harmony Message; for several conversations pass a "
+                "list of strings or of message lists")
         if isinstance(item, dict):
             clean = {key: item.get(key) for key in ("role", "channel", "recipient", "content_type", "name")}
             clean["content"] = harmony._text_of(item.get("content", ""))

@@ -42,6 +42,12 @@ def test_a_list_of_chats_equals_each_chat_alone(model):
         model.chat(questions, stream=True)
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         chat_many(model, questions, batch_size=0)
+    with pytest.raises(ValueError, match="message 0 of the conversation is a str"):
+        model.chat(["What is 2+2?", 5])  # neither a list of conversations nor one conversation
+    with pytest.raises(ValueError, match="message 0 of the conversation is a str"):
+        model.chat([["What is 2+2?"]])  # a conversation of strings
+    with pytest.raises(TypeError, match="a conversation is a string or a list of messages"):
+        model.chat(42)
 
 
 class RowScripts:
