@@ -29,6 +29,31 @@ features and the high nibbles the odd ones. fp32 models keep "dequant"; fp16 run
 scale range is narrow, codes 105..128); in Triton's interpreter "direct" takes plain Triton ops (no assembly).
 OSSSCOPE_MOE_GROUPED=dequant switches the default off (e.g. if a GPU's check against the twin fails).
 
+"fp8" (opt-in, bf16 only; untimed: never the default until a GPU sweep says so) runs both grouped matmuls on fp8
+tensor cores as kernels/moe_tc.py does for one slot (read its notes): codes moved to e4m3 bytes (2**-6 exact,
+`moe_tc._e4m3_codes`), inputs as 4 fixed-point slices per 32-feature group, every MMA sum exact. moe_tc's
+block-diagonal input (N = 4 * 8 columns per token) would spend 8x the MMA work once many tokens share a weight
+tile, so here each dot is ONE group: weights [BLOCK_N, K = 32] (fp8 MMA's native K) times the slices of the
+block's tokens [32, N = 4 * BLOCK_M] (column p * BLOCK_M + m: slice p of token m). Each column's 32 products share
+one weight scale and one input factor, so the exact sum is then combined and scaled in fp32: t = sum_p S_p * c[p, m]
+with c = 2**(h + 3 - 4p) per (token, group), acc += t * 2**(s - 127) per (row, group) (`_fp8_grouped_matmul`).
+Inputs: h goes through `moe_tc.input_slices(tile_groups=1)` (one launch, [N, 4, D] fp8: moe_tc's slice format
+with one group per tile, so each group's 32 bytes per slice are contiguous and no zeros are stored); gate/up's
+epilogue writes each slot's SwiGLU output with `moe_tc.store_slices` ([N * k, 4, I], row = slot), which down reads.
+Static buffers, the same worst-case grid, unused blocks exit: graph-capturable like the other decodes.
+Instruction count per weight code per row block (thread instructions, the notes' unit; sm_90 estimate, not
+compiled yet): decode ~1 on the integer pipe (9 PTX ops per 4 bytes = 8 codes, fewer after LOP3 fusion; the two
+outputs are already the MMA's A registers: low codes k = 4t..4t+3, high codes k = 16 + 4t..), MMA 4 * BLOCK_M / 128
+(m16n8k32: 4096 products each), and the epilogue 5 fp32 operations per (row, token, group) = 5 * BLOCK_M / 32 per
+code, on the FMA pipe; plus ~0.3-0.5 for loads, scales (prefetched a group ahead) and addresses. BLOCK_M 16:
+~1 + 0.5 + 2.5 + 0.4 = 4.4 per code, ALU ~1.2 (direct: 4.4, ALU 2.7, ALU-bound); BLOCK_M 8: ~2.9. The epilogue, not
+the decode, is the cost and it grows with BLOCK_M, while smaller blocks re-decode the weights of an expert with
+more tokens: per expert with c tokens, cdiv(c, BLOCK_M) * (1.4 + 0.19 * BLOCK_M) per code. Hence BLOCK_M 8 up to
+~4 slots per expert (N <= 32 at the 20b shape), 16 above (`grouped_blocks`; 8 also keeps each thread's MMA
+columns for all 4 slices in its own registers), BLOCK_N 128 (the [128, 64] fp32 dot result is 64 registers a
+thread at 4 warps; the slices read per group, 4 * BLOCK_M * 32 bytes from L2, are then at most the weights'
+16 * BLOCK_N).
+
 Torch twin: `routing.route_reference`, then `ossscope.ops.moe_experts(per_expert=True)`.
 """
 
