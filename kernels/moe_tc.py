@@ -76,15 +76,20 @@ def available(x: torch.Tensor) -> bool:
                                             torch.cuda.current_device())
 
 
-def slices_length(K: int) -> int:
-    """Length of a slice row for K input features: whole tiles of TILE_GROUPS groups."""
-    return triton.cdiv(K // 32, TILE_GROUPS) * 32 * TILE_GROUPS
+def slices_length(K: int, tile_groups: int = TILE_GROUPS) -> int:
+    """Length of a slice row for K input features: whole tiles of `tile_groups` groups."""
+    return triton.cdiv(K // 32, tile_groups) * 32 * tile_groups
 
 
-def new_slices(N: int, K: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed slice buffers for N rows of K features: (bt fp8 [N, SLICES * TILE_GROUPS, L], exponents int32
-    [N, K / 32]). Producers write only their groups' places, so a buffer can be reused for any input."""
-    bt = torch.zeros(N, SLICES * TILE_GROUPS, slices_length(K), device=device, dtype=torch.float8_e4m3fn)
+def new_slices(N: int, K: int, device, tile_groups: int = TILE_GROUPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed slice buffers for N rows of K features: (bt fp8 [N, SLICES * tile_groups, L], exponents int32
+    [N, K / 32]). Producers write only their groups' places, so a buffer can be reused for any input.
+    tile_groups 1 is the compact form the grouped decode reads (kernels/moe_batch.py, decode="fp8"): [N, SLICES,
+    K], slice p of group g at [p, 32 g: 32 g + 32] (its even features, then its odd ones); every byte of it is
+    some group's, so it is left unzeroed."""
+    # The compact form has no places that stay zero (every byte is some group's), so it needs no memset.
+    alloc = torch.empty if tile_groups == 1 else torch.zeros
+    bt = alloc(N, SLICES * tile_groups, slices_length(K, tile_groups), device=device, dtype=torch.float8_e4m3fn)
     return bt, torch.zeros(N, K // 32, device=device, dtype=torch.int32)
 
 
@@ -126,11 +131,12 @@ def _input_slices_kernel(x_ptr, bt_ptr, xe_ptr, K, row_len, stride_x, stride_bt,
     store_slices(bt_ptr + row * stride_bt, xe_ptr + row * stride_xe, x, grp, gmask, row_len, P, G)
 
 
-def _check_slices(name: str, slices, N: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_slices(name: str, slices, N: int, K: int, tile_groups: int = TILE_GROUPS
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     check(isinstance(slices, tuple) and len(slices) == 2, f"{name} must be a pair (bt, exponents) from "
           "new_slices or input_slices")
     bt, xe = slices
-    want_bt, want_xe = (N, SLICES * TILE_GROUPS, slices_length(K)), (N, K // 32)
+    want_bt, want_xe = (N, SLICES * tile_groups, slices_length(K, tile_groups)), (N, K // 32)
     check(bt.dtype == torch.float8_e4m3fn and tuple(bt.shape) == want_bt and bt.is_contiguous(),
           f"{name}[0] must be contiguous float8_e4m3fn {want_bt}, got {bt.dtype} {tuple(bt.shape)}")
     check(xe.dtype == torch.int32 and tuple(xe.shape) == want_xe and xe.is_contiguous(),
@@ -138,32 +144,35 @@ def _check_slices(name: str, slices, N: int, K: int) -> tuple[torch.Tensor, torc
     return bt, xe
 
 
-def input_slices(x: torch.Tensor, *, out: tuple[torch.Tensor, torch.Tensor] | None = None):
+def input_slices(x: torch.Tensor, *, out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 tile_groups: int = TILE_GROUPS):
     """x [N, K] (K a multiple of 32) -> its slices (bt, exponents) for `moe_decode_slices` (see the module
-    notes). `out` (from `new_slices`) is written in place. Torch twin: `slices_reference`."""
+    notes), or with tile_groups=1 for the grouped decode (`new_slices`). `out` (from `new_slices`, the same
+    tile_groups) is written in place. Torch twin: `slices_reference`."""
     check(x.dim() == 2 and x.shape[1] % 32 == 0, f"x must be [N, K] with K a multiple of 32, got {tuple(x.shape)}")
     check(x.dtype in (torch.bfloat16, torch.float16, torch.float32), f"x must be a float tensor, got {x.dtype}")
     check_runnable(x)
     N, K = x.shape
-    bt, xe = _check_slices("out", out, N, K) if out is not None else new_slices(N, K, x.device)
+    bt, xe = (_check_slices("out", out, N, K, tile_groups) if out is not None
+              else new_slices(N, K, x.device, tile_groups))
     if N:
         x = x if x.stride(1) == 1 else x.contiguous()
         _input_slices_kernel[(N, triton.cdiv(K // 32, 32))](
             x, bt, xe, K, bt.shape[2], x.stride(0), bt.stride(0), xe.stride(0), BLOCK_G=32, P=SLICES,
-            G=TILE_GROUPS)
+            G=tile_groups)
     return bt, xe
 
 
-def _slice_places(K: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each input feature f < K: its group's row within a slice's TILE_GROUPS rows, and its place in a slice
-    row (within each tile of groups, the even features first, then the odd ones; see `store_slices`)."""
+def _slice_places(K: int, device, G: int = TILE_GROUPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each input feature f < K: its group's row within a slice's G rows, and its place in a slice row
+    (within each tile of G groups, the even features first, then the odd ones; see `store_slices`)."""
     f = torch.arange(K, device=device)
-    tile, local = f // (32 * TILE_GROUPS), f % (32 * TILE_GROUPS)
-    place = tile * 32 * TILE_GROUPS + torch.where(local % 2 == 0, local // 2, 16 * TILE_GROUPS + local // 2)
-    return (f // 32) % TILE_GROUPS, place
+    tile, local = f // (32 * G), f % (32 * G)
+    place = tile * 32 * G + torch.where(local % 2 == 0, local // 2, 16 * G + local // 2)
+    return (f // 32) % G, place
 
 
-def slices_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def slices_reference(x: torch.Tensor, tile_groups: int = TILE_GROUPS) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch twin of `input_slices` (the same rounding, spelled out on whole tensors)."""
     N, K = x.shape
     groups = x.float().reshape(N, K // 32, 32)
@@ -171,23 +180,23 @@ def slices_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     h = ((largest.view(torch.int32) >> 23) & 0xFF) - 127
     h = h.clamp_min(-100)
     v = groups * torch.exp2((3 - h).float())[..., None]
-    bt, xe = new_slices(N, K, x.device)
-    row, place = _slice_places(K, x.device)
+    bt, xe = new_slices(N, K, x.device, tile_groups)
+    row, place = _slice_places(K, x.device, tile_groups)
     for p in range(SLICES):
         q = torch.floor(v + 0.5)
-        bt[:, p * TILE_GROUPS + row, place] = q.reshape(N, K).to(bt.dtype)
+        bt[:, p * tile_groups + row, place] = q.reshape(N, K).to(bt.dtype)
         v = (v - q) * 16
     xe.copy_(h + 3)
     return bt, xe
 
 
 def slices_value(bt: torch.Tensor, xe: torch.Tensor) -> torch.Tensor:
-    """The fp32 values [N, K] that slices (bt, exponents) stand for (for tests and checks)."""
-    N, K = xe.shape[0], xe.shape[1] * 32
-    row, place = _slice_places(K, bt.device)
+    """The fp32 values [N, K] that slices (bt, exponents) stand for (for tests and checks; any tile_groups)."""
+    N, K, G = xe.shape[0], xe.shape[1] * 32, bt.shape[1] // SLICES
+    row, place = _slice_places(K, bt.device, G)
     v = torch.zeros(N, K, dtype=torch.float64, device=bt.device)
     for p in range(SLICES):
-        v += bt[:, p * TILE_GROUPS + row, place].double() * 16.0**-p
+        v += bt[:, p * G + row, place].double() * 16.0**-p
     return (v * torch.exp2((xe.double() - 6).repeat_interleave(32, dim=1))).float()
 
 

@@ -8,12 +8,14 @@ router logits random (so about uniform routing, every expert used from N = 16 on
 - time per layer: `graph` = calls on LAYERS different layers' weights in one CUDA graph, replayed (no launch
   gaps, and no weight read twice, so L2 cannot serve them); `eager` = one call, CUDA events (launches included);
 - GB = the bytes of the distinct experts the routing uses (what one read of each needs), TB/s = GB / graph time.
-Grouped paths: "dequant" (moe._dequant_tile, ~10 ops per weight code; its default tiles only) and "direct"
+Grouped paths: "dequant" (moe._dequant_tile, ~10 ops per weight code; its default tiles only), "direct"
 (moe._direct_matmul, ~2.5; the default for bf16) at its default and with its variants (SPLIT_X, PREFETCH_S, a
-narrower down tile; docs/notes/moe_batch_decode.md), and `route` = the routing/grouping kernel alone (one
-program: the fixed cost every grouped step pays). First, the direct decoder's bf16 assembly is checked bit-exact against
-`mxfp4.dequantize` (if it is not, every direct row is WRONG too: set OSSSCOPE_MOE_GROUPED=dequant).
-Then the smallest N * k at which the grouped decode wins, as `ossscope.fast.GROUPED_DECODE_SLOTS` wants it.
+narrower down tile; docs/notes/moe_batch_decode.md), "fp8" (opt-in: fp8 tensor cores on input slices, BLOCK_M 8
+and 16; a WRONG there also covers its e4m3 assembly, which only the GPU runs), and `route` = the routing/grouping
+kernel alone (one program: the fixed cost every grouped step pays). First, the direct decoder's bf16 assembly is
+checked bit-exact against `mxfp4.dequantize` (if it is not, every direct row is WRONG too: set
+OSSSCOPE_MOE_GROUPED=dequant). Then the smallest N * k at which the grouped decode wins, as
+`ossscope.fast.GROUPED_DECODE_SLOTS` wants it.
 """
 
 from __future__ import annotations
@@ -49,7 +51,10 @@ GROUPED = [("dequant", {}),  # dequant's default (BN64 BK128 w4 s3), the referen
            ("direct", {"SPLIT_X": True}),  # x / act split even-odd once (fewer permutes, more moves in SASS)
            ("direct", {"SPLIT_X": True, "PREFETCH_S": True}),
            ("direct", {"BLOCK_N2": 64}),  # down in narrower tiles: 45 column tiles, about 2 waves instead of 1.15
-           ("direct", {"BLOCK_N2": 64, "PREFETCH_S": True})]
+           ("direct", {"BLOCK_N2": 64, "PREFETCH_S": True}),
+           # decode="fp8" (opt-in; moe_batch notes): its default BLOCK_M (8 up to N = 32, then 16) and the other
+           # of 8 / 16 at each N (a config that equals one already timed at this N is skipped)
+           ("fp8", {}), ("fp8", {"BLOCK_M": 8}), ("fp8", {"BLOCK_M": 16})]
 EXPERT_BYTES = 2 * I * (D // 2 + D // 32 + 2) + D * (I // 2 + I // 32 + 2)  # packed weights, scales, bf16 biases
 
 
@@ -80,11 +85,16 @@ def candidate_paths(N: int, h: torch.Tensor, logits: torch.Tensor, routing: dict
         paths.append(("per-slot", "moe_decode_slices (fp8 TC)", lambda w: kernels.moe_decode_slices(
             slices, None, *w, router_logits=logits, k=K, act_slices=act, **routing)[0]))
     parts = torch.empty(N * K, D, device=DEVICE)
+    seen = []
     for decode, cfg in GROUPED:
         full = moe_batch.grouped_blocks(N * K, E, cfg, decode)
+        if (decode, full) in seen:
+            continue
+        seen.append((decode, full))
         name = "BM{BLOCK_M} BN{BLOCK_N1}".format(**full)
         name += (f"/{full['BLOCK_N2']}" if full["BLOCK_N2"] != full["BLOCK_N1"] else "")
-        name += " BK{BLOCK_K} w{num_warps} s{num_stages}".format(**full)
+        name += (" BK{BLOCK_K}".format(**full) if "BLOCK_K" in full else "")
+        name += " w{num_warps} s{num_stages}".format(**full)
         name += "".join(f" {f}" for f in ("SPLIT_X", "PREFETCH_S") if full.get(f))
         name += (" plain" if cfg.get("ASM") is False else "") + (" (default)" if not cfg else "")
         paths.append((decode, name, lambda w, cfg=cfg, decode=decode: kernels.moe_decode_grouped(
@@ -180,8 +190,9 @@ def main() -> None:
 
         slot, grp = best("per-slot"), min(filter(None, [best("dequant"), best("direct")]),
                                           key=lambda r: r["graph_us"], default=None)
+        # (fp8 is opt-in, so it is reported but left out of the threshold, which sets the default path's use)
         line = ", ".join(f"{p} {r['graph_us']:6.1f} us ({r['config']})" for p in ("per-slot", "dequant", "direct",
-                                                                                  "route") if (r := best(p)))
+                                                                                  "fp8", "route") if (r := best(p)))
         if slot and grp:
             if slot["graph_us"] <= grp["graph_us"]:
                 threshold = N * K

@@ -342,3 +342,121 @@ def test_grouped_direct_flags_need_direct(gen):
     with pytest.raises(ValueError, match="flags of decode='direct'"):
         kernels.moe_decode_grouped(torch.randn(3, D), torch.randn(3, E), K, *packed, blocks={"SPLIT_X": True},
                                    decode="dequant")
+
+
+# -- decode="fp8": the grouped kernels on fp8 tensor cores (moe_batch `_fp8_grouped_matmul`) ---------------------
+# bf16 works end to end here: the inputs reach the dots as fp8 slices (the interpreter's fp8 dot is exact on them,
+# as tests/test_kernels_cpu.py's moe_tc checks rely on), only the SwiGLU output's rounding to bf16 differs (the
+# interpreter truncates where the GPU rounds to nearest). So each kernel is checked where it is exact: down against
+# an fp64 product on the activation slices it was given, gate/up's activations against the fp64 SwiGLU of the x
+# slices rounded to bf16 (either way); then the whole against the torch twin. The e4m3 codes take plain Triton here
+# (the GPU's inline assembly is checked by scripts/moe_batch_sweep.py).
+FP8 = {"BLOCK_N1": 64, "BLOCK_N2": 32, "num_warps": 4, "num_stages": 1}  # D = 96: 3 column tiles, the last partial
+
+
+def _check_fp8(gen, N, logits, r=None, z=None, blocks=FP8):
+    packed = _experts(gen, E, D, I, torch.bfloat16)
+    h = torch.randn(N, D, generator=gen).bfloat16()
+    indices = torch.full((N, K), -7, dtype=torch.int64)
+    weights = torch.full((N, K), float("nan"))
+    parts = torch.full((N * K, D), float("nan"))
+    act = kernels.moe_tc.new_slices(N * K, I, "cpu", tile_groups=1)
+    act[0].view(torch.uint8).fill_(0x7F)  # e4m3 NaN: every byte a slot reads must have been written
+    got = kernels.moe_decode_grouped(h, logits, K, *packed, 7.0, 1.702, r, z, indices_out=indices,
+                                     weights_out=weights, out=parts, blocks=blocks, decode="fp8", act_slices=act)
+    assert got[0] is parts and got[1] is indices and got[2] is weights
+    ref_i, ref_w = route_reference(logits, K, r, z)
+    assert torch.equal(indices, ref_i)
+    torch.testing.assert_close(weights, ref_w, rtol=1e-6, atol=1e-7)
+    assert not parts.isnan().any()
+    experts = ref_i.view(-1)
+    # Down is exact on the activations it was given: an fp64 product on their slices' values.
+    w2 = mxfp4.dequantize(packed[3], packed[4], torch.float64)
+    act_values = kernels.moe_tc.slices_value(*act).double()  # [N * k, I]
+    ref_down = torch.einsum("sdi,si->sd", w2[experts], act_values) + packed[5][experts].double()
+    assert rel(parts, ref_down) < 1e-6
+    # Gate/up: each activation is the SwiGLU of the exact sum on x's slices, rounded to bf16 (to nearest on the
+    # GPU, toward zero here), as far as the slices hold it (moe_tc's test of the same).
+    x_values = kernels.moe_tc.slices_value(*kernels.moe_tc.slices_reference(h, tile_groups=1)).double()
+    w1 = mxfp4.dequantize(packed[0], packed[1], torch.float64)
+    pre = torch.einsum("sfd,sd->sf", w1[experts], x_values[torch.arange(N * K) // K]) + packed[2][experts].double()
+    exact = ops.swiglu(pre, 7.0, 1.702).float()
+    nearest, toward_zero = exact.bfloat16().float(), (exact.view(torch.int32) & -65536).view(torch.float32)
+    got_act = act_values.float().view(N * K, I // 32, 32)
+    largest = nearest.view_as(got_act).abs().amax(-1, keepdim=True)
+    within = nearest.view_as(got_act).abs() >= largest / 256
+    rounded = (got_act == nearest.view_as(got_act)) | (got_act == toward_zero.view_as(got_act))
+    assert rounded[within].float().mean() > 0.99
+    assert ((got_act - nearest.view_as(got_act)).abs() <= largest * 2.0**-7).all()
+    # The whole against the torch twin (fp32, activations unrounded): bf16's rounding of them apart.
+    ref_packed = [t.float() if t.is_floating_point() else t for t in packed]
+    _, ref_out = ops.moe_experts(h.float(), ref_i, ref_w, *ref_packed, 7.0, 1.702, per_expert=True)
+    assert rel(parts, ref_out.reshape(N * K, D)) < 8e-3
+    return indices
+
+
+@pytest.mark.parametrize("N,BM", [(1, 8), (6, 8), (13, 16)])  # 13 * 3 = 39 slots: several blocks, none full
+def test_grouped_fp8_decode_exact_where_it_should_be(gen, N, BM):
+    _check_fp8(gen, N, torch.randn(N, E, generator=gen), blocks={**FP8, "BLOCK_M": BM})
+
+
+def test_grouped_fp8_decode_one_expert_spans_blocks_and_masks(gen):
+    """17 tokens all on experts 2, 3, 4 (17 slots each: three blocks of 8, the grid's other blocks unused), BLOCK_N1
+    128 (two groups of units per program); then rerouted and zeroed experts at the default tiles."""
+    N = 17
+    logits = torch.randn(N, E, generator=gen) * 0.1
+    logits[:, 2:5] += torch.tensor([3.0, 2.0, 1.0])
+    indices = _check_fp8(gen, N, logits, blocks={**FP8, "BLOCK_N1": 128, "BLOCK_M": 8})
+    assert (indices == torch.tensor([2, 3, 4])).all()
+    N = 11
+    r, z = _masks(gen, "both")
+    logits = torch.randn(N, E, generator=gen)
+    logits[:, z.nonzero()[0]] += 10.0
+    indices = _check_fp8(gen, N, logits, r, z, blocks=None)
+    assert not r[indices].any() and z[indices].any()
+
+
+def test_e4m3_codes_are_the_mxfp4_values():
+    """The bit move of `moe_tc._e4m3_codes` (its plain form; the assembly does the same on 4 bytes) for every byte:
+    the E2M1 value times 2**-6, exactly, both nibbles."""
+    b = torch.arange(256, dtype=torch.int32)
+    low = ((b << 2) & 0x1C) | ((b << 4) & 0x80)
+    high = ((b >> 2) & 0x1C) | (b & 0x80)
+    as_e4m3 = torch.stack([low, high], -1).to(torch.uint8).view(torch.float8_e4m3fn).float().view(16, 32)
+    want = mxfp4.dequantize(torch.arange(256, dtype=torch.uint8).view(16, 1, 16), torch.full((16, 1), 127,
+                            dtype=torch.uint8), torch.float32)  # [16 rows, 1 group of 32], scale 2**0
+    assert torch.equal(as_e4m3 * 64, want)
+
+
+def test_compact_slices_match_twin(gen):
+    """input_slices(tile_groups=1), the form the fp8 grouped kernels read: the twin's bytes, the value bf16 holds
+    within 2**8 of each group's largest, [N, 4, K] with every byte written."""
+    x = torch.randn(3, 320, generator=gen)
+    x[1, 40:50] *= 1e-3
+    x = x.bfloat16()
+    bt, xe = kernels.input_slices(x, tile_groups=1)
+    assert bt.shape == (3, kernels.moe_tc.SLICES, 320)
+    ref_bt, ref_xe = kernels.moe_tc.slices_reference(x, tile_groups=1)
+    assert torch.equal(bt.view(torch.uint8), ref_bt.view(torch.uint8)) and torch.equal(xe, ref_xe)
+    value, groups = kernels.moe_tc.slices_value(bt, xe).view(3, 10, 32), x.float().view(3, 10, 32)
+    largest = groups.abs().amax(-1, keepdim=True)
+    within = groups.abs() >= largest / 256
+    assert torch.equal(value[within], groups[within]) and ((value - groups).abs() <= largest * 2.0**-16).all()
+
+
+def test_grouped_fp8_decode_checks(gen):
+    packed = _experts(gen, E, D, I, torch.bfloat16)
+    h, logits = torch.randn(3, D), torch.randn(3, E)
+    assert kernels.moe_batch.default_decode(h.bfloat16()) != "fp8"  # opt-in only
+    assert kernels.moe_batch.grouped_blocks(8 * 4, 32, decode="fp8")["BLOCK_M"] == 8
+    assert kernels.moe_batch.grouped_blocks(128 * 4, 32, decode="fp8")["BLOCK_M"] == 16
+    with pytest.raises(ValueError, match="decode='fp8' needs bf16"):
+        kernels.moe_decode_grouped(h, logits, K, *packed, decode="fp8")
+    with pytest.raises(ValueError, match="BLOCK_N1 a multiple of 64"):
+        kernels.moe_decode_grouped(h.bfloat16(), logits, K, *packed, decode="fp8", blocks={"BLOCK_N1": 32})
+    with pytest.raises(ValueError, match="act_slices is for"):
+        kernels.moe_decode_grouped(h.bfloat16(), logits, K, *packed, decode="direct",
+                                   act_slices=kernels.moe_tc.new_slices(9, I, "cpu", 1))
+    with pytest.raises(ValueError, match="act_slices\\[0\\] must be"):
+        kernels.moe_decode_grouped(h.bfloat16(), logits, K, *packed, decode="fp8",
+                                   act_slices=kernels.moe_tc.new_slices(9, I, "cpu"))
