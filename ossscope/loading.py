@@ -258,6 +258,9 @@ def _read_vocab_map(root: Path, config: GptOssConfig) -> tuple[list[int] | None,
             raise CheckpointError(f"{where} repeats o200k_ids[{first_at[o200k_id]}]")
         first_at[o200k_id] = model_id
     unknown = data.get("unknown_id")
+    if unknown is None and len(ids) < O200K_VOCAB_SIZE:  # else the first out-of-vocabulary token fails, unnamed
+        raise CheckpointError(f"{path} has no unknown_id: a compact vocabulary needs the model id that stands for "
+                              "the o200k tokens it lacks")
     if unknown is not None and not (_is_int(unknown) and 0 <= unknown < len(ids)):
         raise CheckpointError(f"{path}: unknown_id {_short(unknown)} is not a model id in 0..{len(ids) - 1}")
     return ids, unknown

@@ -194,8 +194,9 @@ def test_a_good_vocab_map_loads(tmp_path, tiny_checkpoints):
     (lambda v: v.__setitem__("o200k_ids", {"0": 1}), 'must hold {"o200k_ids": [int, ...]'),
     (lambda v: v.__setitem__("unknown_id", 512), "unknown_id 512 is not a model id in 0..511"),
     (lambda v: v.__setitem__("unknown_id", True), "unknown_id True is not a model id"),
+    (lambda v: v.pop("unknown_id"), "has no unknown_id: a compact vocabulary needs"),
 ], ids=["too-big", "negative", "duplicate", "float", "string", "bool", "long-string", "length", "not-a-list",
-        "unknown-too-big", "unknown-bool"])
+        "unknown-too-big", "unknown-bool", "no-unknown"])
 def test_a_bad_vocab_map_is_refused_naming_the_file_and_entry(tmp_path, tiny_checkpoints, no_allocation, edit,
                                                               fragment):
     path, file = _with_vocab_map(tmp_path, tiny_checkpoints, edit)
