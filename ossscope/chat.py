@@ -240,12 +240,7 @@ def chat_stream(
             run.decoder, run.sequence = decoder, n
             keys[n], runs[n], started_at[n] = key, run, time.perf_counter()
             starts.append((slots[len(starts)], run.prompt_ids, run.max_new_tokens, n))
-        if not together:
-            made = [decoder.start_row(*start) for start in starts]
-        elif starts:
-            made = decoder.start_rows(starts)
-        else:
-            made = []
+        made = decoder.start_rows(starts) if together else [decoder.start_row(*start) for start in starts]
         for row in made:
             runs[row.tag].start(row)
 

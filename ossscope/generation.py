@@ -11,8 +11,10 @@ runs one step ahead of the host: step j+1 is launched before the host reads toke
 (copied to pinned memory without waiting), so the GPU never waits for the host's bookkeeping, and a token is only
 fed once the host knows its row has not stopped: nothing is ever computed speculatively into the cache.
 
-Batches: every row of `input_ids` must have the same length (no padding or attention masks). A row that has
-stopped keeps being fed its stop token until all rows stop; only its first `lengths[b]` tokens count.
+Batches: each row of the cache holds one sequence at its own length (`KVCache`), so prompts of any lengths share
+a batch without padding. A row that has stopped is not fed (it keeps its place and writes nothing), and while
+`Decoder.run` waits at a yield its caller may put a new prompt in a free row (continuous batching: `generate`
+with `batch_size`, `chat.chat_stream`) or feed a row and let it go on (the chat's tool loop).
 """
 
 from __future__ import annotations
@@ -306,13 +308,7 @@ class Decoder:
                   ) -> Row:
         """Empty row b and start a new sequence there: its prompt `input_ids` [t], at most `max_new_tokens`
         generated tokens. Returns its Row (which keeps its tokens after the row is reused)."""
-        ids = self._ids(input_ids, 1)
-        if not 0 <= b < self.batch_size:
-            raise IndexError(f"row {b} of a batch of {self.batch_size}")
-        if not self.rows_now[b].done and self.cache.lengths[b]:
-            raise RuntimeError(f"row {b} still generates; wait until it stops")
-        if ids.shape[1] >= self.cache.max_len:
-            raise ContextLimitError(f"the prompt has {ids.shape[1]} tokens; the cache holds {self.cache.max_len}")
+        ids = self._startable(b, input_ids)
         self.cache.reset_row(b)
         row = self.rows_now[b] = Row(slot=b, limit=max_new_tokens, tag=tag, done=True)
         self._prefill_row(b, ids)
@@ -324,19 +320,9 @@ class Decoder:
         together, right-padded (`KVCache.padded`), into a scratch cache copied into the rows. One prefill instead
         of one per prompt: on a GPU the host's work to launch a prefill, not the GPU's, is what a short prompt
         costs. Each row computes what it computes alone, up to the rounding of matrix products of another size."""
-        if len(starts) == 1:
-            b, ids, new, tag = starts[0]
-            return [self.start_row(b, ids, new, tag)]
-        prompts = []
-        for b, ids, _, _ in starts:
-            ids = self._ids(ids, 1)[0].tolist()
-            if not 0 <= b < self.batch_size:
-                raise IndexError(f"row {b} of a batch of {self.batch_size}")
-            if not self.rows_now[b].done and self.cache.lengths[b]:
-                raise RuntimeError(f"row {b} still generates; wait until it stops")
-            if len(ids) >= self.cache.max_len:
-                raise ContextLimitError(f"the prompt has {len(ids)} tokens; the cache holds {self.cache.max_len}")
-            prompts.append(ids)
+        if len(starts) <= 1:
+            return [self.start_row(*start) for start in starts]
+        prompts = [self._startable(b, ids)[0].tolist() for b, ids, _, _ in starts]
         lengths = [len(p) for p in prompts]
         T = max(lengths)
         ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts], dtype=torch.long)
@@ -357,6 +343,17 @@ class Decoder:
             out.append(row)
         self.cache.shared = False
         return out
+
+    def _startable(self, b: int, input_ids: Any) -> torch.Tensor:
+        """A new sequence's prompt as ids [1, t], once row b is known to be free for it and the prompt to fit."""
+        ids = self._ids(input_ids, 1)
+        if not 0 <= b < self.batch_size:
+            raise IndexError(f"row {b} of a batch of {self.batch_size}")
+        if not self.rows_now[b].done and self.cache.lengths[b]:
+            raise RuntimeError(f"row {b} still generates; wait until it stops")
+        if ids.shape[1] >= self.cache.max_len:
+            raise ContextLimitError(f"the prompt has {ids.shape[1]} tokens; the cache holds {self.cache.max_len}")
+        return ids
 
     def feed_row(self, b: int, input_ids: Sequence[int] | torch.Tensor) -> None:
         """Append tokens [t] to row b (a tool's answer) without recording them; `resume(b)` lets it go on."""
@@ -540,14 +537,8 @@ class Decoder:
 
 def _stack_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Stack [B, ...] tensors along a new axis 1, zero-padding trailing axes that grow (attention keys)."""
-    shape = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
-    out = []
-    for t in tensors:
-        pad = []
-        for d in reversed(range(1, t.dim())):
-            pad += [0, shape[d] - t.shape[d]]
-        out.append(torch.nn.functional.pad(t, pad) if any(pad) else t)
-    return torch.stack(out, dim=1).cpu()
+    shape = torch.Size(max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim()))
+    return torch.stack([_pad_to(t, shape) for t in tensors], dim=1).cpu()
 
 
 class GenerationStream:
