@@ -527,8 +527,8 @@ def _collect_batched(model: Any, prompts: list[Prompt], total: int, out: Path, r
     def finish(prompt: Prompt, output: Any = None, error: BaseException | None = None) -> None:
         try:
             done[0] += 1
-            seconds = time.perf_counter() - begun.pop(prompt.id, time.perf_counter())
-            _save_one(model, prompt, out, mode, fail_fast, result, log, f"{done[0]}/{total}", seconds,
+            _save_one(model, prompt, out, mode, fail_fast, result, log, f"{done[0]}/{total}",
+                      begun.pop(prompt.id, time.perf_counter()),
                       lambda: _raise(error) if error is not None else output)
         finally:
             claims.release(prompt)
@@ -566,14 +566,12 @@ def _failed_since(out: Path, prompt: Prompt, since: float) -> bool:
 def _run_one(model: Any, prompt: Prompt, out: Path, runner: Runner, mode: str, fail_fast: bool,
              result: CollectResult, log: Callable[[str], None] | None, where: str) -> None:
     """Run one claimed prompt and write its files (the done-marker last), or its errors/ID.json."""
-    started = time.perf_counter()
-    _save_one(model, prompt, out, mode, fail_fast, result, log, where, None, lambda: runner(model, prompt),
-              started)
+    _save_one(model, prompt, out, mode, fail_fast, result, log, where, time.perf_counter(),
+              lambda: runner(model, prompt))
 
 
 def _save_one(model: Any, prompt: Prompt, out: Path, mode: str, fail_fast: bool, result: CollectResult,
-              log: Callable[[str], None] | None, where: str, seconds: float | None, compute: Callable[[], Any],
-              started: float | None = None) -> None:
+              log: Callable[[str], None] | None, where: str, started: float, compute: Callable[[], Any]) -> None:
     """`compute()` the prompt's output (or re-raise its error) and write its files, or its errors/ID.json."""
     try:
         output = compute()
@@ -606,9 +604,7 @@ def _save_one(model: Any, prompt: Prompt, out: Path, mode: str, fail_fast: bool,
         error_path(out, prompt).unlink()  # an earlier attempt failed; this one did not
     result.done.append(prompt.id)
     if log:
-        if seconds is None:
-            seconds = time.perf_counter() - (started or time.perf_counter())
-        log(f"{where} {prompt.id}: {stats.tokens} tokens in {seconds:.2f}s")
+        log(f"{where} {prompt.id}: {stats.tokens} tokens in {time.perf_counter() - started:.2f}s")
 
 
 def _temp_file_is_stale(path: Path) -> bool:
