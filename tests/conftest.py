@@ -52,6 +52,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A CPU generator with a fresh seed: every check draws new random inputs (tests/test_kernels_gpu.py has its
+    own, on the GPU)."""
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> ossscope.Model:
     """4 layers (2 sliding with window 8, 2 full), 8 experts top-2, GQA 4/2, fp32 on CPU. Do not mutate."""

@@ -1,46 +1,23 @@
 """The Triton kernels against their torch twins, on CPU through Triton's interpreter (fp32/fp16 only).
 
-Triton decides when a function is decorated whether it is compiled or interpreted (its own library
-functions too), so this module sets TRITON_INTERPRET=1 before Triton and `ossscope.kernels` are imported,
-and imports both afresh if an earlier module imported them for compilation. On a machine with a GPU these
-tests are skipped: tests/test_kernels_gpu.py checks the compiled kernels there. Every check draws fresh
+`tests/_interpreter.py` switches the interpreter on before Triton and `ossscope.kernels` are imported (and says
+why that must come first). On a machine with a GPU these tests are skipped: tests/test_kernels_gpu.py checks the
+compiled kernels there. Every check draws fresh
 random inputs, poisons the outputs first, and uses sizes that are not multiples of the kernels' blocks.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-
 import pytest
 import torch
+from _interpreter import interpreted_kernels, rel
 
-if torch.cuda.is_available():
-    pytest.skip("a GPU is present: tests/test_kernels_gpu.py checks the compiled kernels", allow_module_level=True)
-
-if os.environ.get("TRITON_INTERPRET") != "1":  # already on: whatever imported Triton did so for the interpreter
-    os.environ["TRITON_INTERPRET"] = "1"
-    for _name in [m for m in sys.modules if m.startswith(("ossscope.kernels", "triton"))]:
-        del sys.modules[_name]  # decorate Triton's library and our kernels again, now for the interpreter
-pytest.importorskip("triton")
-kernels = importlib.import_module("ossscope.kernels")
+kernels = interpreted_kernels("tests/test_kernels_gpu.py checks the compiled kernels")
 from ossscope.kernels.norm import add_rms_norm_reference  # noqa: E402
 from ossscope.kernels.routing import route_reference  # noqa: E402
 
 import ossscope  # noqa: E402
 from ossscope import fast, mxfp4, ops  # noqa: E402
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    return torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
-
 
 # -- MXFP4 ---------------------------------------------------------------------------------------------------
 

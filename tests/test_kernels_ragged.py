@@ -1,45 +1,23 @@
 """Ragged batches in the attention kernels: positions per sequence (q_pos [B, Tq], k_pos [B, Tk]; a decode step's
 slot, position and RoPE tables per row), on CPU through Triton's interpreter (fp32, small shapes).
 
-Like tests/test_kernels_cpu.py (which explains the import dance), this module sets TRITON_INTERPRET=1 before
-Triton and `ossscope.kernels` are imported, and is skipped where a GPU is present
+Like tests/test_kernels_cpu.py, it runs the kernels under Triton's interpreter (tests/_interpreter.py) and is
+skipped where a GPU is present
 (scripts/ragged_attention_check.py checks the compiled kernels there). Rows sit at different lengths, so a
 kernel that read row 0's positions (or the shared ones) for every row gives a different answer.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-
 import pytest
 import torch
+from _interpreter import interpreted_kernels, rel
 
-if torch.cuda.is_available():
-    pytest.skip("a GPU is present: scripts/ragged_attention_check.py checks the compiled kernels",
-                allow_module_level=True)
-
-if os.environ.get("TRITON_INTERPRET") != "1":  # already on: whatever imported Triton did so for the interpreter
-    os.environ["TRITON_INTERPRET"] = "1"
-    for _name in [m for m in sys.modules if m.startswith(("ossscope.kernels", "triton"))]:
-        del sys.modules[_name]  # decorate Triton's library and our kernels again, now for the interpreter
-pytest.importorskip("triton")
-kernels = importlib.import_module("ossscope.kernels")
+kernels = interpreted_kernels("scripts/ragged_attention_check.py checks the compiled kernels")
 
 from ossscope import ops  # noqa: E402
 
 H, HKV, DH = 8, 2, 16  # G = 4 query heads per kv head
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-@pytest.fixture
-def gen() -> torch.Generator:
-    return torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
 
 
 def ragged_k_pos(S: int, gen: torch.Generator) -> torch.Tensor:
