@@ -82,12 +82,14 @@ from .routing import check_routing, top_k_softmax
 # shape, us per layer at N = 16 / 32 / 64 / 128 tokens): "direct" with BLOCK_N 128, BLOCK_K 64 took 241 / 276 /
 # 288 / 369 against 265 / 301 / 320 / 450 with dequant's BLOCK_N 64, BLOCK_K 128 (BK 256 and 8 warps were
 # slower); dequant's tiles are its best of that sweep. The direct kernels' flags (docs/notes/moe_batch_decode.md):
-# SPLIT_X (inputs split into even and odd features once per layer, not in every warp of every step) and
-# PREFETCH_S (each step's scales read a step ahead), off by default until a sweep says otherwise.
+# PREFETCH_S (each step's scales read a step ahead) is on: 235 / 257 / 274 / 338 us against 246 / 274 / 291 / 369
+# without it (2026-12-04 sweep). SPLIT_X (inputs split into even and odd features once per layer) was slower at
+# every N (318 against 291 at N = 64) and stays off; so does BLOCK_N2 64 (no better with PREFETCH_S at 64, worse
+# at 128).
 GROUPED_BLOCKS = {
     "dequant": {"BLOCK_N1": 64, "BLOCK_N2": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
     "direct": {"BLOCK_N1": 128, "BLOCK_N2": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3,
-               "SPLIT_X": False, "PREFETCH_S": False},
+               "SPLIT_X": False, "PREFETCH_S": True},
     # Untimed (module notes): BLOCK_N 128 keeps the dot's [128, 4 * BLOCK_M] fp32 result at 64 registers a thread
     # (BLOCK_M 16, 4 warps) and the slices read per group no larger than the weights.
     "fp8": {"BLOCK_N1": 128, "BLOCK_N2": 128, "num_warps": 4, "num_stages": 3},

@@ -421,7 +421,29 @@ def test_continuous_batching_on_cuda_graphs_matches_the_torch_engine(batch_size)
     engine = model.set_engine("kernels")
     ours = generate(model, prompts, max_new_tokens=12, stop_tokens=(stop,), batch_size=batch_size)
     assert engine.graphs and engine.graph_steps == engine.steps and engine.captures == 1
-    assert ours.tokens == ref.tokens and ours.stop_reasons == ref.stop_reasons
-    assert torch.equal(ours.router_indices, ref.router_indices)
-    torch.testing.assert_close(ours.sink, ref.sink, atol=1e-4, rtol=1e-4)
     model.set_engine("torch")
+    same = _rows_equal_up_to_ties(model, prompts, ours.tokens, ref.tokens)
+    assert len(same) >= len(prompts) - 2, f"only rows {same} agree"
+    assert [ours.stop_reasons[b] for b in same] == [ref.stop_reasons[b] for b in same]
+    n = max(len(ref.tokens[b]) for b in same)  # (a parted row may be the longest: records are that long)
+    assert torch.equal(ours.router_indices[same, :n], ref.router_indices[same, :n])
+    torch.testing.assert_close(ours.sink[same, :n], ref.sink[same, :n], atol=1e-4, rtol=1e-4)
+
+
+def _rows_equal_up_to_ties(model, prompts, ours, ref, margin=1e-3) -> list[int]:
+    """The rows whose tokens are identical; any other row must part at a near-tie: where it first differs, the
+    torch engine's logits of the two tokens are within `margin` (the random models here make such ties now and
+    then, and the kernels' fp32 sums legitimately break them the other way). A real error fails the assert."""
+    same = []
+    for b, (mine, theirs) in enumerate(zip(ours, ref, strict=True)):
+        if mine == theirs:
+            same.append(b)
+            continue
+        i = next((i for i, (x, y) in enumerate(zip(mine, theirs, strict=False)) if x != y), None)
+        assert i is not None, f"row {b}: {len(mine)} tokens against {len(theirs)}, the shorter one a prefix"
+        ids = torch.tensor([prompts[b] + theirs[:i]], device=CUDA)
+        with torch.no_grad():
+            logits = model(ids)[0, -1].float()
+        gap = (logits[theirs[i]] - logits[mine[i]]).item()
+        assert 0 <= gap < margin, f"row {b} parts at token {i}: {mine[i]} against {theirs[i]}, logit gap {gap}"
+    return same
