@@ -85,6 +85,9 @@ def test_browser_episode_is_what_chat_builds(model, enc):
     assert sequence == tokens  # prompt, calls, the real browser's answers, final: token for token
     assert agentic.score_chat(episode, trace) == {"kind": "browser", "effort": "medium", "valid_call": True,
                                                   "correct": True, "text": episode.answer["final"]}  # fmt: skip
+    other = agentic.browser_episode(random.Random(12), "medium")  # another town's question, the same calls
+    assert other.meta["town"] != episode.meta["town"]
+    assert not agentic.score_chat(other, trace)["valid_call"]
 
 
 def test_python_episode_is_what_chat_builds(model, enc):

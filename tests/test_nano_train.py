@@ -41,6 +41,28 @@ def test_checkpoint_loads_back_to_the_twins_logits(tmp_path):
     torch.testing.assert_close(loaded, after, rtol=1e-5, atol=1e-5)  # ...and the checkpoint computes the twin
 
 
+def test_warm_start_moves_rows_by_o200k_id_and_computes_the_checkpoint(tmp_path):
+    """A grown vocabulary in another order: the warm-started twin computes the checkpoint's logits for the same
+    text, and rows the checkpoint never had keep their fresh initialisation."""
+    old_twin = _random_twin()
+    old_twin.round_to_checkpoint()
+    old_vocab = _vocab(97)
+    write_checkpoint(train.to_model(old_twin, old_vocab), tmp_path)
+    kept = old_vocab["o200k_ids"][:-1][::-1]
+    vocab = {"o200k_ids": [5, 6, 7] + kept + [UNKNOWN_O200K_ID], "unknown_id": 99}
+    fresh = train.NanoTwin(train.nano_config(vocab_size=100, smoke=True), seed=3)
+    twin = train.NanoTwin(train.nano_config(vocab_size=100, smoke=True), seed=3)
+    assert train.warm_start(twin, tmp_path, vocab) == 3
+    assert torch.equal(twin.embed.weight[:3], fresh.embed.weight[:3])
+    old_ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(7))
+    old_to_new = torch.tensor([3 + 95 - i for i in range(96)] + [99])  # row i of the old vocab is row this of the new
+    with torch.no_grad():
+        ref, ours = old_twin.eval()(old_ids), twin.eval()(old_to_new[old_ids])
+    torch.testing.assert_close(ours[..., old_to_new], ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="shape"):
+        train.warm_start(train.NanoTwin(train.nano_config(vocab_size=100)), tmp_path, vocab)
+
+
 def test_fake_quantize_is_mxfp4_forward_and_identity_backward():
     from ossscope.mxfp4 import dequantize, quantize
 

@@ -202,14 +202,18 @@ def eval_agentic(n_per_effort: int, seed: int = 1919) -> list[Any]:
 
 
 def score_chat(episode: Any, trace: Any) -> dict[str, Any]:
-    """valid_call: the calls the episode needs, in order, without errors (right arguments for python);
-    correct: the final answer holds the value (and, for the browser, cites the fact's line of its page)."""
+    """valid_call: the calls the episode needs, in order, without errors, and about the right thing (python: code
+    that prints the value; browser: a search that names the asked-about town); correct: the final answer holds the
+    value (and, for the browser, cites the fact's line of its page)."""
     want = episode.answer
     calls = [c for c in trace.tool_calls if c.error is None]
     names = [c.name for c in calls]
     valid = names[: len(want["tools"])] == want["tools"] and len(trace.tool_calls) == len(want["tools"])
     if episode.kind == "python" and valid:
         valid = calls[0].result.strip() == str(want["value"])
+    if episode.kind == "browser" and valid:
+        query = str((calls[0].parsed_arguments or {}).get("query", ""))
+        valid = episode.meta["town"].lower() in query.lower()
     correct = str(want["value"]) in trace.final
     if episode.kind == "browser" and correct:
         from ..tools import CITATION

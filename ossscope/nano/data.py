@@ -368,7 +368,7 @@ INSTRUCTIONS = ("Answer briefly.", "Be concise.", "You are a helpful assistant."
 
 # Share of episodes replaced by browser/python episodes (agentic.py). Drawn after the episode it replaces, so
 # corpus(n, seed, agentic=False) is exactly the corpus the shipped nano was trained on.
-AGENTIC_SHARE = 0.12
+AGENTIC_SHARE = 0.2
 
 
 def random_episode(rng: random.Random, agentic: bool = True) -> Episode:
@@ -382,8 +382,7 @@ def random_episode(rng: random.Random, agentic: bool = True) -> Episode:
             if not is_held_out(op, a, b):
                 break
         # Half the arithmetic is worked at high effort: the column method is the skill that takes longest.
-        effort = rng.choice(("low", "medium", "high", "high"))
-        episode = arithmetic_episode(rng, op, a, b, effort)
+        episode = arithmetic_episode(rng, op, a, b, rng.choice(("low", "medium", "high", "high")))
     elif r < 0.74:
         episode = digits_episode(rng, effort)
     elif r < 0.84:

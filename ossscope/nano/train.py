@@ -246,6 +246,38 @@ def to_model(twin: NanoTwin, vocab: dict[str, Any], dtype: torch.dtype = torch.b
     return model
 
 
+@torch.no_grad()
+def warm_start(twin: NanoTwin, init: Path | str, vocab: dict[str, Any]) -> int:
+    """Start the twin from a written nano checkpoint (`init`: a folder, or "nano" for the shipped one) instead of
+    from noise, so a corpus with new episodes teaches them without relearning the rest. Its vocabulary may grow:
+    embedding and unembedding rows move by o200k id, and ids the checkpoint never saw keep their fresh
+    initialisation. Experts are dequantized from MXFP4 (already on the grid). Returns how many rows were new."""
+    from ..loading import load
+
+    old = load(init, device="cpu", dtype=torch.float32, progress=False)
+    if old.vocab_map is None:
+        raise ValueError(f"{init} has no vocab_map.json: a nano checkpoint is needed to warm-start from")
+    shape = {k: getattr(twin.config, k) for k in NANO_SHAPE}
+    if {k: getattr(old.config, k) for k in NANO_SHAPE} != shape:
+        raise ValueError(f"{init} does not have the twin's shape {shape}")
+    old_state, state = old.state_dict(), twin.state_dict()
+    for name, value in state.items():
+        if name.endswith(("mlp1_weight", "mlp2_weight")):
+            prefix = name[: -len("_weight")]
+            value.copy_(dequantize(old_state[f"{prefix}_blocks"], old_state[f"{prefix}_scales"],
+                                   torch.float32).view_as(value))
+        elif name not in ("embed.weight", "unembed.weight"):
+            value.copy_(old_state[name])
+    old_row = {o200k: i for i, o200k in enumerate(old.vocab_map)}
+    if len(old_row) != len(old.vocab_map):
+        raise ValueError(f"{init}: vocab_map.json repeats an o200k id")
+    pairs = [(j, old_row[o200k]) for j, o200k in enumerate(vocab["o200k_ids"]) if o200k in old_row]
+    new_ids, old_ids = (torch.tensor(ids) for ids in zip(*pairs, strict=True))
+    for name in ("embed.weight", "unembed.weight"):
+        state[name][new_ids.to(state[name].device)] = old_state[name][old_ids].to(state[name].device)
+    return len(vocab["o200k_ids"]) - len(pairs)
+
+
 # -- data --------------------------------------------------------------------------------------------------------
 
 
@@ -392,9 +424,10 @@ def assistant_loss(twin: NanoTwin, inputs: torch.Tensor, tokens: torch.Tensor, m
 def train(
     data_dir: Path, out: Path, smoke: bool = False, seed: int = 0, steps: int | None = None,
     minutes: float = 6.0, batch_tokens: int = 32_768, lr: float = 3e-3, qat_fraction: float = 0.3,
-    device: str | None = None,
+    device: str | None = None, init: Path | str | None = None, warmup: int | None = None,
 ) -> dict[str, Any]:
-    """Train, evaluate greedy accuracy before and after MXFP4, write the checkpoint to `out/weights`."""
+    """Train, evaluate greedy accuracy before and after MXFP4, write the checkpoint to `out/weights`.
+    init: a nano checkpoint to start from (`warm_start`; usually with a lower lr), else random weights."""
     from . import eval as nano_eval
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -404,7 +437,11 @@ def train(
     corpus = load_corpus(data_dir / "corpus.npz")
     evalset = json.loads((data_dir / "eval.json").read_text())
     config = nano_config(len(vocab["o200k_ids"]), smoke)
-    twin = NanoTwin(config, seed).to(device)
+    twin = NanoTwin(config, seed)
+    if init is not None:
+        fresh = warm_start(twin, init, vocab)
+        print(f"warm start from {init}: {fresh} of {config.vocab_size} vocabulary rows are new", flush=True)
+    twin = twin.to(device)
     unknown = vocab["unknown_id"]
     batches = Batches(corpus, batch_tokens, unknown, device, seed)
     decay = [p for n, p in twin.named_parameters() if p.dim() >= 2 and "embed" not in n]
@@ -415,7 +452,7 @@ def train(
     print(f"nano: {sum(p.numel() for p in twin.parameters()) / 1e6:.1f}M parameters, config {config}", flush=True)
 
     total = steps or 10**9  # fixed after timing the first steps, unless given
-    warmup = 20 if smoke else 200
+    warmup = warmup if warmup is not None else 20 if smoke else 200
     history: list[dict[str, float]] = []
     t0 = time.time()
     step, qat_on = 0, False
@@ -488,7 +525,8 @@ def train(
     # numbers the README quotes come from `python -m ossscope.nano.eval` on the loaded checkpoint, in fp32.
     torch.backends.cuda.matmul.allow_tf32 = True
     metrics: dict[str, Any] = {"config": config.to_original_json(), "steps": step, "train_seconds": train_seconds,
-                               "batch_tokens": batch_tokens, "lr": lr, "seed": seed, "history": history}
+                               "batch_tokens": batch_tokens, "lr": lr, "seed": seed, "init": None if init is None else str(init),
+                               "history": history}
     plot_loss(history, out / "loss.png")
     twin.set_quantized(False)
     float_state = {k: v.clone() for k, v in twin.state_dict().items()}
@@ -559,6 +597,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-tokens", type=int, default=32_768, help="padded tokens per training batch")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--init", default=None, help='a nano checkpoint to start from ("nano": the shipped one)')
+    parser.add_argument("--warmup", type=int, default=None, help="learning-rate warm-up steps (default 200)")
     args = parser.parse_args(argv)
     if args.smoke:
         import tempfile
@@ -572,7 +612,7 @@ def main(argv: list[str] | None = None) -> None:
         print(prepare(args.out or args.data, args.episodes, args.seed, agentic=not args.no_agentic))
     elif args.stage == "train":
         train(args.data, args.out or Path("runs/nano"), seed=args.seed, steps=args.steps, minutes=args.minutes,
-              batch_tokens=args.batch_tokens, lr=args.lr, device=args.device)
+              batch_tokens=args.batch_tokens, lr=args.lr, device=args.device, init=args.init, warmup=args.warmup)
     else:
         parser.error("give a stage (prepare, train) or --smoke")
 
