@@ -140,44 +140,62 @@ class Step:
 
 class _HostCopies:
     """Copies small device tensors to the host without waiting for them: `put` enqueues non-blocking copies into
-    pinned buffers (a ring of slots, so the steps in flight don't overwrite each other) and an event; the handle's
-    `take()` waits for that event only, not for the work queued after it, and returns CPU tensors."""
+    pinned buffers and records an event; the handle's `take()` waits for that event only, not for the work
+    queued after it, and returns CPU tensors.
+
+    Each put takes a slot of buffers that no handle still waits on, and the pool grows when every slot is held:
+    a slot reused before its copy is taken would hand that handle another copy's values. (Several rows starting
+    at one step each put their first token while the step's own copy is pending; a fixed ring of 4 once
+    recorded a later row's first token for an earlier one's.) `release()` frees the slots of handles that will
+    never be taken. On the CPU the copies are plain, into the same slots, so CPU tests exercise the pool."""
 
     def __init__(self, device: torch.device, slots: int = 4) -> None:
         self.cuda = device.type == "cuda"
         self.slots: list[dict[str, Any]] = [{} for _ in range(slots)]
-        self.next = 0
+        self.held = [False] * slots  # a handle of slot i has not been taken yet
         self.waited_s = 0.0  # host time spent waiting for copies (near all of it: the GPU is the bound)
 
     def put(self, tensors: dict[str, torch.Tensor]) -> _Copied:
-        if not self.cuda:
-            return _Copied({name: t.detach().to("cpu", copy=True) for name, t in tensors.items()}, None)
-        slot = self.slots[self.next]
-        self.next = (self.next + 1) % len(self.slots)
+        index = next((i for i, held in enumerate(self.held) if not held), None)
+        if index is None:
+            index = len(self.slots)
+            self.slots.append({})
+            self.held.append(False)
+        self.held[index] = True
+        slot = self.slots[index]
         out = {}
         for name, t in tensors.items():
             buffer = slot.get(name)
             if buffer is None or buffer.shape != t.shape or buffer.dtype != t.dtype:
-                buffer = slot[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            buffer.copy_(t, non_blocking=True)
+                buffer = slot[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda)
+            buffer.copy_(t.detach(), non_blocking=self.cuda)
             out[name] = buffer
-        event = slot.setdefault("_event", torch.cuda.Event())
-        event.record()
-        return _Copied(out, event, self)
+        event = None
+        if self.cuda:
+            event = slot.setdefault("_event", torch.cuda.Event())
+            event.record()
+        return _Copied(out, event, self, index)
+
+    def release(self) -> None:
+        """Every slot is free again: the handles not taken yet are abandoned (a decode loop that ended)."""
+        self.held = [False] * len(self.slots)
 
 
 class _Copied:
-    def __init__(self, tensors: dict[str, torch.Tensor], event: torch.cuda.Event | None,
-                 owner: _HostCopies | None = None) -> None:
-        self.tensors, self.event, self.owner = tensors, event, owner
+    def __init__(self, tensors: dict[str, torch.Tensor], event: torch.cuda.Event | None, owner: _HostCopies,
+                 index: int) -> None:
+        self.tensors, self.event, self.owner, self.index = tensors, event, owner, index
+        self.taken: dict[str, torch.Tensor] | None = None
 
     def take(self) -> dict[str, torch.Tensor]:
-        if self.event is None:
-            return self.tensors
-        started = time.perf_counter()
-        self.event.synchronize()
-        self.owner.waited_s += time.perf_counter() - started
-        return {name: t.clone() for name, t in self.tensors.items()}  # the pinned slot is reused later
+        if self.taken is None:
+            if self.event is not None:
+                started = time.perf_counter()
+                self.event.synchronize()
+                self.owner.waited_s += time.perf_counter() - started
+            self.taken = {name: t.clone() for name, t in self.tensors.items()}  # the slot is reused later
+            self.owner.held[self.index] = False
+        return self.taken
 
 
 @dataclass
@@ -455,6 +473,8 @@ class Decoder:
                 j += 1
         finally:
             self._running, self._token = False, None
+            self._token_copies.release()  # t_{j+1} and first tokens nobody will read now
+            self._record_copies.release()
 
     def _stop_if_over(self, row: Row, token: int) -> None:
         """Row `row` was fed `token`: stop it on a stop token, at its limit, or when its cache row is full."""

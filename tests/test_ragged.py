@@ -86,6 +86,26 @@ def test_continuous_batching_gives_each_prompt_its_own_run(tiny_model):
     assert engine.steps < sum(len(r.tokens[0]) for r in alone)
 
 
+def test_many_rows_starting_at_one_step_keep_their_own_first_tokens(tiny_model):
+    """Six rows reach their length limit at one step and six waiting prompts take them at once: each start puts
+    its first token to the host while the step's own copy is pending (more copies in flight than a ring of 4)."""
+    prompts = _prompts([5, 9, 3, 12, 7, 4, 6, 11, 8, 3, 10, 5], seed=21)
+    batched = generate(tiny_model, prompts, max_new_tokens=6, stop_tokens=(), batch_size=6)
+    for b, prompt in enumerate(prompts):
+        _assert_same_run(batched, b, _alone(tiny_model, prompt, 6))
+
+
+def test_host_copies_hand_each_handle_its_own_values():
+    from ossscope.generation import _HostCopies
+
+    copies = _HostCopies(torch.device("cpu"), slots=2)
+    handles = [copies.put({"t": torch.tensor([i])}) for i in range(5)]  # none taken yet: the pool grows
+    assert [int(h.take()["t"]) for h in reversed(handles)] == [4, 3, 2, 1, 0]
+    assert len(copies.slots) == 5 and not any(copies.held)
+    again = copies.put({"t": torch.tensor([9])})  # a taken slot is reused, the first handle keeps its value
+    assert int(again.take()["t"]) == 9 and int(handles[0].take()["t"]) == 0 and len(copies.slots) == 5
+
+
 def test_decoder_rows_and_errors(tiny_model):
     decoder = Decoder(tiny_model, batch_size=2, max_len=16, stop_tokens=())
     first = decoder.start_row(0, _prompts([5])[0], max_new_tokens=3, tag="a")
