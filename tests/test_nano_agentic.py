@@ -83,8 +83,11 @@ def test_browser_episode_is_what_chat_builds(model, enc):
     assert tokens[: len(prompt)] == prompt
     sequence, _ = trace.context_tokens()
     assert sequence == tokens  # prompt, calls, the real browser's answers, final: token for token
-    assert agentic.score_chat(episode, trace) == {"kind": "browser", "effort": "medium", "valid_call": True,
-                                                  "correct": True, "text": episode.answer["final"]}  # fmt: skip
+    scored = agentic.score_chat(episode, trace)
+    assert {k: scored[k] for k in ("kind", "effort", "valid_call", "correct", "text")} == {
+        "kind": "browser", "effort": "medium", "valid_call": True, "correct": True, "text": episode.answer["final"]}
+    assert [c["name"] for c in scored["tool_calls"]] == ["browser.search", "browser.open"]
+    assert all(c["error"] is None and c["result"] for c in scored["tool_calls"])
     other = agentic.browser_episode(random.Random(12), "medium")  # another town's question, the same calls
     assert other.meta["town"] != episode.meta["town"]
     assert not agentic.score_chat(other, trace)["valid_call"]
@@ -133,3 +136,27 @@ def test_evaluate_agentic_scores_each_effort(enc):
     for user, episode in episodes.items():
         tokens, _ = data.render_episode(enc, episode)
         assert prompts[user] == tokens[: len(prompts[user])], (episode.kind, episode.effort)
+
+
+def test_evaluate_agentic_skips_python_where_no_kernel_starts(monkeypatch, capsys):
+    """On a machine without jupyter_client (the GPU image) the python episodes are left out with a note,
+    not scored 0% as if the model had failed them."""
+    from types import SimpleNamespace
+
+    from ossscope.nano import eval as nano_eval
+    from ossscope.tools import python as python_tool
+
+    def no_kernel(name):
+        raise ImportError("the python tool ... needs jupyter_client and ipykernel")
+
+    monkeypatch.setattr(python_tool, "_require_kernel", no_kernel)
+    asked = []
+
+    class Model:
+        def chat(self, user, reasoning, tools, **kwargs):
+            asked.append(tools[0].name)
+            return SimpleNamespace(tool_calls=[], final="", channels=[])
+
+    summary, results = nano_eval.evaluate_agentic(Model(), 1)
+    assert asked == ["browser"] * 3 and set(summary) == {f"browser/{e}" for e in data.EFFORTS}
+    assert "python episodes skipped" in capsys.readouterr().err

@@ -243,6 +243,19 @@ def test_bad_tool_settings_are_refused():
         Python(memory_limit=1000)
     with pytest.raises(ValueError, match="two built-in tools named 'browser'"):
         split_tools([Browser(DOCS), Browser(DOCS)])
+    with pytest.raises(ValueError, match="no Jupyter kernel named 'no-such-kernel'"):
+        Python(kernel_name="no-such-kernel")
+
+
+def test_a_missing_jupyter_client_is_refused_before_any_chat(monkeypatch):
+    """The GPU image lacks jupyter_client: the tool must say so when built, not tell the model at its first call."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "jupyter_client" else real(name, *a))
+    with pytest.raises(ImportError, match="needs jupyter_client and ipykernel"):
+        Python()
 
 
 # -- through chat's tool loop ---------------------------------------------------------------------------------

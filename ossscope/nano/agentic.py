@@ -220,5 +220,7 @@ def score_chat(episode: Any, trace: Any) -> dict[str, Any]:
 
         cited = [(int(m["cursor"]), int(m["start"])) for m in CITATION.finditer(trace.final)]
         correct = (1, want["line"]) in cited
+    tool_calls = [{"name": c.name, "arguments": c.arguments, "result": (c.result or "")[:300], "error": c.error}
+                  for c in trace.tool_calls]  # what the tools said, so a failure can be read in the eval's JSON
     return {"kind": episode.kind, "effort": episode.effort, "valid_call": bool(valid), "correct": bool(correct),
-            "text": trace.final}  # fmt: skip
+            "text": trace.final, "tool_calls": tool_calls}  # fmt: skip

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import importlib.util
 import os
 import queue
 import re
@@ -78,6 +79,23 @@ def _net_namespace(pid: int | str = "self") -> str | None:
         return None
 
 
+def _require_kernel(kernel_name: str) -> None:
+    """Refuse at construction, not at the model's first call, where a missing kernel would only be an error told
+    to the model and the chat would go on without the tool."""
+    if importlib.util.find_spec("jupyter_client") is None:
+        raise ImportError("the python tool runs code in a Jupyter kernel and needs jupyter_client and ipykernel "
+                          "(pip install jupyter_client ipykernel); this environment has no jupyter_client")
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    specs = KernelSpecManager()
+    try:
+        specs.get_kernel_spec(kernel_name)
+    except NoSuchKernel:
+        installed = ", ".join(sorted(specs.find_kernel_specs())) or "none"
+        hint = " (pip install ipykernel)" if kernel_name == "python3" else ""
+        raise ValueError(f"no Jupyter kernel named {kernel_name!r} here{hint}; installed: {installed}") from None
+
+
 class Python:
     """harmony's `python` tool backed by a Jupyter kernel (started on the first call).
 
@@ -86,7 +104,8 @@ class Python:
     on (the default 120 s, byte for byte) while enforcing a shorter limit: a call past `timeout` is still cut.
     memory_limit: bytes of address space for the kernel (None: no cap). network: False to cut the kernel off
     the network where the OS allows. max_output_chars: longest answer. kernel_name: which Jupyter kernel.
-    Use as a context manager or call `close()`; an unreferenced tool shuts its kernel down too.
+    Use as a context manager or call `close()`; an unreferenced tool shuts its kernel down too. Without
+    jupyter_client or the kernel, construction raises (ImportError, ValueError).
     """
 
     name = "python"
@@ -108,6 +127,7 @@ class Python:
             raise ValueError(f"memory_limit {memory_limit} bytes is below the 64 MiB a kernel needs to start")
         if max_output_chars < 16:
             raise ValueError(f"max_output_chars must be at least 16, got {max_output_chars}")
+        _require_kernel(kernel_name)
         self.timeout = float(timeout)
         self.declared_timeout = float(timeout if declared_timeout is None else declared_timeout)
         self.memory_limit = memory_limit
