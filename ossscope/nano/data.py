@@ -367,7 +367,8 @@ INSTRUCTIONS = ("Answer briefly.", "Be concise.", "You are a helpful assistant."
 
 
 # Share of episodes replaced by browser/python episodes (agentic.py). Drawn after the episode it replaces, so
-# corpus(n, seed, agentic=False) is exactly the corpus the shipped nano was trained on.
+# corpus(n, seed, agentic=False) is exactly the corpus of the first nano checkpoint (the one the shipped
+# checkpoint was warm-started from; see MODEL_CARD.md).
 AGENTIC_SHARE = 0.2
 
 
@@ -404,7 +405,7 @@ def random_episode(rng: random.Random, agentic: bool = True) -> Episode:
 
 def corpus(n: int, seed: int = 0, agentic: bool = True) -> list[Episode]:
     """`n` training episodes, the same for the same seed; `agentic=False` leaves out the browser/python
-    episodes (the corpus of the nano checkpoint shipped before them)."""
+    episodes (the corpus of the first nano checkpoint, trained before them)."""
     rng = random.Random(seed)
     return [random_episode(rng, agentic) for _ in range(n)]
 

@@ -284,7 +284,7 @@ def warm_start(twin: NanoTwin, init: Path | str, vocab: dict[str, Any]) -> int:
 def prepare(out: Path, episodes: int, seed: int, eval_sizes: tuple[int, int, int] = (100, 40, 30),
             agentic: bool = True) -> dict:
     """Render the corpus and the held-out sets; save model-id tensors and the vocabulary under `out`.
-    agentic=False leaves out the browser/python episodes (the corpus of the checkpoint shipped before them)."""
+    agentic=False leaves out the browser/python episodes (the corpus of the first of the two training stages)."""
     from ..tokenizer import harmony_encoding
     from . import data
 
@@ -525,8 +525,8 @@ def train(
     # numbers the README quotes come from `python -m ossscope.nano.eval` on the loaded checkpoint, in fp32.
     torch.backends.cuda.matmul.allow_tf32 = True
     metrics: dict[str, Any] = {"config": config.to_original_json(), "steps": step, "train_seconds": train_seconds,
-                               "batch_tokens": batch_tokens, "lr": lr, "seed": seed, "init": None if init is None else str(init),
-                               "history": history}
+                               "batch_tokens": batch_tokens, "lr": lr, "seed": seed,
+                               "init": None if init is None else str(init), "history": history}
     plot_loss(history, out / "loss.png")
     twin.set_quantized(False)
     float_state = {k: v.clone() for k, v in twin.state_dict().items()}
@@ -591,7 +591,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--episodes", type=int, default=500_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-agentic", action="store_true",
-                        help="prepare without the browser/python episodes (the shipped checkpoint's corpus)")
+                        help="prepare without the browser/python episodes (the first training stage's corpus)")
     parser.add_argument("--steps", type=int, default=None, help="fixed step count (default: fit --minutes)")
     parser.add_argument("--minutes", type=float, default=6.0)
     parser.add_argument("--batch-tokens", type=int, default=32_768, help="padded tokens per training batch")
