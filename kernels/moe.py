@@ -17,8 +17,9 @@ Two shapes of work, two pairs of kernels:
   BLOCK_M x BLOCK_K token tile by a BLOCK_N x BLOCK_K weight tile on the tensor cores. The weight tile is read
   as packed bytes and decoded in registers, its low and high nibbles joined back into feature order, so the
   token tile loads contiguously. Gate/up computes gate and linear units together (adjacent mlp1 rows) and
-  applies the clamped SwiGLU in its epilogue; down adds the bias, multiplies by the routing weight and sums
-  over k with fp32 atomics. The grouping needs no host sync (a fixed worst-case block count).
+  applies the clamped SwiGLU in its epilogue; down adds the bias and writes each slot's output, and the
+  decode's combine kernel sums them over k with the routing weights, in a fixed order (run-to-run identical
+  results; fp32 atomics were not). The grouping needs no host sync (a fixed worst-case block count).
 Measured on an H100 (docs/bench/, scripts/moe_sweep.py, scripts/decode_ab.py): decode 47 us per layer at the
 20b shape, 1.1 TB/s, bound by the ~4.7 instructions each weight code costs on CUDA cores; bf16 models on GPUs
 with fp8 tensor cores therefore decode with kernels/moe_tc.py (36 us), fp16/fp32 models and older GPUs here.
@@ -516,15 +517,15 @@ def _gate_up_grouped_kernel(
 
 @triton.jit
 def _down_grouped_kernel(
-    act_ptr, row_slot_ptr, block_expert_ptr, wts_ptr, w_ptr, s_ptr, b_ptr, y_ptr, eo_ptr,
+    act_ptr, row_slot_ptr, block_expert_ptr, w_ptr, s_ptr, b_ptr, parts_ptr,
     D, I, stride_an, stride_we, stride_wr, stride_se, stride_sr, stride_be,
-    K_ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    IEEE: tl.constexpr, PER_EXPERT: tl.constexpr, SUM: tl.constexpr = True, DIRECT: tl.constexpr = False,
-    X: tl.constexpr = 0, ASM: tl.constexpr = False, SPLIT_X: tl.constexpr = False, PREFETCH_S: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    DIRECT: tl.constexpr = False, X: tl.constexpr = 0, ASM: tl.constexpr = False, SPLIT_X: tl.constexpr = False,
+    PREFETCH_S: tl.constexpr = False,
 ):
     # DIRECT, SPLIT_X (act [rows, 2, I / 2], as gate/up writes it with SPLIT_X), PREFETCH_S: as in gate/up.
-    # SUM: the weighted sum over k goes to y (fp32 atomics). Without it only the unweighted per-slot outputs go
-    # to eo (PER_EXPERT): the batched decode leaves that sum to the residual norm (kernels/moe_batch.py).
+    # Each slot's unweighted expert output (bias included) goes to its own fp32 row of parts [N * k, D]; the
+    # weighted sum over k is the reader's, in a fixed order (the combine kernel, or the decoder's residual norm).
     pid_m = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # output features
     cmask = cols < D
@@ -548,13 +549,7 @@ def _down_grouped_kernel(
             acc = _grouped_step(h, w_base, s_base, cols, cmask, k0, I, stride_wr, stride_sr, acc, BLOCK_K, IEEE)
     out = acc + tl.load(b_ptr + expert * stride_be + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     safe_slot = tl.where(valid, slot, 0)
-    m = valid[:, None] & cmask[None, :]
-    if PER_EXPERT:
-        tl.store(eo_ptr + safe_slot[:, None] * D + cols[None, :], out.to(eo_ptr.dtype.element_ty), mask=m)
-    if SUM:
-        weight = tl.load(wts_ptr + safe_slot, mask=valid, other=0.0).to(tl.float32)
-        token = safe_slot // K_ACT
-        tl.atomic_add(y_ptr + token[:, None] * D + cols[None, :], out * weight[:, None], mask=m, sem="relaxed")
+    tl.store(parts_ptr + safe_slot[:, None] * D + cols[None, :], out, mask=valid[:, None] & cmask[None, :])
 
 
 # -- public wrappers -----------------------------------------------------------------------------------------
@@ -827,14 +822,19 @@ def moe_experts(
         K_ACT=k, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N1"], BLOCK_K=cfg["BLOCK_K"], IEEE=ieee,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    y32 = torch.zeros(N, D, device=x.device, dtype=torch.float32)
+    # Each slot's unweighted output to its own fp32 row, then the weighted sum over k in a fixed order (the
+    # combine kernel): fp32 atomics would add the k outputs in whatever order the programs finish, so the same
+    # prompt could round differently run to run and, at a router near-tie, pick other experts downstream.
+    parts = torch.empty(S, D, device=x.device, dtype=torch.float32)
     _down_grouped_kernel[(n_blocks, triton.cdiv(D, cfg["BLOCK_N2"]))](
-        act, row_slot, block_expert, topk_weights, mlp2_blocks, mlp2_scales, mlp2_bias, y32, expert_out,
-        D, I, act.stride(0), *w2,
-        K_ACT=k, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K"], IEEE=ieee,
-        PER_EXPERT=per_expert, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        act, row_slot, block_expert, mlp2_blocks, mlp2_scales, mlp2_bias, parts, D, I, act.stride(0), *w2,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N2"], BLOCK_K=cfg["BLOCK_K"], IEEE=ieee,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    y.copy_(y32)
+    _combine_kernel[(N, triton.cdiv(D, 1024))](
+        parts, topk_weights, y, expert_out, D, parts.stride(0), y.stride(0),
+        K_ACT=k, K_POW2=triton.next_power_of_2(k), BLOCK=1024, PER_EXPERT=per_expert, SPLIT=1,
+    )
     return (y, expert_out) if per_expert else y
 
 

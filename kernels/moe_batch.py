@@ -14,7 +14,7 @@ Three launches per layer, none waiting on the host (CUDA-graph capturable):
    At decode sizes (N * k <= a few hundred slots, E <= 1024) one program does it in a few microseconds, and one
    launch replaces group_by_expert's dozen torch ops.
 2. `moe._gate_up_grouped_kernel` (the prefill kernel, new block sizes): x [N, D] rows gathered per block, SwiGLU.
-3. `moe._down_grouped_kernel` with SUM=False: each slot's unweighted expert output (bias included) to its own fp32
+3. `moe._down_grouped_kernel`: each slot's unweighted expert output (bias included) to its own fp32
    row, n * k + j, with no atomics: the layout of `moe_decode_parts` with one split, so the decoder's residual
    norm sums it with the routing weights (`add_rms_norm(weights=...)`), as it does for the per-slot path.
 The grid is the worst case, cdiv(N * k, BLOCK_M) + min(E, N * k) row blocks; unused blocks exit at once.
@@ -337,7 +337,7 @@ def _down_fp8_kernel(
     D, I, stride_abt, stride_axe, stride_we, stride_wr, stride_se, stride_sr, stride_be,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, P: tl.constexpr, ASM: tl.constexpr,
 ):
-    """`moe._down_grouped_kernel` (SUM=False) on fp8 tensor cores: each slot's SwiGLU slices in, its unweighted
+    """`moe._down_grouped_kernel` on fp8 tensor cores: each slot's SwiGLU slices in, its unweighted
     output (bias included) to parts row `slot`."""
     pid_m = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # output features
@@ -464,7 +464,7 @@ def moe_decode_grouped(
     asm = cfg.get("ASM", h.dtype == torch.bfloat16 and not interpreting()) if direct else False
     check(not asm or h.dtype == torch.bfloat16, "the direct decode's assembly is for bf16 (pass ASM=False)")
     split = bool(cfg.get("SPLIT_X", False))
-    tiles = dict(K_ACT=k, BLOCK_M=BM, BLOCK_K=cfg["BLOCK_K"], IEEE=ieee, num_warps=cfg["num_warps"],
+    tiles = dict(BLOCK_M=BM, BLOCK_K=cfg["BLOCK_K"], IEEE=ieee, num_warps=cfg["num_warps"],
                  num_stages=cfg["num_stages"], DIRECT=direct,
                  X=DIRECT_X[str(h.dtype).removeprefix("torch.")] if direct else 0, ASM=asm, SPLIT_X=split,
                  PREFETCH_S=bool(cfg.get("PREFETCH_S", False)))
@@ -476,12 +476,12 @@ def moe_decode_grouped(
         h, row_slot, block_expert, mlp1_blocks, mlp1_scales, mlp1_bias, act,
         D, I, h.stride(0), mlp1_blocks.stride(0), mlp1_blocks.stride(1), mlp1_scales.stride(0),
         mlp1_scales.stride(1), mlp1_bias.stride(0), act.stride(0), float(limit), float(alpha),
-        BLOCK_N=cfg["BLOCK_N1"], **tiles,
+        K_ACT=k, BLOCK_N=cfg["BLOCK_N1"], **tiles,
     )
     _down_grouped_kernel[(n_blocks, triton.cdiv(D, cfg["BLOCK_N2"]))](
-        act, row_slot, block_expert, weights, mlp2_blocks, mlp2_scales, mlp2_bias, parts, parts,
+        act, row_slot, block_expert, mlp2_blocks, mlp2_scales, mlp2_bias, parts,
         D, I, act.stride(0), mlp2_blocks.stride(0), mlp2_blocks.stride(1), mlp2_scales.stride(0),
         mlp2_scales.stride(1), mlp2_bias.stride(0),
-        BLOCK_N=cfg["BLOCK_N2"], PER_EXPERT=True, SUM=False, **tiles,
+        BLOCK_N=cfg["BLOCK_N2"], **tiles,
     )
     return parts, indices, weights

@@ -3,7 +3,10 @@
 Batch 1 and batch B run different MoE kernels (per-slot fp8 tensor cores vs grouped by expert) and the rows of a
 batch prefill at batch 1 or together, so results agree up to rounding: a near-tie between two tokens or two experts
 can flip. Prints the share of prompts whose tokens are identical, the mean length of the common prefix, and the
-share of identical router rows over that prefix.
+share of identical router rows over that prefix. Then, at every prompt where the runs part, the gap between the
+two tokens' logits in a plain batch-1 forward of the common prefix (`model(ids)`, the same kernels): a near-tie
+(a gap within bf16 rounding of the logits, ~0.03 at their size) says rounding, a large gap a bug. And whether two
+one-at-a-time runs agree with each other (the prefill's MoE sums in fp32 atomics, in no fixed order).
 
     python scripts/batch_agreement.py --prompts 32 --new 64
 """
@@ -44,6 +47,24 @@ def main() -> None:
     print(f"{args.prompts} prompts x {args.new} greedy tokens, batch {args.prompts} vs one at a time: "
           f"identical {same}/{args.prompts}; common prefix {sum(prefix) / len(prefix):.1f} tokens on average; "
           f"router rows identical over it {router_same / max(1, router_total):.2%}")
+    gaps, tops = [], []
+    for b, ref in enumerate(alone):
+        ours, theirs, n = batched.tokens[b], ref.tokens[0], prefix[b]
+        if n == len(theirs):
+            continue
+        ids = torch.tensor([prompts[b] + theirs[:n]], device="cuda")
+        with torch.no_grad():
+            logits = model(ids)[0, -1].float()
+        gaps.append(abs(logits[theirs[n]] - logits[ours[n]]).item())
+        tops.append(logits.max().item())
+    if gaps:
+        gaps.sort()
+        print(f"logit gap between the two runs' tokens where they part ({len(gaps)} prompts; top logit about "
+              f"{sum(tops) / len(tops):.1f}): median {gaps[len(gaps) // 2]:.4f}, max {gaps[-1]:.4f}, "
+              f"{sum(g < 0.0625 for g in gaps)} under 0.0625")
+    again = [generate(model, [p], max_new_tokens=args.new, stop_tokens=()) for p in prompts]
+    repeat = sum(a.tokens[0] == r.tokens[0] for a, r in zip(again, alone, strict=True))
+    print(f"one at a time, run twice: identical {repeat}/{args.prompts}")
 
 
 if __name__ == "__main__":

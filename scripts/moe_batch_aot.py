@@ -84,11 +84,11 @@ def main() -> None:
     gu_ints = dict(D=D, I=I, stride_xn=D, stride_we=2 * I * D // 2, stride_wr=D // 2, stride_se=2 * I * D // 32,
                    stride_sr=1, stride_be=2 * I, stride_an=I)
     build(moe._gate_up_grouped_kernel, gu_types, gu_ints, dict(common), W, S, "gu_" + tag)
-    dn_types = {"act_ptr": "*bf16", "row_slot_ptr": "*i32", "block_expert_ptr": "*i32", "wts_ptr": "*fp32",
-                "w_ptr": "*u8", "s_ptr": "*u8", "b_ptr": "*bf16", "y_ptr": "*fp32", "eo_ptr": "*fp32"}
+    dn_types = {"act_ptr": "*bf16", "row_slot_ptr": "*i32", "block_expert_ptr": "*i32", "w_ptr": "*u8",
+                "s_ptr": "*u8", "b_ptr": "*bf16", "parts_ptr": "*fp32"}
     dn_ints = dict(D=D, I=I, stride_an=I, stride_we=D * I // 2, stride_wr=I // 2, stride_se=D * I // 32,
                    stride_sr=1, stride_be=D)
-    build(moe._down_grouped_kernel, dn_types, dn_ints, {**common, "PER_EXPERT": True, "SUM": False}, W, S,
+    build(moe._down_grouped_kernel, dn_types, dn_ints, {k: v for k, v in common.items() if k != "K_ACT"}, W, S,
           "dn_" + tag)
 
 

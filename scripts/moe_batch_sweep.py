@@ -55,6 +55,13 @@ GROUPED = [("dequant", {}),  # dequant's default (BN64 BK128 w4 s3), the referen
            # decode="fp8" (opt-in; moe_batch notes): its default BLOCK_M (8 up to N = 32, then 16) and the other
            # of 8 / 16 at each N (a config that equals one already timed at this N is skipped)
            ("fp8", {}), ("fp8", {"BLOCK_M": 8}), ("fp8", {"BLOCK_M": 16})]
+# `--grid`: the direct decode's tiles around its default (PREFETCH_S on), at N = 64 and 128 only, and the
+# routing kernel's tokens per loop step and warps (one program: its loops' latency is the fixed cost).
+GRID = [("direct", {})] + [("direct", _cfg(n, bk, w, s)) for n, bk, w, s in (
+    (128, 64, 4, 2), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 4, 3), (128, 128, 8, 3),
+    (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (256, 64, 8, 3), (256, 64, 4, 3), (128, 32, 4, 4))]
+GRID_TOKENS = [64, 128]
+ROUTE_GRID = [(32, 4), (64, 4), (128, 4), (64, 8), (128, 8), (128, 16), (32, 1), (64, 2)]  # (BLOCK_T, num_warps)
 EXPERT_BYTES = 2 * I * (D // 2 + D // 32 + 2) + D * (I // 2 + I // 32 + 2)  # packed weights, scales, bf16 biases
 
 
@@ -74,8 +81,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-def candidate_paths(N: int, h: torch.Tensor, logits: torch.Tensor, routing: dict) -> list[tuple[str, str, object]]:
-    """(path, config name, fn(layer weights) -> parts) for every path and config timed at N tokens."""
+def candidate_paths(N: int, h: torch.Tensor, logits: torch.Tensor, routing: dict, grid: bool = False
+                    ) -> list[tuple[str, str, object]]:
+    """(path, config name, fn(layer weights) -> parts) for every path and config timed at N tokens (`grid`: the
+    direct tiles and routing-kernel variants of GRID and ROUTE_GRID instead)."""
     words = kernels.input_words(h)
     paths: list[tuple[str, str, object]] = [
         ("per-slot", "moe_decode_routed (CUDA cores)",
@@ -86,7 +95,7 @@ def candidate_paths(N: int, h: torch.Tensor, logits: torch.Tensor, routing: dict
             slices, None, *w, router_logits=logits, k=K, act_slices=act, **routing)[0]))
     parts = torch.empty(N * K, D, device=DEVICE)
     seen = []
-    for decode, cfg in GROUPED:
+    for decode, cfg in GRID if grid else GROUPED:
         full = moe_batch.grouped_blocks(N * K, E, cfg, decode)
         if (decode, full) in seen:
             continue
@@ -105,15 +114,19 @@ def candidate_paths(N: int, h: torch.Tensor, logits: torch.Tensor, routing: dict
     row_slot = torch.empty(n_blocks * BM, device=DEVICE, dtype=torch.int32)
     block_expert = torch.empty(n_blocks, device=DEVICE, dtype=torch.int32)
 
-    def route_only(w):
+    def route_only(w, block_t=moe_batch.ROUTE_TOKENS, warps=4):
         moe_batch._route_group_kernel[(1,)](
             logits, logits, logits, routing["indices_out"], routing["weights_out"], row_slot, block_expert, N, E,
             row_slot.shape[0], n_blocks, K_ACT=K, K_P2=triton.next_power_of_2(K),
-            BLOCK_E=triton.next_power_of_2(E), BLOCK_T=moe_batch.ROUTE_TOKENS, BLOCK_M=BM, BLOCK_R=1024,
-            HAS_REROUTE=False, HAS_ZERO=False, num_warps=4)
+            BLOCK_E=triton.next_power_of_2(E), BLOCK_T=block_t, BLOCK_M=BM, BLOCK_R=1024,
+            HAS_REROUTE=False, HAS_ZERO=False, num_warps=warps)
         return None
 
     paths.append(("route", f"_route_group_kernel alone (BM{BM})", route_only))
+    if grid:
+        for block_t, warps in ROUTE_GRID[1:]:
+            paths.append(("route", f"_route_group_kernel BLOCK_T {block_t} w{warps}",
+                          lambda w, b=block_t, n=warps: route_only(w, b, n)))
     return paths
 
 
@@ -140,6 +153,8 @@ def measure(fn, layers: list) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the rows here too")
+    parser.add_argument("--grid", action="store_true",
+                        help="the direct tiles and routing-kernel variants around the defaults, at N = 64 and 128")
     args = parser.parse_args()
     began = time.time()
     gen = torch.Generator(device=DEVICE).manual_seed(0)
@@ -147,7 +162,7 @@ def main() -> None:
     decoder_ok = check_direct_decoder(layers[0][0], layers[0][1])
     rows: list[dict] = []
     print(f"{'N':>4} {'path':<10} {'config':<44} {'graph us':>9} {'eager us':>9} {'GB':>6} {'TB/s':>6} {'rel err':>8}")
-    for N in TOKENS:
+    for N in GRID_TOKENS if args.grid else TOKENS:
         h = torch.randn(N, D, device=DEVICE, generator=gen).to(DTYPE)
         logits = torch.randn(N, E, device=DEVICE, generator=gen)
         ref_i, ref_w = route_reference(logits, K)
@@ -158,7 +173,7 @@ def main() -> None:
         gb = len(torch.unique(ref_i)) * EXPERT_BYTES / 1e9
         idx, wts = torch.empty(N, K, dtype=torch.long, device=DEVICE), torch.empty(N, K, device=DEVICE)
         routing = dict(indices_out=idx, weights_out=wts)
-        paths = candidate_paths(N, h, logits, routing)
+        paths = candidate_paths(N, h, logits, routing, args.grid)
         for path, name, fn in paths:
             try:
                 got = fn(w0)
@@ -182,7 +197,7 @@ def main() -> None:
     # the grouped decode above it), and the best config of each path per N.
     print()
     threshold = 0
-    for N in TOKENS:
+    for N in GRID_TOKENS if args.grid else TOKENS:
         good = [r for r in rows if r["N"] == N and r["ok"]]
 
         def best(path: str, good=good) -> dict | None:

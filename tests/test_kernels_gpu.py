@@ -86,6 +86,31 @@ def test_moe_experts_bf16_real_width(gen, N):
     assert rel(y, ref_y) < 1e-2 and rel(expert_out, ref_out) < 1e-2
 
 
+def test_moe_prefill_is_identical_run_to_run(gen):
+    """The grouped prefill sums each token's k expert outputs in a fixed order: fp32 atomics added them in the
+    order programs finished, so bf16 outputs differed between identical calls (and, at router near-ties, which
+    experts the next layers chose)."""
+    E, D, I, k, N = 32, 2880, 2880, 4, 2048
+    packed = _experts(gen, E, D, I)
+    x = torch.randn(N, D, device=CUDA, generator=gen).bfloat16()
+    indices, weights = route_reference(torch.randn(N, E, device=CUDA, generator=gen), k)
+    first = kernels.moe_experts(x, indices, weights, *packed)
+    for _ in range(4):
+        assert torch.equal(kernels.moe_experts(x, indices, weights, *packed), first)
+
+
+def test_greedy_generation_on_the_kernels_is_identical_run_to_run():
+    """The same prompts twice, greedy, on the kernel engine: the same tokens and router choices, prefill included."""
+    from ossscope.generation import generate
+
+    model = _model(torch.bfloat16)
+    model.set_engine("kernels")
+    prompts = [torch.randint(0, 1000, (n,)).tolist() for n in (40, 300, 700)]
+    runs = [generate(model, prompts, max_new_tokens=24, stop_tokens=()) for _ in range(2)]
+    assert runs[0].tokens == runs[1].tokens
+    assert torch.equal(runs[0].router_indices, runs[1].router_indices)
+
+
 def test_moe_decode_parts_and_fused_norm_bf16(gen):
     """The decoder's MoE: inputs in word order from the norm, per-expert parts, the weighted sum in the next norm."""
     E, D, I, k = 8, 2880, 2880, 4
