@@ -1304,10 +1304,11 @@ def agentic_tools() -> list:
             A third capability, **Structured Outputs**, holds the final answer to a JSON schema
             (`response_format=`) with a grammar (llguidance) while the chain of thought stays free.
 
-            **The shipped nano has not been trained on the built-in tools.** Its corpus now has browser and python
-            episodes (`ossscope/nano/agentic.py`), but the checkpoint predates them, so below it does not use the
-            tools well: this notebook shows the machinery (declaration, tools, tool loop, trace, grammar), and the
-            model card says how to retrain.
+            **nano has learned both tools.** Its corpus has browser and python episodes
+            (`ossscope/nano/agentic.py`): it searches the shipped corpus of fictional towns, opens the first result
+            and answers citing the line it read, and it sends big products to the kernel and answers with what was
+            printed. Below: the machinery by hand (declaration, browser, kernel), then nano's tool loop, what it was
+            trained on, how well it does on held-out questions, and where it breaks.
         """),
         code("""
             import json
@@ -1383,27 +1384,48 @@ def agentic_tools() -> list:
         md("""
             ## The tool loop with nano
 
-            A chat with both tools. Each call the model makes to `browser.*` or `python` is run and answered on
-            the call's channel, and lands in `trace.tool_calls` like a function call. The untrained nano mostly
-            does not call them (and many tokens of the browser's declaration are outside its vocabulary, counted
-            in the metadata).
+            Held-out questions (never in its training data), each with the tool it needs, as in training. Each
+            call the model makes to `browser.*` or `python` is run and answered on the call's channel, and lands in
+            `trace.tool_calls` like a function call; `browser.citations` resolves the answer's citation to the line
+            the model opened.
         """),
         code("""
-            trace = model.chat("How tall is the lighthouse of Tordun?", reasoning="low", tools=[browser, kernel],
-                               temperature=0, max_new_tokens=40)
+            held_out = agentic.eval_agentic(1)  # one browser and one python question per effort
+            town_question = next(e for e in held_out if e.kind == "browser")
+            town_browser = Browser(agentic.TOWNS_DIR)  # a fresh one: its cursors are this chat's
+            trace = model.chat(town_question.user, reasoning="low", tools=[town_browser], temperature=0,
+                               max_new_tokens=120)
             print(trace)
             print("tools declared:", trace.metadata["builtin_tools"])
-            print("prompt tokens outside nano's vocabulary:", trace.metadata["prompt_tokens_outside_vocab"])
             for call in trace.tool_calls:
-                print(call.name, call.arguments, "->", (call.result or call.error)[:200])
+                print(f"{call.name} {call.arguments} -> {(call.result or call.error)[:160]!r}")
+            print("the cited line:", [c["lines"] for c in town_browser.citations(trace.final)])
+            print("right:", agentic.score_chat(town_question, trace)["correct"])
+        """),
+        code("""
+            product = next(e for e in held_out if e.kind == "python")
+            trace = model.chat(product.user, reasoning="medium", tools=[kernel], temperature=0, max_new_tokens=120)
+            for call in trace.tool_calls:
+                print(f"{call.name} {call.arguments!r} -> {call.result!r}")
+            print("final:", trace.final, "| right:", agentic.score_chat(product, trace)["correct"])
         """),
         md("""
-            ## What nano will be trained on
+            Where it breaks: its training declared one built-in tool per conversation. Declare both (as
+            `SystemContent.with_browser_tool().with_python_tool()` does) and the prompt is one it never saw.
+        """),
+        code("""
+            trace = model.chat(product.user, reasoning="medium", tools=[Browser(agentic.TOWNS_DIR), kernel],
+                               temperature=0, max_new_tokens=120)
+            print("calls:", [call.name for call in trace.tool_calls], "| final:", trace.final,
+                  "| right:", agentic.score_chat(product, trace)["correct"])
+        """),
+        md("""
+            ## What nano was trained on
 
             A browser episode of the corpus, rendered exactly as `model.chat` renders it: the model searches,
             opens the first result, and answers with a citation. The tool answers in it are the real `Browser`'s
-            over the same shipped corpus, so a retrained nano sees at inference what it saw in training (a test
-            checks this token for token).
+            over the same shipped corpus, so nano sees at inference what it saw in training (a test checks this
+            token for token).
         """),
         code("""
             import random
@@ -1414,6 +1436,23 @@ def agentic_tools() -> list:
             print(f"{len(tokens)} tokens, {sum(mask)} of them the model's own")
             generated = "".join(model.tokenizer.token_texts_o200k([t for t, m in zip(tokens, mask, strict=True) if m]))
             print(generated)
+        """),
+        md("""
+            ## How well: held-out questions per effort
+
+            `ossscope.nano.eval.evaluate_agentic` asks held-out questions through `model.chat` with the real tools,
+            greedy, and scores each: a valid call is the right tool sequence without errors (for the browser, a
+            search that names the town asked about); a right answer holds the value (for the browser, citing the
+            fact's line of the opened page). Three per kind and effort here, so the rates are coarse; the model
+            card has 20 per cell (`python -m ossscope.nano.eval --agentic 20`).
+        """),
+        code("""
+            from ossscope.nano.eval import evaluate_agentic
+
+            summary, _ = evaluate_agentic(model, n_per_effort=3)
+            print(f"{'':16} {'n':>3} {'valid call':>11} {'right':>7}")
+            for case, row in sorted(summary.items()):
+                print(f"{case:16} {row['n']:>3} {row['valid_call']:>11.0%} {row['correct']:>7.0%}")
         """),
         md("""
             ## Structured Outputs
@@ -1443,10 +1482,14 @@ def agentic_tools() -> list:
             ## Retraining nano on the tools (needs a GPU)
 
             ```
-            python -m ossscope.nano.train prepare --out .carry/nano      # CPU: the corpus, now 12% browser/python
+            python -m ossscope.nano.train prepare --out .carry/nano      # CPU: the corpus, 20% browser/python episodes
             bash scripts/gpu_train_nano.sh                               # on the GPU machine, with .carry/nano
             python -m ossscope.nano.eval --model DIR --agentic 20        # valid-call and right-answer rates
             ```
+
+            The shipped checkpoint took two stages (the model card): the core skills from random weights, then
+            `train --init STAGE1_DIR --lr 1e-3` on the full corpus, which keeps the arithmetic while it learns the
+            tools.
         """),
         code("""
             kernel.close()
